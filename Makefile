@@ -1,0 +1,20 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Both build the host when it is missing (scripts/host.sh; a second run only checks and takes seconds).
+# COMFYUI_PATH=/path/to/ComfyUI and VENV=/path/to/venv point everything at an existing installation.
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: host demo test test-all bench
+
+host:
+	@bash scripts/host.sh >/dev/null
+
+demo: host
+	$(PY) -m trainer demo
+
+test: host
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test-all: host
+	$(VENV)/bin/pytest -q --runslow $(PYTEST_ARGS)

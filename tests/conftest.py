@@ -1,0 +1,98 @@
+"""Shared fixtures. Three rings: tests/ops (pure torch, no ComfyUI), tests/host (tiny models in a real
+ModelPatcher), tests/e2e (the real server). ComfyUI is imported only inside the fixtures that need it, so the
+ops ring never touches it.
+
+The repository is loaded as package `comfyui_mole` (as ComfyUI loads it under its folder name): its code uses
+relative imports, and its `nodes/` must never shadow ComfyUI's top-level `nodes` module.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# `python -m pytest` puts the working directory on sys.path, where our nodes/ would shadow ComfyUI's `nodes`.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+if "comfyui_mole" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("comfyui_mole", ROOT / "__init__.py",
+                                                   submodule_search_locations=[str(ROOT)])
+    _package = importlib.util.module_from_spec(_spec)
+    sys.modules["comfyui_mole"] = _package
+    _spec.loader.exec_module(_package)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run full-size checks marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="full-size check: run with --runslow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI importable in this process (CPU, PyTorch attention); returns its folder."""
+    from comfyui_mole.trainer.host import use_comfy
+
+    return use_comfy()
+
+
+@pytest.fixture
+def tiny(comfy):
+    """ModelPatcher around a ~1M-parameter SD1.5-architecture model with explicitly initialised weights."""
+    from comfyui_mole.trainer.tiny_models import tiny_sd15
+
+    return tiny_sd15(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(comfy):
+    """ModelPatcher around a tiny-width model with SDXL's block layout. Clone before patching."""
+    from comfyui_mole.trainer.tiny_models import tiny_sdxl
+
+    return tiny_sdxl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def full(comfy):
+    """ModelPatcher around the full-size SD1.5 UNet with random weights (use only in tests marked slow)."""
+    from comfyui_mole.trainer.tiny_models import full_sd15
+
+    return full_sd15(seed=0)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A temporary ComfyUI models folder shared by the session."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def detectable(comfy, models_dir) -> Path:
+    """The smallest checkpoint the stock CheckpointLoaderSimple detects as SD1.5, written once per session
+    into models_dir/checkpoints and registered with folder_paths."""
+    import folder_paths
+    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint
+
+    path = write_detectable_checkpoint(models_dir / "checkpoints" / "mole-detectable-sd15.safetensors", seed=0)
+    folder_paths.add_model_folder_path("checkpoints", str(path.parent))
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(detectable, tmp_path_factory):
+    """The real ComfyUI server (main.py --cpu) on a free loopback port, with this package in custom_nodes and
+    the detectable checkpoint in models/checkpoints. Stopped by PID at the end of the session."""
+    from comfyui_mole.trainer.comfy_server import ComfyServer, prepare_base_dir
+
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfy"), {"checkpoints": [detectable]})
+    with ComfyServer(base) as srv:
+        yield srv

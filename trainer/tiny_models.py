@@ -1,0 +1,141 @@
+"""Small Stable Diffusion models built from configs through ComfyUI's own classes (no downloads).
+
+- `tiny_sd15`: SD1.5 architecture at ~1M parameters, for fast tests of patching and training.
+- `tiny_sdxl`: SDXL block layout (the 722 expert layers) at tiny width, for key-mapping tests.
+- `full_sd15`: the real-size SD1.5 UNet (860M parameters) with random weights, for benchmarks.
+- `write_detectable_checkpoint`: the smallest single-file checkpoint that the stock CheckpointLoaderSimple
+  detects as SD1.5 (UNet width 320 and context 768 are what detection keys on; one level, no middle block),
+  with a CLIP-L text encoder and a TAESD-shaped VAE.
+
+Every parameter is initialised explicitly: ComfyUI's ops leave weights uninitialised.
+Requires `trainer.host.use_comfy()` to have run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+SD15_BASE = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+    "use_linear_in_transformer": False, "num_heads": 8, "num_head_channels": -1,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+TINY_SD15 = {
+    **SD15_BASE, "model_channels": 32, "context_dim": 64, "num_heads": 2,
+    "channel_mult": [1, 2], "num_res_blocks": [1, 1], "transformer_depth": [1, 1],
+    "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
+}
+
+FULL_SD15 = {
+    **SD15_BASE, "model_channels": 320, "context_dim": 768,
+    "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
+
+# transformer_depth_middle -2 means "no middle block" to ComfyUI's detection.
+DETECTABLE_SD15 = {
+    **SD15_BASE, "model_channels": 320, "context_dim": 768,
+    "channel_mult": [1], "num_res_blocks": [1], "transformer_depth": [1],
+    "transformer_depth_middle": -2, "transformer_depth_output": [1, 1],
+}
+
+TINY_SDXL = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816,
+    "model_channels": 32, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+@torch.no_grad()
+def init_parameters(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Deterministic, non-degenerate init: weights ~ N(0, 1/fan_in), biases ~ 0, norm scales ~ 1."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            fan_in = p[0].numel()
+            values = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
+        elif name.endswith("weight"):  # 1-D weights are norm scales
+            values = 1 + torch.randn(p.shape, generator=gen) * 0.02
+        elif p.ndim == 0:
+            values = torch.ones(()) if name.endswith("scale") else torch.zeros(())
+        else:
+            values = torch.randn(p.shape, generator=gen) * 0.02
+        p.copy_(values.to(p.dtype))
+    return module
+
+
+def _sd15_patcher(config: dict, seed: int, dtype: torch.dtype):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SD15(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    init_parameters(model.diffusion_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around an SD1.5-architecture model of ~1M parameters (context_dim 64)."""
+    return _sd15_patcher(TINY_SD15, seed, dtype)
+
+
+def full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around the full-size SD1.5 UNet with random weights (860M parameters)."""
+    return _sd15_patcher(FULL_SD15, seed, dtype)
+
+
+def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around a tiny-width model with SDXL's block layout (its 722 expert layers)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SDXL(dict(TINY_SDXL))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    init_parameters(model.diffusion_model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """State dict of the smallest checkpoint detected as SD1.5: UNet, CLIP-L text encoder, TAESD VAE."""
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.supported_models
+    import comfy.taesd.taesd
+
+    unet = comfy.supported_models.SD15(dict(DETECTABLE_SD15)).get_model({}).diffusion_model
+    clip_config = json.loads((Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json").read_text())
+    clip = comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", comfy.ops.disable_weight_init)
+    vae = comfy.taesd.taesd.TAESD()
+    parts = {"model.diffusion_model.": unet, "cond_stage_model.transformer.": clip, "first_stage_model.": vae}
+    state = {}
+    for offset, (prefix, module) in enumerate(parts.items()):
+        init_parameters(module, seed + offset)
+        state.update({prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()})
+    return state
+
+
+def write_detectable_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the detectable checkpoint as safetensors (temp file + rename); returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(detectable_state_dict(seed, dtype), str(tmp), metadata={"modelspec.architecture": "stable-diffusion-v1"})
+    tmp.replace(path)
+    return path
