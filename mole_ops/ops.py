@@ -1,0 +1,217 @@
+"""The gated mixture of low-rank experts on one layer: the only implementation of MoLE's math.
+
+For a wrapped layer F with input X (batch B, tokens n, channels d_in; for a 1x1 conv the tokens are the H*W
+positions) and experts i = 0..N-1 in column order:
+
+    R_i(X) = c_i * up_i(down_i(X))                     c_i = alpha_i / rank_i, bias-free
+    L(X)   = sigmoid(X @ Phi.T + phi_b)                 (B, n, N)  local gate, per token
+    G_i    = sigmoid(w_i . mean_n(R_i(X)) + b_i)        (B, N)     global gate, "official" variant
+    G      = sigmoid(mean_n(X) @ Wg.T + bg)             (B, N)     global gate, "paper" variant
+    out    = F(X) + sum_i s_i * L_i * G_i * R_i(X)      s_i = per-expert strength (0 = off)
+
+Modes drop gates: "local" uses G = 1, "global" uses L = 1, "none" uses both = 1 (experts at fixed scale).
+
+Fused evaluation (what makes it fast): one matmul X @ W1.T with W1 = [down_0; ...; down_{N-1}; Phi; V; pad]
+gives every expert's hidden block, the local-gate logits and the global-gate logits at once. The global gate
+is linear in X before its sigmoid, so it folds into W1 exactly: official v_i = c_i * down_i.T @ up_i.T @ w_i.T
+(mean_n(X @ v_i) = w_i . mean_n(R_i)), paper v_i = Wg_i. Then the hidden blocks are scaled per token and one
+matmul with U = [s_0 c_0 up_0, ..., s_{N-1} c_{N-1} up_{N-1}] is accumulated straight into F(X).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .errors import MoLEError
+
+MODES = ("both", "local", "global", "none")
+VARIANTS = ("official", "paper")
+PAD_TO = 16  # bf16 matmuls are much faster when the output width is a multiple of 16
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """How the gates are used: mode (both / local / global / none) and per-expert strength (0 = off)."""
+
+    mode: str = "both"
+    strengths: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise MoLEError(f"gate mode {self.mode!r} is not one of {', '.join(MODES)}")
+
+    def strength(self, name: str) -> float:
+        return float(self.strengths.get(name, 1.0))
+
+    def key(self, order: tuple[str, ...]) -> tuple:
+        return (self.mode, tuple(self.strength(n) for n in order))
+
+
+class LoRA(nn.Module):
+    """One expert on one layer: R(X) = scale * up(down(X)), scale = alpha / rank. 2-D weights; a 1x1 conv's
+    (r, d_in, 1, 1) kernels are stored squeezed."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float):
+        super().__init__()
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise MoLEError(f"LoRA shapes do not chain: down {tuple(down.shape)}, up {tuple(up.shape)}")
+        self.down = nn.Parameter(down, requires_grad=down.requires_grad)
+        self.up = nn.Parameter(up, requires_grad=up.requires_grad)
+        self.alpha = float(alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class MoLELayer(nn.Module):
+    """Experts (ModuleDict by name), a local gate and a global gate for one layer, with explicit column order.
+
+    local_gate: Linear(d_in, N), row i for order[i]. global_gate: official ModuleDict {name: Linear(d_out, 1)};
+    paper Linear(d_in, N). Fresh gates use PyTorch's default Linear init (every gate starts near 0.5).
+    """
+
+    def __init__(self, experts: Mapping[str, LoRA], order: tuple[str, ...], variant: str = "official"):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise MoLEError(f"gate variant {variant!r} is not one of {', '.join(VARIANTS)}")
+        if set(order) != set(experts) or len(order) != len(set(order)) or not order:
+            raise MoLEError(f"expert order {order} does not match experts {sorted(experts)}")
+        self.order = tuple(order)
+        self.variant = variant
+        self.experts = nn.ModuleDict({n: experts[n] for n in order})
+        first = self.experts[order[0]]
+        self.d_in, self.d_out = first.down.shape[1], first.up.shape[0]
+        for n, e in self.experts.items():
+            if e.down.shape[1] != self.d_in or e.up.shape[0] != self.d_out:
+                raise MoLEError(f"expert {n!r} maps {e.down.shape[1]}->{e.up.shape[0]}, "
+                                f"expert {order[0]!r} {self.d_in}->{self.d_out}")
+        dtype = first.down.dtype if first.down.is_floating_point() else torch.float32
+        self.local_gate = nn.Linear(self.d_in, len(order), dtype=dtype)
+        if variant == "official":
+            self.global_gate = nn.ModuleDict({n: nn.Linear(self.d_out, 1, dtype=dtype) for n in order})
+        else:
+            self.global_gate = nn.Linear(self.d_in, len(order), dtype=dtype)
+        self._cache: dict = {}
+
+    # -- fused weights ---------------------------------------------------------------------------------
+    def global_vectors(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, b): rows v_i with mean_n(X @ v_i) + b_i = the global-gate logit of expert order[i]."""
+        if self.variant == "paper":
+            return self.global_gate.weight[active], self.global_gate.bias[active]
+        rows, bias = [], []
+        for i in active:
+            e, g = self.experts[self.order[i]], self.global_gate[self.order[i]]
+            rows.append(e.scale * (e.down.T @ (e.up.T @ g.weight.T)).T)
+            bias.append(g.bias)
+        return torch.cat(rows), torch.cat(bias)
+
+    def fused(self, settings: GateSettings, device, dtype) -> "_Fused | None":
+        """Stacked weights for these settings, cast to (device, dtype); cached unless a parameter trains."""
+        cache_key = (settings.key(self.order), device, dtype)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            return hit
+        active = [i for i, n in enumerate(self.order) if settings.strength(n) != 0.0]
+        if not active:
+            return None
+        names = [self.order[i] for i in active]
+        local = settings.mode in ("both", "local")
+        glob = settings.mode in ("both", "global")
+        rows = [self.experts[n].down for n in names]
+        ranks = [self.experts[n].rank for n in names]
+        if local:
+            rows.append(self.local_gate.weight[active])
+        if glob:
+            v, global_b = self.global_vectors(active)
+            rows.append(v)
+        width = sum(r.shape[0] for r in rows)
+        if local or glob:
+            pad = -width % PAD_TO
+            if pad:
+                rows.append(rows[0].new_zeros(pad, self.d_in))
+        w1 = torch.cat(rows).to(device=device, dtype=dtype)
+        up = torch.cat([self.experts[n].up * (self.experts[n].scale * settings.strength(n)) for n in names], dim=1)
+        f = _Fused(
+            w1=w1, up=up.to(device=device, dtype=dtype), ranks=ranks, rank_total=sum(ranks), n=len(names),
+            local_b=self.local_gate.bias[active].to(device=device, dtype=dtype) if local else None,
+            global_b=global_b.to(device=device, dtype=dtype) if glob else None,
+            ranks_t=torch.tensor(ranks, device=device))
+        if not any(p.requires_grad for p in self.parameters()):
+            self._cache[cache_key] = f
+        return f
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- the op --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, y: torch.Tensor, settings: GateSettings, record=None) -> torch.Tensor:
+        """out = F(X) + sum_i s_i L_i G_i R_i(X), given X and y = F(X).
+
+        x: (B, n, d_in) for a Linear or (B, d_in, H, W) for a 1x1 Conv2d; y: F(X) of matching layout.
+        record: optional callable(local (B, n, N) | None, global (B, N) | None, expert names) for the trace.
+        Without active experts y is returned unchanged (bit-exact).
+        """
+        f = self.fused(settings, x.device, x.dtype)
+        if f is None:
+            return y
+        conv = x.ndim == 4
+        if not conv and x.ndim != 3:
+            raise MoLEError(f"MoLE layer input must be (B, n, d) or (B, C, H, W), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if conv:
+            h = torch.matmul(f.w1, x.reshape(b, self.d_in, -1))       # (B, K, n)
+            cd, td = 1, 2
+        else:
+            h = torch.matmul(x, f.w1.T)                                 # (B, n, K)
+            cd, td = 2, 1
+        hidden = h.narrow(cd, 0, f.rank_total)
+        coef, local_gate, global_gate = None, None, None
+        col = f.rank_total
+        if f.local_b is not None:
+            logits = h.narrow(cd, col, f.n)
+            local_gate = torch.sigmoid(logits + (f.local_b[:, None] if conv else f.local_b))
+            coef = local_gate
+            col += f.n
+        if f.global_b is not None:
+            global_gate = torch.sigmoid(h.narrow(cd, col, f.n).mean(dim=td) + f.global_b)   # (B, N)
+            g = global_gate.unsqueeze(td)
+            coef = g if coef is None else coef * g
+        if coef is not None:
+            hidden = hidden * torch.repeat_interleave(coef, f.ranks_t, dim=cd, output_size=f.rank_total)
+        if record is not None:
+            record(local_gate.transpose(1, 2) if conv and local_gate is not None else local_gate, global_gate,
+                   [n for n in self.order if settings.strength(n) != 0.0])
+        inplace = not (torch.is_grad_enabled() and (y.requires_grad or hidden.requires_grad))
+        if conv:
+            y3 = y.reshape(b, self.d_out, -1)
+            up = f.up.expand(b, -1, -1)
+            out = y3.baddbmm_(up, hidden) if inplace else torch.baddbmm(y3, up, hidden)
+        else:
+            y2 = y.reshape(-1, self.d_out)
+            h2 = hidden.reshape(-1, f.rank_total)
+            out = y2.addmm_(h2, f.up.T) if inplace else torch.addmm(y2, h2, f.up.T)
+        return out.view(y.shape)
+
+
+@dataclass
+class _Fused:
+    w1: torch.Tensor
+    up: torch.Tensor
+    ranks: list[int]
+    rank_total: int
+    n: int
+    local_b: torch.Tensor | None
+    global_b: torch.Tensor | None
+    ranks_t: torch.Tensor

@@ -1,0 +1,161 @@
+"""The fused gated-expert op against a naive reference written straight from SPEC.md section 3."""
+import itertools
+
+import pytest
+import torch
+
+from comfyui_mole.mole_ops.errors import MoLEError
+from comfyui_mole.mole_ops.ops import MODES, GateSettings, LoRA, MoLELayer
+
+NAMES = ("face", "hand", "feet", "eyes")
+
+
+def make_layer(d_in, d_out, ranks, variant, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    experts = {}
+    for name, r in zip(NAMES, ranks):
+        down = torch.randn(r, d_in, generator=gen, dtype=dtype) / d_in ** 0.5
+        up = torch.randn(d_out, r, generator=gen, dtype=dtype) / r ** 0.5
+        experts[name] = LoRA(down.requires_grad_(False), up.requires_grad_(False), alpha=r / 2 + 1)
+    torch.manual_seed(seed)
+    layer = MoLELayer(experts, tuple(NAMES[:len(ranks)]), variant).to(dtype)
+    with torch.no_grad():  # push gates away from 0.5 so every term matters
+        for p in list(layer.local_gate.parameters()) + list(layer.global_gate.parameters()):
+            p.mul_(4.0)
+    return layer
+
+
+def naive(layer: MoLELayer, x, y, settings: GateSettings):
+    """out = F(X) + sum_i s_i L_i G_i R_i, with tokens as rows; one expert at a time."""
+    conv = x.ndim == 4
+    if conv:
+        b, c, hh, ww = x.shape
+        x = x.reshape(b, c, hh * ww).transpose(1, 2)
+        y = y.reshape(b, y.shape[1], hh * ww).transpose(1, 2)
+    out = y.clone()
+    for i, name in enumerate(layer.order):
+        s = settings.strength(name)
+        if s == 0:
+            continue
+        e = layer.experts[name]
+        r = e.scale * (x @ e.down.T) @ e.up.T                                   # (B, n, d_out)
+        local = torch.sigmoid(x @ layer.local_gate.weight[i] + layer.local_gate.bias[i])   # (B, n)
+        if layer.variant == "official":
+            g = layer.global_gate[name]
+            glob = torch.sigmoid(r.mean(dim=1) @ g.weight[0] + g.bias[0])                  # (B,)
+        else:
+            glob = torch.sigmoid(x.mean(dim=1) @ layer.global_gate.weight[i] + layer.global_gate.bias[i])
+        if settings.mode in ("global", "none"):
+            local = torch.ones_like(local)
+        if settings.mode in ("local", "none"):
+            glob = torch.ones_like(glob)
+        out = out + s * local[..., None] * glob[:, None, None] * r
+    if conv:
+        out = out.transpose(1, 2).reshape(b, -1, hh, ww)
+    return out
+
+
+def inputs(layer, conv, shape, batch=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = layer.local_gate.weight.dtype
+    if conv:
+        x = torch.randn(batch, layer.d_in, *shape, generator=gen, dtype=dtype)
+        y = torch.randn(batch, layer.d_out, *shape, generator=gen, dtype=dtype)
+    else:
+        x = torch.randn(batch, shape[0] * shape[1], layer.d_in, generator=gen, dtype=dtype)
+        y = torch.randn(batch, shape[0] * shape[1], layer.d_out, generator=gen, dtype=dtype)
+    return x, y
+
+
+CASES = list(itertools.product([False, True], [(4, 4), (3, 5)], [1, 2, 3, 4], ["official", "paper"], MODES))
+
+
+@pytest.mark.parametrize("conv,shape,n_experts,variant,mode", CASES)
+def test_fused_equals_naive_fp32(conv, shape, n_experts, variant, mode):
+    ranks = [4, 8, 3, 16][:n_experts]
+    layer = make_layer(24, 20, ranks, variant, dtype=torch.float32)
+    settings = GateSettings(mode, {"hand": 0.7} if n_experts > 1 else {})
+    x, y = inputs(layer, conv, shape)
+    with torch.no_grad():
+        expected = naive(layer, x, y, settings)
+        got = layer(x, y.clone(), settings)
+    assert not torch.allclose(expected, y, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_equals_naive_with_grad_enabled_and_cached_repeat():
+    layer = make_layer(16, 12, [4, 6], "official")
+    x, y = inputs(layer, False, (2, 3))
+    settings = GateSettings("both")
+    expected = naive(layer, x, y, settings)
+    torch.testing.assert_close(layer(x, y.clone(), settings), expected)
+    layer.requires_grad_(False)
+    with torch.inference_mode():
+        first = layer(x, y.clone(), settings)
+        second = layer(x, y.clone(), settings)
+    torch.testing.assert_close(first, expected)
+    assert torch.equal(first, second) and len(layer._cache) == 1
+
+
+def test_all_experts_off_returns_base_exactly():
+    layer = make_layer(16, 12, [4, 6], "official")
+    x, y = inputs(layer, True, (3, 5))
+    out = layer(x, y, GateSettings("both", {"face": 0.0, "hand": 0.0}))
+    assert out is y
+
+
+def test_one_expert_fixed_scale_equals_merged_lora():
+    layer = make_layer(16, 12, [4], "official")
+    e = layer.experts["face"]
+    weight = torch.randn(12, 16, dtype=torch.float64)
+    merged = weight + e.scale * e.up @ e.down
+    x, _ = inputs(layer, False, (3, 3))
+    with torch.no_grad():
+        out = layer(x, x @ weight.T, GateSettings("none"))
+    torch.testing.assert_close(out, x @ merged.T)
+
+
+def test_batch_rows_are_pooled_separately():
+    layer = make_layer(16, 12, [4, 6], "paper")
+    x, y = inputs(layer, False, (2, 2), batch=3)
+    with torch.no_grad():
+        whole = layer(x, y.clone(), GateSettings("both"))
+        row = layer(x[1:2], y[1:2].clone(), GateSettings("both"))
+    torch.testing.assert_close(whole[1:2], row)
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_gradients_reach_gates_only_and_match_numerics(variant):
+    layer = make_layer(6, 5, [2, 3], variant)
+    layer.experts.requires_grad_(False)
+    x, y = inputs(layer, True, (2, 3), batch=2)
+    gates = [p for n, p in layer.named_parameters() if p.requires_grad]
+    assert gates and all(not n.startswith("experts") for n, p in layer.named_parameters() if p.requires_grad)
+
+    def loss(*params):
+        saved = [p.detach().clone() for p in gates]
+        names = [n for n, p in layer.named_parameters() if p.requires_grad]
+        out = torch.func.functional_call(layer, dict(zip(names, params)), (x, y.clone(), GateSettings("both")))
+        for p, v in zip(gates, saved):
+            assert torch.equal(p, v)
+        return out
+
+    assert torch.autograd.gradcheck(loss, tuple(p.detach().clone().requires_grad_(True) for p in gates))
+    out = layer(x, y.clone(), GateSettings("both"))
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
+    assert all(p.grad is None for p in layer.experts.parameters())
+
+
+def test_bad_settings_and_shapes_are_refused():
+    with pytest.raises(MoLEError, match="gate mode 'half'"):
+        GateSettings("half")
+    with pytest.raises(MoLEError, match="gate variant 'softmax'"):
+        make_layer(4, 4, [2], "softmax")
+    layer = make_layer(4, 4, [2], "official")
+    with pytest.raises(MoLEError, match=r"must be \(B, n, d\) or \(B, C, H, W\)"):
+        layer(torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64), GateSettings())
+    with pytest.raises(MoLEError, match="do not chain"):
+        LoRA(torch.zeros(2, 4), torch.zeros(4, 3), 1.0)
+    with pytest.raises(MoLEError, match="does not match experts"):
+        MoLELayer({"face": LoRA(torch.zeros(2, 4), torch.zeros(4, 2), 1.0)}, ("hand",))
