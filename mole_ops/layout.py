@@ -38,7 +38,7 @@ class UNetLayout:
     num_res_blocks: tuple[int, ...]
     transformer_depth: tuple[int, ...]          # per input res block, in order
     transformer_depth_middle: int               # < 0: no middle transformer
-    transformer_depth_output: tuple[int, ...]   # per output block, in order
+    transformer_depth_output: tuple[int, ...]   # per output block, last block first (ComfyUI pops from the end)
 
     @classmethod
     def from_unet_config(cls, config: dict, name: str = "custom") -> "UNetLayout":
@@ -61,12 +61,12 @@ class UNetLayout:
                 block += 1  # downsample
         if self.transformer_depth_middle >= 1:
             out.append(("middle_block.1", "mid_block.attentions.0", self.transformer_depth_middle))
-        block = 0
+        block, depth_output = 0, self.transformer_depth_output[::-1]
         for up, nrb in enumerate(reversed(self.num_res_blocks)):
             for j in range(nrb + 1):
-                if self.transformer_depth_output[block] > 0:
+                if depth_output[block] > 0:
                     out.append((f"output_blocks.{block}.1", f"up_blocks.{up}.attentions.{j}",
-                                self.transformer_depth_output[block]))
+                                depth_output[block]))
                 block += 1
         return out
 

@@ -1,0 +1,178 @@
+"""A whole model's MoLE: experts and gates paired by layer key and expert name, validated, as modules.
+
+Experts and gates are paired by name (never by list position or a substring of a path) and by layer key
+(through the UNet layout's kohya name map); every mismatch is reported before anything is built.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import MismatchError
+from .expert_file import ExpertFile
+from .gate_file import GateFile, GateWeights
+from .layout import UNetLayout, detect_layout
+from .ops import VARIANTS, LoRA, MoLELayer
+
+log = logging.getLogger("mole")
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def raise_if_errors(self, what: str) -> None:
+        if self.errors:
+            raise MismatchError(f"{what}: " + "; ".join(self.errors))
+
+
+def resolve_experts(experts: list[ExpertFile], layout: UNetLayout | None) -> tuple[UNetLayout, dict[str, str]]:
+    """(layout, {layer key: kohya name}) for experts that all cover the same layers."""
+    if not experts:
+        raise MismatchError("no experts given")
+    names = [e.name for e in experts]
+    if len(set(names)) != len(names):
+        raise MismatchError(f"expert names must be unique, got {names}")
+    layout = layout or detect_layout(experts[0].layers, f"expert {experts[0].name!r} ({experts[0].path})")
+    keys = None
+    for e in experts:
+        resolved = layout.resolve(list(e.layers), f"expert {e.name!r} ({e.path})")
+        these = {v: k for k, v in resolved.items()}
+        if keys is None:
+            keys = these
+        elif set(these) != set(keys):
+            diff = sorted(set(these) ^ set(keys))
+            raise MismatchError(f"experts {experts[0].name!r} and {e.name!r} cover different layers "
+                                f"({len(diff)} differ, first: {diff[0]})")
+    return layout, keys
+
+
+def check_gates(gates: GateFile, experts: list[ExpertFile], layout: UNetLayout | None = None) -> Report:
+    """Do these gates belong to these experts? Names and order, layers, shapes, ranks, hashes."""
+    report = Report()
+    names = tuple(e.name for e in experts)
+    if gates.experts != names:
+        report.errors.append(f"gate columns are {list(gates.experts)} but the experts are {list(names)} "
+                             "(same names in the same order expected)")
+        return report
+    layout, expert_keys = resolve_experts(experts, layout)
+    gate_keys = {v: k for k, v in layout.resolve(list(gates.layers), f"gate file {gates.path}").items()}
+    missing, extra = sorted(set(expert_keys) - set(gate_keys)), sorted(set(gate_keys) - set(expert_keys))
+    if missing:
+        report.errors.append(f"{len(missing)} expert layers have no gates (first: {expert_keys[missing[0]]})")
+    if extra:
+        report.errors.append(f"{len(extra)} gated layers have no expert (first: {gate_keys[extra[0]]})")
+    for key in sorted(set(expert_keys) & set(gate_keys)):
+        g = gates.layers[gate_keys[key]]
+        w = experts[0].layers[expert_keys[key]]
+        d_in, d_out = w.down.shape[1], w.up.shape[0]
+        want_global = d_out if gates.variant == "official" else d_in
+        if g.local_w.shape[1] != d_in or g.global_w.shape[1] != want_global:
+            report.errors.append(f"layer {gate_keys[key]}: gates expect d_in {g.local_w.shape[1]} / global "
+                                 f"{g.global_w.shape[1]}, experts have d_in {d_in} / {want_global}")
+            break
+    for e in experts:
+        info = gates.expert_info.get(e.name, {})
+        if "rank" in info and {int(info["rank"])} != e.ranks:
+            report.errors.append(f"gates were trained with expert {e.name!r} of rank {info['rank']}, "
+                                 f"this one has rank {sorted(e.ranks)}")
+        if "alpha" in info and {float(info["alpha"])} != e.alphas:
+            report.errors.append(f"gates were trained with expert {e.name!r} of alpha {info['alpha']}, "
+                                 f"this one has alpha {sorted(e.alphas)}")
+        if info.get("sha256") and e.sha256 and info["sha256"] != e.sha256:
+            report.warnings.append(f"expert {e.name!r} ({e.path}) is not the file the gates were trained with "
+                                   "(sha256 differs; fine after a dtype conversion, wrong if it is another expert)")
+    return report
+
+
+def expert_info(experts: list[ExpertFile]) -> dict[str, dict]:
+    return {e.name: {"rank": max(e.ranks), "alpha": max(e.alphas), "sha256": e.sha256} for e in experts}
+
+
+class MoLE(nn.Module):
+    """Every MoLE layer of one model; `layer(key)` by layer key (`diffusion_model.<path>`)."""
+
+    def __init__(self, layers: dict[str, MoLELayer], kohya_names: dict[str, str], order: tuple[str, ...],
+                 variant: str, layout: UNetLayout):
+        super().__init__()
+        self.keys = list(layers)
+        self.layers = nn.ModuleDict({k.replace(".", ":"): v for k, v in layers.items()})
+        self.kohya_names = dict(kohya_names)
+        self.order, self.variant, self.layout = tuple(order), variant, layout
+
+    def layer(self, key: str) -> MoLELayer:
+        return self.layers[key.replace(".", ":")]
+
+    def items(self):
+        return ((k, self.layer(k)) for k in self.keys)
+
+    def gate_parameters(self):
+        return [p for n, p in self.named_parameters() if ".experts." not in n]
+
+    def clear_cache(self) -> None:
+        for layer in self.layers.values():
+            layer.clear_cache()
+
+    def export_gates(self, experts: list[ExpertFile], base_model: str = "") -> GateFile:
+        """The gates as a gate file, keyed by the experts' own kohya names."""
+        layers = {}
+        for key, m in self.items():
+            if self.variant == "official":
+                gw = torch.cat([m.global_gate[n].weight for n in self.order])
+                gb = torch.cat([m.global_gate[n].bias for n in self.order])
+            else:
+                gw, gb = m.global_gate.weight, m.global_gate.bias
+            layers[self.kohya_names[key]] = GateWeights(*(t.detach().clone() for t in
+                                                          (m.local_gate.weight, m.local_gate.bias, gw, gb)))
+        return GateFile(self.variant, self.order, layers, expert_info(experts), base_model)
+
+
+def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNetLayout | None = None,
+          variant: str | None = None, dtype: torch.dtype = torch.float32) -> MoLE:
+    """Experts (frozen) and gates as modules. Without gates, fresh gates with PyTorch's default init."""
+    if gates is not None:
+        report = check_gates(gates, experts, layout)
+        report.raise_if_errors(f"gate file {gates.path or '(in memory)'} does not fit the experts")
+        for w in report.warnings:
+            log.warning("MoLE: %s", w)
+        variant = variant or gates.variant
+        if variant != gates.variant:
+            raise MismatchError(f"gate file {gates.path} holds {gates.variant} gates, {variant} was asked for")
+    variant = variant or "official"
+    if variant not in VARIANTS:
+        raise MismatchError(f"gate variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    layout, keys = resolve_experts(experts, layout)
+    gate_by_key = {} if gates is None else {v: gates.layers[k] for k, v in
+                                            layout.resolve(list(gates.layers), "gates").items()}
+    order = tuple(e.name for e in experts)
+    layers = {}
+    for key in layout.layer_keys:
+        if key not in keys:
+            continue
+        loras = {}
+        for e in experts:
+            w = e.layers[keys[key]]
+            loras[e.name] = LoRA(w.down.detach().to(dtype).requires_grad_(False),
+                                 w.up.detach().to(dtype).requires_grad_(False), w.alpha)
+        layer = MoLELayer(loras, order, variant).to(dtype)
+        if key in gate_by_key:
+            _load_gate(layer, gate_by_key[key])
+        layers[key] = layer
+    return MoLE(layers, keys, order, variant, layout)
+
+
+@torch.no_grad()
+def _load_gate(layer: MoLELayer, g: GateWeights) -> None:
+    layer.local_gate.weight.copy_(g.local_w)
+    layer.local_gate.bias.copy_(g.local_b)
+    if layer.variant == "official":
+        for i, n in enumerate(layer.order):
+            layer.global_gate[n].weight.copy_(g.global_w[i:i + 1])
+            layer.global_gate[n].bias.copy_(g.global_b[i:i + 1])
+    else:
+        layer.global_gate.weight.copy_(g.global_w)
+        layer.global_gate.bias.copy_(g.global_b)

@@ -1,0 +1,62 @@
+"""MoLE pack: one safetensors file with the experts, the gates and their metadata, for distribution.
+
+Keys `expert.<name>.<kohya LoRA key>` and `gate.<gate-file key>`; metadata `mole.pack_version`,
+`mole.pack_experts` (JSON list, column order), `mole.expert_metadata` (JSON {name: that expert's metadata}),
+plus the gate file's own `mole.*` fields.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import expert_file, gate_file, safetensors_io
+from .errors import FormatError
+
+PACK_VERSION = "1"
+
+
+def save(path: str | Path, experts: list[expert_file.ExpertFile], gates: gate_file.GateFile) -> Path:
+    names = [e.name for e in experts]
+    if tuple(names) != gates.experts:
+        raise FormatError(f"{path}: experts {names} are not the gates' column order {list(gates.experts)}")
+    tensors = {f"expert.{e.name}.{k}": v for e in experts for k, v in e.tensors().items()}
+    tensors.update({f"gate.{k}": v for k, v in gates.tensors().items()})
+    metadata = {**gates.meta(), "mole.pack_version": PACK_VERSION, "mole.pack_experts": json.dumps(names),
+                "mole.expert_metadata": json.dumps({e.name: e.metadata for e in experts})}
+    return safetensors_io.write(path, tensors, metadata)
+
+
+def is_pack(metadata: dict[str, str]) -> bool:
+    return "mole.pack_version" in metadata
+
+
+def load(path: str | Path) -> tuple[list[expert_file.ExpertFile], gate_file.GateFile]:
+    tensors, metadata, _ = safetensors_io.read(path)
+    where = str(path)
+    if not is_pack(metadata):
+        raise FormatError(f"{where}: not a MoLE pack (no mole.pack_version metadata); load it as an expert or a "
+                          "gate file instead")
+    try:
+        names = json.loads(metadata["mole.pack_experts"])
+        expert_meta = json.loads(metadata.get("mole.expert_metadata") or "{}")
+    except (KeyError, ValueError) as e:
+        raise FormatError(f"{where}: pack metadata mole.pack_experts / mole.expert_metadata missing or not JSON") from e
+    stray = [k for k in tensors if not k.startswith(("expert.", "gate."))]
+    if stray:
+        raise FormatError(f"{where}: unexpected keys {stray[:3]}; a pack holds only 'expert.*' and 'gate.*' keys")
+    experts = []
+    for name in names:
+        prefix = f"expert.{name}."
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        meta = expert_meta.get(name, {})
+        sha = safetensors_io.data_sha256(part)
+        experts.append(expert_file.ExpertFile(expert_file.check_role_name(name),
+                                              expert_file.parse(part, f"{where} [expert {name}]"), meta, sha, where))
+    known = tuple(f"expert.{n}." for n in names)
+    orphans = [k for k in tensors if k.startswith("expert.") and not k.startswith(known)]
+    if orphans:
+        raise FormatError(f"{where}: expert keys for experts not listed in mole.pack_experts: {orphans[:3]}")
+    gate_meta = {k: v for k, v in metadata.items() if not k.startswith(("mole.pack_", "mole.expert_metadata"))}
+    gates = gate_file.parse({k[5:]: v for k, v in tensors.items() if k.startswith("gate.")}, gate_meta,
+                            f"{where} [gates]")
+    return experts, gates
