@@ -1,0 +1,60 @@
+"""Attach a MoLE to a module tree with forward hooks: the module tree and its state-dict keys never change.
+
+The hook computes out = F(X) + gated experts on the output of each target module (so weight patches such as
+stock LoRAs stay inside F). Whoever attaches keeps the handles and removes them; a `HookState` carries the
+settings and the optional trace recorder, and may be changed between calls (schedule ranges, steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import MismatchError
+from .mixture import MoLE
+from .ops import GateSettings, MoLELayer
+from .trace import GateTrace
+
+
+@dataclass
+class HookState:
+    settings: GateSettings
+    active: bool = True
+    trace: GateTrace | None = None
+
+
+def check_modules(root: nn.Module, mole: MoLE) -> dict[str, nn.Module]:
+    """{layer key: module} of root for every MoLE layer, with shape checks; MismatchError otherwise."""
+    modules = dict(root.named_modules())
+    missing = [k for k in mole.keys if k not in modules]
+    if missing:
+        raise MismatchError(f"{len(missing)} of {len(mole.keys)} MoLE layers do not exist in this model "
+                            f"(first: {missing[0]}); the experts were made for another base ({mole.layout.name}?)")
+    out = {}
+    for key, layer in mole.items():
+        weight = getattr(modules[key], "weight", None)
+        shape = tuple(weight.shape[:2]) if weight is not None else None
+        if shape != (layer.d_out, layer.d_in) or (weight.ndim == 4 and tuple(weight.shape[2:]) != (1, 1)):
+            raise MismatchError(f"layer {key}: the model's weight is {tuple(weight.shape) if weight is not None else None}"
+                                f", the experts map {layer.d_in} -> {layer.d_out}; they were made for another base")
+        out[key] = modules[key]
+    return out
+
+
+def _hook(key: str, layer: MoLELayer, state: HookState):
+    def hook(module, args, output):
+        if not state.active:
+            return output
+        record = None
+        if state.trace is not None:
+            def record(local, glob, names):
+                state.trace.record(key, local, glob, names)
+        return layer(args[0], output, state.settings, record)
+    return hook
+
+
+def attach(root: nn.Module, mole: MoLE, state: HookState) -> list[RemovableHandle]:
+    """Register one forward hook per MoLE layer on root's modules (paths = layer keys); returns the handles."""
+    return [module.register_forward_hook(_hook(key, mole.layer(key), state))
+            for key, module in check_modules(root, mole).items()]
