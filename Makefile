@@ -18,3 +18,7 @@ test: host
 
 test-all: host
 	$(VENV)/bin/pytest -q --runslow $(PYTEST_ARGS)
+
+# Speed of the gated-expert op on the full-size SD1.5 UNet (prints a table; several minutes on 2 cores).
+bench: host
+	$(PY) tests/bench_mole_op.py

@@ -170,39 +170,38 @@ class MoLELayer(nn.Module):
         if not conv and x.ndim != 3:
             raise MoLEError(f"MoLE layer input must be (B, n, d) or (B, C, H, W), got {tuple(x.shape)}")
         b = x.shape[0]
-        if conv:
-            h = torch.matmul(f.w1, x.reshape(b, self.d_in, -1))       # (B, K, n)
-            cd, td = 1, 2
-        else:
-            h = torch.matmul(x, f.w1.T)                                 # (B, n, K)
-            cd, td = 2, 1
-        hidden = h.narrow(cd, 0, f.rank_total)
+        if conv:  # 1x1 conv: the H*W positions are the tokens; work token-major like a Linear
+            x = x.permute(0, 2, 3, 1).reshape(b, -1, self.d_in)
+        h = torch.matmul(x, f.w1.T)                                     # (B, n, K)
+        hidden = h.narrow(2, 0, f.rank_total)
         coef, local_gate, global_gate = None, None, None
         col = f.rank_total
         if f.local_b is not None:
-            logits = h.narrow(cd, col, f.n)
-            local_gate = torch.sigmoid(logits + (f.local_b[:, None] if conv else f.local_b))
+            local_gate = torch.sigmoid(h.narrow(2, col, f.n) + f.local_b)                  # (B, n, N)
             coef = local_gate
             col += f.n
         if f.global_b is not None:
-            global_gate = torch.sigmoid(h.narrow(cd, col, f.n).mean(dim=td) + f.global_b)   # (B, N)
-            g = global_gate.unsqueeze(td)
-            coef = g if coef is None else coef * g
+            global_gate = torch.sigmoid(h.narrow(2, col, f.n).mean(dim=1) + f.global_b)   # (B, N)
+            coef = global_gate[:, None] if coef is None else coef * global_gate[:, None]
         if coef is not None:
-            hidden = hidden * torch.repeat_interleave(coef, f.ranks_t, dim=cd, output_size=f.rank_total)
+            hidden = self._scale_blocks(hidden, coef, f)
         if record is not None:
-            record(local_gate.transpose(1, 2) if conv and local_gate is not None else local_gate, global_gate,
-                   [n for n in self.order if settings.strength(n) != 0.0])
-        inplace = not (torch.is_grad_enabled() and (y.requires_grad or hidden.requires_grad))
+            record(local_gate, global_gate, [n for n in self.order if settings.strength(n) != 0.0])
+        h2 = hidden.reshape(-1, f.rank_total)
+        inplace = not (torch.is_grad_enabled() and (y.requires_grad or h2.requires_grad))
         if conv:
-            y3 = y.reshape(b, self.d_out, -1)
-            up = f.up.expand(b, -1, -1)
-            out = y3.baddbmm_(up, hidden) if inplace else torch.baddbmm(y3, up, hidden)
-        else:
-            y2 = y.reshape(-1, self.d_out)
-            h2 = hidden.reshape(-1, f.rank_total)
-            out = y2.addmm_(h2, f.up.T) if inplace else torch.addmm(y2, h2, f.up.T)
+            delta = torch.mm(h2, f.up.T).view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2)
+            return y.add_(delta) if inplace else y + delta
+        y2 = y.reshape(-1, self.d_out)
+        out = y2.addmm_(h2, f.up.T) if inplace else torch.addmm(y2, h2, f.up.T)
         return out.view(y.shape)
+
+    @staticmethod
+    def _scale_blocks(hidden: torch.Tensor, coef: torch.Tensor, f: "_Fused") -> torch.Tensor:
+        """hidden (B, n, R) with expert i's r_i columns times coef[..., i]; coef (B, n or 1, N)."""
+        if len(set(f.ranks)) == 1:  # equal ranks: a broadcast view, no index tensor
+            return (hidden.unflatten(2, (f.n, f.ranks[0])) * coef.unsqueeze(3)).flatten(2)
+        return hidden * torch.repeat_interleave(coef, f.ranks_t, dim=2, output_size=f.rank_total)
 
 
 @dataclass

@@ -205,3 +205,38 @@ def test_sdxl_expert_on_sd15_layout_is_named(sd15_shapes):
     with pytest.raises(MismatchError, match="do not exist in a SD1.5 UNet"):
         build([sdxl], layout=SD15)
     assert build([sdxl]).layout is SDXL
+
+
+def test_pack_and_writer_errors(tmp_path, sd15_shapes):
+    shapes = dict(list(sd15_shapes.items())[:4])
+    experts = [fake_expert(n, shapes, seed=i) for i, n in enumerate(["face", "hand"])]
+    pack = tmp_path / "p.safetensors"
+    pack_file.save(pack, experts, fake_gates(experts))
+    tensors, metadata, _ = safetensors_io.read(pack)
+    stray = _write(tmp_path, {**tensors, "other.x": torch.ones(1)}, "stray.safetensors", metadata)
+    with pytest.raises(FormatError, match="a pack holds only"):
+        pack_file.load(stray)
+    orphan = _write(tmp_path, {**tensors, "expert.feet.lora_unet_x.alpha": torch.ones(())}, "o.safetensors", metadata)
+    with pytest.raises(FormatError, match="not listed in mole.pack_experts"):
+        pack_file.load(orphan)
+    broken = _write(tmp_path, tensors, "b.safetensors", {**metadata, "mole.pack_experts": "face"})
+    with pytest.raises(FormatError, match="missing or not JSON"):
+        pack_file.load(broken)
+    with pytest.raises(FormatError, match="metadata must be strings"):
+        safetensors_io.write(tmp_path / "m.safetensors", {"a": torch.ones(1)}, {"steps": 3})
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_mixture_refuses_unpairable_experts(sd15_shapes):
+    shapes = dict(list(sd15_shapes.items())[:6])
+    face = fake_expert("face", shapes)
+    with pytest.raises(MismatchError, match="unique"):
+        build([face, fake_expert("face", shapes)], layout=SD15)
+    with pytest.raises(MismatchError, match="cover different layers"):
+        build([face, fake_expert("hand", dict(list(shapes.items())[:3]))], layout=SD15)
+    with pytest.raises(MismatchError, match="no experts"):
+        build([], layout=SD15)
+    with pytest.raises(MismatchError, match="fit neither SD1.5 nor SDXL"):
+        detect_layout(["lora_unet_nothing_here"], "x")
+    with pytest.raises(MismatchError, match="gate variant 'soft'"):
+        build([face], layout=SD15, variant="soft")

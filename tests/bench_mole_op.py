@@ -1,0 +1,240 @@
+"""Benchmark: the cost of MoLE on one full-size SD1.5 UNet call (random weights, CPU, batch 2).
+
+Two rank-256 experts on all 192 layers. Variants, timed interleaved, medians reported as ratios to the base:
+  base      the UNet alone
+  mole      ours (mole_ops fused op through forward hooks)
+  +trace    ours with gate-trace recording on
+  authors   the authors' code structure: per expert down then up, local gate as its own Linear, global gate
+            pooled over that expert's output (a baseline for comparison, not used anywhere else)
+  peft      two unmerged LoRAs without gates (separate down/up per adapter, added to the output)
+FLOP ratios are counted with torch's FlopCounterMode on the same calls.
+
+    make bench            (or: .venv/bin/python tests/bench_mole_op.py --reps 5)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+sys.path.insert(0, str(ROOT / "tests" / "ops"))
+spec = importlib.util.spec_from_file_location("comfyui_mole", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+sys.modules["comfyui_mole"] = pkg = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pkg)
+
+from comfyui_mole.mole_ops.hooks import HookState, attach  # noqa: E402
+from comfyui_mole.mole_ops.layout import SD15  # noqa: E402
+from comfyui_mole.mole_ops.mixture import build  # noqa: E402
+from comfyui_mole.mole_ops.ops import GateSettings  # noqa: E402
+from comfyui_mole.mole_ops.trace import COND, UNCOND, GateTrace  # noqa: E402
+from comfyui_mole.trainer.host import use_comfy  # noqa: E402
+
+
+class AuthorsLayer(nn.Module):
+    """The authors' structure for one layer: experts as Linear/1x1-conv pairs, gates as separate modules."""
+
+    def __init__(self, mole_layer, conv: bool):
+        super().__init__()
+        self.conv = conv
+        self.names = mole_layer.order
+        self.down, self.up, self.scale, self.glob = nn.ModuleList(), nn.ModuleList(), [], nn.ModuleList()
+        for n in self.names:
+            e = mole_layer.experts[n]
+            d, u = nn.Linear(e.down.shape[1], e.rank, bias=False), nn.Linear(e.rank, e.up.shape[0], bias=False)
+            d.weight.data, u.weight.data = e.down.data.clone(), e.up.data.clone()
+            self.down.append(d)
+            self.up.append(u)
+            self.scale.append(e.scale)
+            g = nn.Linear(e.up.shape[0], 1)
+            g.load_state_dict(mole_layer.global_gate[n].state_dict())
+            self.glob.append(g)
+        self.local = nn.Linear(mole_layer.d_in, len(self.names))
+        self.local.load_state_dict(mole_layer.local_gate.state_dict())
+
+    def forward(self, x, y):
+        if self.conv:
+            b, c, h, w = x.shape
+            x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        local = torch.sigmoid(self.local(x))
+        out = 0
+        for i in range(len(self.names)):
+            r = self.up[i](self.down[i](x)) * self.scale[i]
+            g = torch.sigmoid(self.glob[i](r.mean(dim=1)))
+            out = out + local[..., i:i + 1] * g[:, None, :] * r
+        if self.conv:
+            out = out.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        return y + out
+
+
+class PeftLayer(nn.Module):
+    """Two unmerged LoRA adapters, no gates: y + sum_i scale_i * up_i(down_i(x))."""
+
+    def __init__(self, mole_layer, conv: bool):
+        super().__init__()
+        self.conv = conv
+        self.downs = nn.ParameterList([e.down.data.clone() for e in mole_layer.experts.values()])
+        self.ups = nn.ParameterList([e.up.data.clone() for e in mole_layer.experts.values()])
+        self.scales = [e.scale for e in mole_layer.experts.values()]
+
+    def forward(self, x, y):
+        for down, up, scale in zip(self.downs, self.ups, self.scales):
+            if self.conv:
+                y = y + scale * nn.functional.conv2d(nn.functional.conv2d(x, down[:, :, None, None]),
+                                                     up[:, :, None, None])
+            else:
+                y = y + scale * nn.functional.linear(nn.functional.linear(x, down), up)
+        return y
+
+
+def baseline_modules(root, mole, cls, dtype) -> dict[str, nn.Module]:
+    modules = dict(root.named_modules())
+    return {key: cls(layer, modules[key].weight.ndim == 4).to(dtype).requires_grad_(False)
+            for key, layer in mole.items()}
+
+
+def attach_modules(root, per_layer):
+    modules = dict(root.named_modules())
+    return [modules[key].register_forward_hook(lambda mod, args, out, m=m: m(args[0], out))
+            for key, m in per_layer.items()]
+
+
+def make_mole(unet_root, dtype):
+    from mole_fakes import fake_expert, fake_gates
+
+    modules = dict(unet_root.named_modules())
+    shapes = {k: (modules[k].weight.shape[1], modules[k].weight.shape[0], modules[k].weight.ndim == 4)
+              for k in SD15.layer_keys}
+    experts = [fake_expert("face", shapes, rank=256, alpha=64, seed=1),
+               fake_expert("hand", shapes, rank=256, alpha=128, seed=2)]
+    mole = build(experts, fake_gates(experts), SD15)
+    mole.requires_grad_(False)
+    return mole
+
+
+def mole_flops(root, mole, settings, call) -> int:
+    """2 * tokens * (K * d_in + R * d_out) summed over the MoLE layers of one call (K = fused first-matmul rows)."""
+    total = 0
+    modules = dict(root.named_modules())
+
+    def count(layer):
+        def hook(module, args, out):
+            nonlocal total
+            x = args[0]
+            f = layer.fused(settings, x.device, x.dtype)
+            tokens = x.numel() // layer.d_in
+            total += 2 * tokens * (f.w1.shape[0] * layer.d_in + f.rank_total * layer.d_out)
+        return hook
+
+    handles = [modules[k].register_forward_hook(count(layer)) for k, layer in mole.items()]
+    call()
+    for h in handles:
+        h.remove()
+    return total
+
+
+def bench(model, dtype, size, reps):
+    root, unet = model.model, model.model.diffusion_model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size, size, generator=gen).to(dtype)
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768, generator=gen).to(dtype)
+    mole = make_mole(root, dtype)
+    trace = GateTrace(mole.order)
+
+    def call():
+        with torch.inference_mode():
+            return unet(x, t, context=ctx)
+
+    def traced_call():
+        trace.begin_call(0, (size, size), [COND, UNCOND])
+        out = call()
+        trace.end_call()
+        return out
+
+    variants = {}
+    state = HookState(GateSettings("both"))
+
+    def with_hooks(make):
+        def run(fn=call):
+            handles = make()
+            try:
+                return fn()
+            finally:
+                for h in handles:
+                    h.remove()
+        return run
+
+    variants["base"] = call
+    variants["mole"] = with_hooks(lambda: attach(root, mole, state))
+    traced_state = HookState(GateSettings("both"), trace=trace)
+    variants["+trace"] = lambda: with_hooks(lambda: attach(root, mole, traced_state))(traced_call)
+    authors = baseline_modules(root, mole, AuthorsLayer, dtype)
+    peft = baseline_modules(root, mole, PeftLayer, dtype)
+    variants["authors"] = with_hooks(lambda: attach_modules(root, authors))
+    variants["peft"] = with_hooks(lambda: attach_modules(root, peft))
+
+    flops = {}
+    for name, fn in variants.items():
+        fn()  # warm-up (and builds the fused cache)
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[name] = counter.get_total_flops()
+    # FlopCounterMode does not see the in-place addmm_ our op accumulates with: count our matmuls from shapes.
+    flops["mole"] = flops["+trace"] = flops["base"] + mole_flops(root, mole, state.settings, call)
+    times = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return med, flops, mole
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--configs", default="fp32:32,bf16:32,bf16:64")
+    args = parser.parse_args()
+    use_comfy(cpu=True)
+    from comfyui_mole.trainer.tiny_models import full_sd15
+
+    torch.manual_seed(0)
+    models = {}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 2, two rank-256 experts x 192 layers, "
+          f"medians of {args.reps} interleaved repetitions")
+    header = f"{'config':<11}{'base s':>8}" + "".join(f"{n:>16}" for n in ("mole", "+trace", "authors", "peft"))
+    print(header + f"{'FLOP mole/base':>16}{'trace ovh':>11}{'authors/mole':>14}")
+    for cfg in args.configs.split(","):
+        dtype_name, size = cfg.split(":")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        if dtype not in models:
+            models.clear()
+            models[dtype] = full_sd15(seed=0, dtype=dtype)
+        med, flops, mole = bench(models[dtype], dtype, int(size), args.reps)
+        base = med["base"]
+        row = f"{dtype_name} {size}x{size}".ljust(11) + f"{base:>8.3f}"
+        for n in ("mole", "+trace", "authors", "peft"):
+            row += f"{med[n] / base:>9.2f}x{flops[n] / flops['base']:>5.2f}F"
+        row += f"{flops['mole'] / flops['base']:>16.3f}{(med['+trace'] / med['mole'] - 1) * 100:>10.1f}%"
+        row += f"{med['authors'] / med['mole']:>13.2f}x"
+        print(row, flush=True)
+        cache = sum(t.numel() * t.element_size() for layer in mole.layers.values()
+                    for f in layer._cache.values() for t in (f.w1, f.up))
+        print(f"{'':11}fused weights cached: {cache / 2**20:.0f} MiB; process peak RSS so far "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+    print("time ratios are wall-clock medians over base; 'F' = counted FLOP ratio over base")
+
+
+if __name__ == "__main__":
+    main()
