@@ -4,7 +4,7 @@ import torch
 
 from comfyui_mole.mole_ops.hooks import HookState, attach
 from comfyui_mole.mole_ops.layout import SD15, SDXL, UNetLayout
-from comfyui_mole.mole_ops.mixture import build
+from mole_fakes import make_mole
 from comfyui_mole.mole_ops.ops import GateSettings
 from comfyui_mole.trainer import tiny_models
 
@@ -35,20 +35,6 @@ def test_layout_agrees_with_hosts_lora_key_map(comfy, tiny_sdxl, which, family, 
     # every Linear inside a transformer block is a target
     inside = {n for n, m in modules.items() if ".transformer_blocks." in n and isinstance(m, torch.nn.Linear)}
     assert inside and inside <= set(layout.layer_keys)
-
-
-def make_mole(patcher, seed=0, n=2):
-    from mole_fakes import fake_expert, fake_gates
-
-    layout = layout_of(patcher)
-    modules = dict(patcher.model.named_modules())
-    shapes = {}
-    for key in layout.layer_keys:
-        w = modules[key].weight
-        shapes[key] = (w.shape[1], w.shape[0], w.ndim == 4)
-    experts = [fake_expert(name, shapes, rank=4, alpha=4.0, naming="sgm", seed=seed + i)
-               for i, name in enumerate(["face", "hand", "feet"][:n])]
-    return build(experts, fake_gates(experts, seed=seed), layout), experts
 
 
 def run_model(patcher, x, sigma, context):

@@ -6,6 +6,7 @@ import torch
 from comfyui_mole.mole_ops.expert_file import ExpertFile, LoRAWeights
 from comfyui_mole.mole_ops.gate_file import GateFile, GateWeights
 from comfyui_mole.mole_ops.layout import PREFIX, UNetLayout
+from comfyui_mole.mole_ops.mixture import build
 
 SD15_DIMS = dict(model_channels=320, channel_mult=(1, 2, 4, 4), context_dim=768)
 SDXL_DIMS = dict(model_channels=320, channel_mult=(1, 2, 4), context_dim=2048)
@@ -63,3 +64,16 @@ def fake_gates(experts, variant="official", seed=0, dtype=torch.float32):
             torch.randn(n, d_in, generator=gen), torch.randn(n, generator=gen),
             torch.randn(n, g_in, generator=gen), torch.randn(n, generator=gen))))
     return GateFile(variant, tuple(e.name for e in experts), layers)
+
+
+def make_mole(patcher, seed=0, n=2):
+    """A MoLE with generated experts and gates for the model inside a ModelPatcher (any SD-family layout)."""
+    layout = UNetLayout.from_unet_config(patcher.model.model_config.unet_config)
+    modules = dict(patcher.model.named_modules())
+    shapes = {}
+    for key in layout.layer_keys:
+        w = modules[key].weight
+        shapes[key] = (w.shape[1], w.shape[0], w.ndim == 4)
+    experts = [fake_expert(name, shapes, rank=4, alpha=4.0, naming="sgm", seed=seed + i)
+               for i, name in enumerate(["face", "hand", "feet"][:n])]
+    return build(experts, fake_gates(experts, seed=seed), layout), experts

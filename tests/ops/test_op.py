@@ -104,6 +104,17 @@ def test_all_experts_off_returns_base_exactly():
     assert out is y
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_gates_at_zero_reproduce_the_base_exactly(conv):
+    layer = make_layer(16, 12, [4, 6], "official", dtype=torch.float32)
+    with torch.no_grad():
+        layer.local_gate.bias.fill_(-1e4)   # sigmoid underflows to exactly 0 in fp32
+    x, y = inputs(layer, conv, (3, 5))
+    with torch.no_grad():
+        out = layer(x, y.clone(), GateSettings("both"))
+    assert torch.equal(out, y)
+
+
 def test_one_expert_fixed_scale_equals_merged_lora():
     layer = make_layer(16, 12, [4], "official")
     e = layer.experts["face"]

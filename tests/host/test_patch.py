@@ -1,0 +1,64 @@
+"""Attaching a MoLE to a real ModelPatcher and sampling through ComfyUI's sampler (tiny model)."""
+import pytest
+import torch
+
+from comfyui_mole.mole_ops.ops import GateSettings
+from comfyui_mole.mole_ops.trace import COND, UNCOND, GateTrace
+from mole_fakes import make_mole
+
+
+@pytest.fixture
+def mole(tiny):
+    built, _ = make_mole(tiny)
+    built.requires_grad_(False)
+    return built
+
+
+def sample(model, seed=0, steps=3, cfg=4.0, width=48, height=32, batch=1):
+    import nodes
+
+    gen = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 7, 64, generator=gen), {}]]
+    negative = [[torch.zeros(1, 7, 64), {}]]
+    latent = {"samples": torch.zeros(batch, 4, height // 8, width // 8)}
+    with torch.inference_mode():
+        return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def test_apply_changes_output_and_leaves_the_base_untouched(tiny, mole):
+    from comfyui_mole.nodes.patch import MoLEPatch, apply_mole
+
+    base = sample(tiny)
+    patched_model = apply_mole(tiny, MoLEPatch(mole))
+    patched = sample(patched_model)
+    again = sample(tiny)
+    assert (patched - base).abs().max() > 1e-4
+    assert torch.equal(again, base)
+    assert not tiny.get_injections("mole") and patched_model.get_injections("mole")
+
+
+def test_two_clones_with_different_settings_do_not_leak(tiny, mole):
+    from comfyui_mole.nodes.patch import MoLEPatch, apply_mole
+
+    a = apply_mole(tiny, MoLEPatch(mole, GateSettings("both", {"hand": 0.0})))
+    b = apply_mole(tiny, MoLEPatch(mole, GateSettings("none")))
+    first_a, first_b, second_a = sample(a), sample(b), sample(a)
+    assert (first_a - first_b).abs().max() > 1e-4
+    assert torch.equal(first_a, second_a)
+
+
+def test_schedule_range_outside_gives_base_and_trace_records_steps(tiny, mole):
+    from comfyui_mole.nodes.patch import MoLEPatch, apply_mole
+
+    base = sample(tiny, batch=2)
+    off = sample(apply_mole(tiny, MoLEPatch(mole, start_percent=1.01, end_percent=1.0)), batch=2)
+    assert torch.equal(off, base)
+    trace = GateTrace(mole.order)
+    traced = sample(apply_mole(tiny, MoLEPatch(mole, trace=trace)), batch=2, steps=4)
+    untraced = sample(apply_mole(tiny, MoLEPatch(mole)), batch=2, steps=4)
+    assert torch.equal(traced, untraced)
+    maps = trace.local_maps(COND)
+    assert trace.steps() == [0, 1, 2, 3]
+    assert maps.shape == (4, 2, 2, 4, 6)   # steps, rows, experts, latent H, W (non-square)
+    assert trace.global_curve(UNCOND).shape == (4, 2, 2)
+    assert ((maps > 0) & (maps < 1)).all() and maps.std() > 0
