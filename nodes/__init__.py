@@ -1,9 +1,17 @@
 """ComfyUI nodes of MoLE (V3 schema). Imported only as a subpackage, never as top-level `nodes`."""
 from comfy_api.latest import ComfyExtension, io
 
-NODES: list[type[io.ComfyNode]] = []
+from .apply import ApplyMoLE, ExpertFixedScale
+from .files import register_folder
+from .loaders import LoadExperts, LoadGates, LoadPack
+
+NODES: list[type[io.ComfyNode]] = [LoadExperts, LoadGates, LoadPack, ApplyMoLE, ExpertFixedScale]
 
 
 class MoLEExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folder()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_folder()
         return list(NODES)

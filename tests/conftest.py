@@ -88,11 +88,45 @@ def detectable(comfy, models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(detectable, tmp_path_factory):
+def mole_files(detectable, models_dir) -> dict[str, Path]:
+    """Generated face and hand experts (kohya SGM names), their gates and a pack, shaped for the detectable
+    checkpoint, in models_dir/mole; plus a gate file for three experts (a mismatch for error tests)."""
+    import comfy.supported_models
+    from mole_fakes import fake_expert, fake_gates
+
+    from comfyui_mole.mole_ops import expert_file, gate_file, pack_file
+    from comfyui_mole.mole_ops.mixture import expert_info
+    from comfyui_mole.trainer.tiny_models import DETECTABLE_SD15
+
+    unet = comfy.supported_models.SD15(dict(DETECTABLE_SD15)).get_model({})
+    from comfyui_mole.mole_ops.layout import UNetLayout
+
+    layout = UNetLayout.from_unet_config(DETECTABLE_SD15)
+    modules = dict(unet.named_modules())
+    shapes = {k: (modules[k].weight.shape[1], modules[k].weight.shape[0], modules[k].weight.ndim == 4)
+              for k in layout.layer_keys}
+    folder = models_dir / "mole"
+    experts = [fake_expert(n, shapes, rank=8, alpha=8.0, seed=i) for i, n in enumerate(["face", "hand"])]
+    files = {}
+    for e in experts:
+        files[e.name] = folder / f"test_{e.name}.safetensors"
+        e.sha256 = expert_file.save(files[e.name], e)
+    gates = fake_gates(experts, seed=3)
+    gates.expert_info = expert_info(experts)
+    files["gates"] = gate_file.save(folder / "test_gates.safetensors", gates)
+    files["pack"] = pack_file.save(folder / "test_pack.safetensors", experts, gates)
+    three = [*experts, fake_expert("feet", shapes, rank=8, seed=5)]
+    files["gates_three"] = gate_file.save(folder / "test_gates_three.safetensors", fake_gates(three))
+    return files
+
+
+@pytest.fixture(scope="session")
+def server(detectable, mole_files, tmp_path_factory):
     """The real ComfyUI server (main.py --cpu) on a free loopback port, with this package in custom_nodes and
     the detectable checkpoint in models/checkpoints. Stopped by PID at the end of the session."""
     from comfyui_mole.trainer.comfy_server import ComfyServer, prepare_base_dir
 
-    base = prepare_base_dir(tmp_path_factory.mktemp("comfy"), {"checkpoints": [detectable]})
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfy"),
+                            {"checkpoints": [detectable], "mole": list(mole_files.values())})
     with ComfyServer(base) as srv:
         yield srv

@@ -1,0 +1,78 @@
+"""Loader nodes: experts, gates, packs -> MOLE_EXPERTS / MOLE_GATES."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..mole_ops import expert_file, pack_file
+from ..mole_ops import gate_file as gate_format
+from ..mole_ops.errors import MismatchError
+from .files import NONE, expert_files, full_path, mole_files
+
+Experts = io.Custom("MOLE_EXPERTS")
+Gates = io.Custom("MOLE_GATES")
+SLOTS = (("face", True), ("hand", False), ("feet", False))
+
+
+class LoadExperts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        inputs = []
+        for i, (role, required) in enumerate(SLOTS, start=1):
+            options = expert_files() if required else [NONE] + expert_files()
+            inputs += [
+                io.Combo.Input(f"expert_{i}", options=options, tooltip=f"Expert {i}: a kohya LoRA file "
+                               "(models/mole or models/loras)." + ("" if required else " (none) leaves the slot empty.")),
+                io.String.Input(f"role_{i}", default=role, tooltip=f"Name of expert {i} (face, hand, or any name); "
+                                "gate files pair experts by these names, in this order."),
+            ]
+        inputs.append(Experts.Input("experts", optional=True, tooltip="Experts to extend (these come first)."))
+        return io.Schema(node_id="MoLE_LoadExperts", display_name="Load MoLE Experts", category="MoLE",
+                         description="Load one to three LoRA experts, each under a role name, in column order.",
+                         inputs=inputs, outputs=[Experts.Output(display_name="experts")])
+
+    @classmethod
+    def execute(cls, expert_1, role_1, expert_2=NONE, role_2="hand", expert_3=NONE, role_3="feet",
+                experts=None) -> io.NodeOutput:
+        out = list(experts or [])
+        for name, role in ((expert_1, role_1), (expert_2, role_2), (expert_3, role_3)):
+            if name and name != NONE:
+                out.append(expert_file.load(full_path(name), role.strip()))
+        names = [e.name for e in out]
+        if len(set(names)) != len(names):
+            raise MismatchError(f"expert role names must be unique, got {names}")
+        return io.NodeOutput(tuple(out))
+
+
+class LoadGates(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoLE_LoadGates", display_name="Load MoLE Gates", category="MoLE",
+            description="Load a gate file (ours or the authors') for the given experts.",
+            inputs=[Experts.Input("experts", tooltip="The experts these gates were trained with."),
+                    io.Combo.Input("gate_file", options=mole_files(), tooltip="Gate file in models/mole.")],
+            outputs=[Gates.Output(display_name="gates")])
+
+    @classmethod
+    def execute(cls, experts, gate_file) -> io.NodeOutput:
+        gates = gate_format.load(full_path(gate_file))
+        names = tuple(e.name for e in experts)
+        if gates.experts != names:
+            raise MismatchError(f"{gates.path}: gate columns are {list(gates.experts)} but the experts are "
+                                f"{list(names)}; name and order the experts as the gates expect")
+        return io.NodeOutput(gates)
+
+
+class LoadPack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoLE_LoadPack", display_name="Load MoLE Pack", category="MoLE",
+            description="Load a single-file MoLE pack (experts + gates).",
+            inputs=[io.Combo.Input("pack", options=mole_files(), tooltip="MoLE pack file in models/mole.")],
+            outputs=[Experts.Output(display_name="experts"), Gates.Output(display_name="gates")])
+
+    @classmethod
+    def execute(cls, pack) -> io.NodeOutput:
+        experts, gates = pack_file.load(full_path(pack))
+        return io.NodeOutput(tuple(experts), gates)
