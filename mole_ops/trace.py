@@ -37,10 +37,19 @@ class GateTrace:
         self.glob_n: dict[tuple[int, int], int] = {}
         self.latent_hw: tuple[int, int] | None = None
         self._call = None
+        self._last_step: int | None = None
+
+    def clear(self) -> None:
+        for store in (self.local, self.local_n, self.glob, self.glob_n):
+            store.clear()
+        self._last_step = None
 
     # -- while sampling ----------------------------------------------------------------------------------
     def begin_call(self, step: int, latent_hw: tuple[int, int], row_kinds: list[int]) -> None:
         """Start one model call: its step index, latent size, and the kind (COND/UNCOND) of each batch row."""
+        if self._last_step is not None and step < self._last_step:
+            self.clear()  # a new sampling run reuses this trace: keep only the newest run
+        self._last_step = step
         self.latent_hw = tuple(latent_hw)
         self._call = {"step": step, "rows": list(row_kinds), "local": {}, "glob": None, "layers": 0, "glayers": 0}
 

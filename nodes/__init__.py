@@ -4,8 +4,10 @@ from comfy_api.latest import ComfyExtension, io
 from .apply import ApplyMoLE, ExpertFixedScale
 from .files import register_folder
 from .loaders import LoadExperts, LoadGates, LoadPack
+from .visualise import GateMaps, SaveTrace
 
-NODES: list[type[io.ComfyNode]] = [LoadExperts, LoadGates, LoadPack, ApplyMoLE, ExpertFixedScale]
+NODES: list[type[io.ComfyNode]] = [LoadExperts, LoadGates, LoadPack, ApplyMoLE, ExpertFixedScale, GateMaps,
+                                   SaveTrace]
 
 
 class MoLEExtension(ComfyExtension):

@@ -45,3 +45,26 @@ def test_gates_for_other_experts_fail_clearly_and_server_keeps_serving(server, d
     with pytest.raises(ServerError, match="no such file|not a valid|not a kohya|not gate keys"):
         server.run(mole_graph(detectable.name, gates="test_face.safetensors", prefix="e2e_bad2"))
     assert "MoLE_Apply" in server.get("/object_info/MoLE_Apply")
+
+
+def test_gate_maps_and_trace_through_the_server(server, detectable):
+    graph = mole_graph(detectable.name, prefix="e2e_traced")
+    graph["12"]["inputs"]["record_trace"] = True
+    graph["20"] = {"class_type": "MoLE_GateMaps", "inputs": {"trace": ["12", 1], "images": ["6", 0], "steps": "all",
+                                                             "image_index": 0, "rows": "cond"}}
+    graph["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "e2e_grid"}}
+    graph["22"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 1], "filename_prefix": "e2e_overlay"}}
+    graph["23"] = {"class_type": "MoLE_SaveTrace", "inputs": {"trace": ["12", 1], "images": ["6", 0],
+                                                              "filename_prefix": "e2e_trace"}}
+    outputs = server.run(graph)
+    grid = np.asarray(Image.open(server.output_files({"21": outputs["21"]})[0])).astype(float)
+    over = np.asarray(Image.open(server.output_files({"22": outputs["22"]})[0])).astype(float)
+    # 4 steps x 2 experts of a 12x8 latent map, upscaled 8x (cell 96 px), 2-pixel gaps
+    assert grid.shape == (4 * 96 + 3 * 2, 2 * 64 + 2, 3) and grid.std() > 1
+    assert over.shape == (96, 2 * 64, 3) and over.std() > 1
+    saved = list((server.base_dir / "output").glob("e2e_trace_*.safetensors"))
+    assert len(saved) == 1
+    from comfyui_mole.mole_ops import safetensors_io
+
+    tensors, meta, _ = safetensors_io.read(saved[0])
+    assert tensors["local_cond"].shape == (4, 1, 2, 12, 8) and tensors["global_uncond"].shape == (4, 1, 2)

@@ -42,3 +42,13 @@ def test_trace_memory_does_not_grow_with_layers():
         trace.record("diffusion_model.x.proj_in", torch.rand(1, 64, 1), torch.rand(1, 1), ["face"])
     trace.end_call()
     assert trace.nbytes() == (64 + 1) * 4
+
+
+def test_a_new_run_replaces_the_previous_one():
+    trace = GateTrace(("face",))
+    for run_value in (0.2, 0.6):
+        for step in range(3):
+            trace.begin_call(step, (2, 2), [COND])
+            trace.record("diffusion_model.x.proj_in", torch.full((1, 4, 1), run_value), None, ["face"])
+            trace.end_call()
+    torch.testing.assert_close(trace.local_maps(COND), torch.full((3, 1, 1, 2, 2), 0.6))

@@ -1,0 +1,37 @@
+"""Pictures of gate traces: heat maps, step grids and overlays, as ComfyUI IMAGE tensors (B, H, W, 3) in [0, 1]."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# An inferno-like ramp: dark (gate closed) to bright yellow (gate open).
+_ANCHORS = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]) / 255.0
+
+
+def heat(values: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) in [0, 1] -> (..., H, W, 3) colours."""
+    v = values.float().clamp(0, 1) * (len(_ANCHORS) - 1)
+    low = v.floor().long().clamp(max=len(_ANCHORS) - 2)
+    frac = (v - low).unsqueeze(-1)
+    return _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
+
+
+def gate_map_grid(maps: torch.Tensor, cell: int = 96) -> torch.Tensor:
+    """maps (steps, experts, H, W) -> one IMAGE (1, steps*cell', experts*cell'', 3): rows = steps, columns = experts.
+
+    Each cell is the map upscaled (nearest) so its longer side is about `cell` pixels; a 2-pixel gap separates cells.
+    """
+    s, n, h, w = maps.shape
+    k = max(1, round(cell / max(h, w)))
+    cells = F.interpolate(maps.float(), scale_factor=k, mode="nearest")          # (S, N, hk, wk)
+    cells = F.pad(heat(cells), (0, 0, 0, 2, 0, 2), value=1.0)                  # white gaps right and below
+    grid = cells.permute(0, 2, 1, 3, 4).reshape(s * (h * k + 2), n * (w * k + 2), 3)
+    return grid[:-2, :-2].unsqueeze(0)
+
+
+def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
+    """images (B, Hi, Wi, 3), maps (B, N, H, W) -> (B, Hi, N*Wi, 3): each expert's map blended over the image."""
+    b, hi, wi, _ = images.shape
+    up = F.interpolate(maps.float(), size=(hi, wi), mode="bilinear", align_corners=False)
+    blended = images.float().unsqueeze(1) * (1 - alpha) + heat(up) * alpha      # (B, N, Hi, Wi, 3)
+    return blended.permute(0, 2, 1, 3, 4).reshape(b, hi, -1, 3)
