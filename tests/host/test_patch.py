@@ -62,3 +62,18 @@ def test_schedule_range_outside_gives_base_and_trace_records_steps(tiny, mole):
     assert maps.shape == (4, 2, 2, 4, 6)   # steps, rows, experts, latent H, W (non-square)
     assert trace.global_curve(UNCOND).shape == (4, 2, 2)
     assert ((maps > 0) & (maps < 1)).all() and maps.std() > 0
+
+
+def test_a_stock_weight_patch_keeps_working_with_mole(tiny, mole):
+    """A LoRA-style weight patch (what LoraLoader adds) before Apply MoLE: both effects remain."""
+    from comfyui_mole.nodes.patch import MoLEPatch, apply_mole
+
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    weight = tiny.get_model_object(key)
+    lora = tiny.clone()
+    lora.add_patches({key: (torch.full_like(weight, 0.05),)}, 1.0)
+    both = sample(apply_mole(lora, MoLEPatch(mole)))
+    only_lora, only_mole, base = sample(lora), sample(apply_mole(tiny, MoLEPatch(mole))), sample(tiny)
+    assert (only_lora - base).abs().max() > 1e-4
+    assert (both - only_mole).abs().max() > 1e-4 and (both - only_lora).abs().max() > 1e-4
+    assert torch.equal(sample(tiny), base)
