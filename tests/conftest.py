@@ -117,6 +117,24 @@ def mole_files(detectable, models_dir) -> dict[str, Path]:
     files["pack"] = pack_file.save(folder / "test_pack.safetensors", experts, gates)
     three = [*experts, fake_expert("feet", shapes, rank=8, seed=5)]
     files["gates_three"] = gate_file.save(folder / "test_gates_three.safetensors", fake_gates(three))
+    # bad inputs: truncated, a pickle under a .safetensors name, NaN weights, an SDXL expert
+    files["truncated"] = folder / "bad_truncated.safetensors"
+    files["truncated"].write_bytes(files["face"].read_bytes()[:-1000])
+    files["pickle"] = folder / "bad_pickle.safetensors"
+    import torch
+
+    torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, files["pickle"])
+    nan = fake_expert("face", dict(list(shapes.items())[:2]), rank=2)
+    next(iter(nan.layers.values())).down[0, 0] = float("nan")
+    files["nan"] = folder / "bad_nan.safetensors"
+    expert_file.save(files["nan"], nan)
+    from mole_fakes import SDXL_DIMS, layer_shapes
+
+    from comfyui_mole.mole_ops.layout import SDXL
+
+    sdxl = dict(list(layer_shapes(SDXL, **SDXL_DIMS).items())[:20])
+    files["sdxl"] = folder / "bad_sdxl_expert.safetensors"
+    expert_file.save(files["sdxl"], fake_expert("face", sdxl, rank=2), family="SDXL")
     return files
 
 

@@ -68,3 +68,15 @@ def test_gate_maps_and_trace_through_the_server(server, detectable):
 
     tensors, meta, _ = safetensors_io.read(saved[0])
     assert tensors["local_cond"].shape == (4, 1, 2, 12, 8) and tensors["global_uncond"].shape == (4, 1, 2)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("bad_truncated.safetensors", "bad_truncated.safetensors: not a (valid )?safetensors file, or truncated"),
+    ("bad_pickle.safetensors", "bad_pickle.safetensors: a pickle checkpoint"),
+    ("bad_nan.safetensors", "bad_nan.safetensors: tensor .* holds NaN"),
+    ("bad_sdxl_expert.safetensors", "do not exist in a SD15 UNet"),
+])
+def test_bad_expert_files_fail_clearly_and_server_keeps_serving(server, detectable, bad, message):
+    with pytest.raises(ServerError, match=message):
+        server.run(mole_graph(detectable.name, experts=(bad, "test_hand.safetensors"), prefix="e2e_badfile"))
+    assert "MoLE_Apply" in server.get("/object_info/MoLE_Apply")
