@@ -42,15 +42,20 @@ def check_modules(root: nn.Module, mole: MoLE) -> dict[str, nn.Module]:
     return out
 
 
+def run_layer(key: str, layer: MoLELayer, x, output, settings: GateSettings, trace: GateTrace | None):
+    """The hook body shared by every dispatcher: the gated experts on one layer, recorded into `trace` if given."""
+    record = None
+    if trace is not None:
+        def record(local, glob, names):
+            trace.record(key, local, glob, names)
+    return layer(x, output, settings, record)
+
+
 def _hook(key: str, layer: MoLELayer, state: HookState):
     def hook(module, args, output):
         if not state.active:
             return output
-        record = None
-        if state.trace is not None:
-            def record(local, glob, names):
-                state.trace.record(key, local, glob, names)
-        return layer(args[0], output, state.settings, record)
+        return run_layer(key, layer, args[0], output, state.settings, state.trace)
     return hook
 
 

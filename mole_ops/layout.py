@@ -42,10 +42,9 @@ class UNetLayout:
 
     @classmethod
     def from_unet_config(cls, config: dict, name: str = "custom") -> "UNetLayout":
+        middle = config.get("transformer_depth_middle")
         return cls(name, tuple(config["num_res_blocks"]), tuple(config["transformer_depth"]),
-                   int(config.get("transformer_depth_middle") if config.get("transformer_depth_middle") is not None
-                       else -1),
-                   tuple(config["transformer_depth_output"]))
+                   -1 if middle is None else int(middle), tuple(config["transformer_depth_output"]))
 
     def transformers(self) -> list[tuple[str, str, int]]:
         """(SGM path, diffusers path, depth) of every spatial transformer, in forward order."""

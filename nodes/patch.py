@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
-from ..mole_ops.hooks import check_modules
+from ..mole_ops.hooks import check_modules, run_layer
 from ..mole_ops.mixture import MoLE
 from ..mole_ops.ops import GateSettings
 from ..mole_ops.trace import GateTrace
@@ -47,11 +47,7 @@ def _hook(key: str):
         if call is None or not call.active or key not in call.patch.mole.kohya_names:
             return output
         patch = call.patch
-        record = None
-        if patch.trace is not None:
-            def record(local, glob, names):
-                patch.trace.record(key, local, glob, names)
-        return patch.mole.layer(key)(args[0], output, patch.settings, record)
+        return run_layer(key, patch.mole.layer(key), args[0], output, patch.settings, patch.trace)
     return hook
 
 

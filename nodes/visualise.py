@@ -26,8 +26,7 @@ def _local_maps(trace, kind: str):
     if not trace.local:
         raise MoLEError("the gate trace is empty: the sampler did not run with this Apply MoLE (a cached result?) "
                         "or the gate mode has no local gate; re-queue after changing the seed or the mode")
-    maps = trace.local_maps(KINDS[kind])
-    return maps
+    return trace.local_maps(KINDS[kind])
 
 
 def parse_steps(text: str, available: int) -> list[int]:

@@ -73,12 +73,13 @@ def init_parameters(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def _sd15_patcher(config: dict, seed: int, dtype: torch.dtype):
+def _patcher(family: str, config: dict, seed: int, dtype: torch.dtype):
+    """A ModelPatcher around comfy.supported_models.<family>(config), every parameter initialised."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    model_config = comfy.supported_models.SD15(config)
+    model_config = getattr(comfy.supported_models, family)(dict(config))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     init_parameters(model.diffusion_model, seed)
@@ -88,26 +89,17 @@ def _sd15_patcher(config: dict, seed: int, dtype: torch.dtype):
 
 def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ModelPatcher around an SD1.5-architecture model of ~1M parameters (context_dim 64)."""
-    return _sd15_patcher(TINY_SD15, seed, dtype)
+    return _patcher("SD15", TINY_SD15, seed, dtype)
 
 
 def full_sd15(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ModelPatcher around the full-size SD1.5 UNet with random weights (860M parameters)."""
-    return _sd15_patcher(FULL_SD15, seed, dtype)
+    return _patcher("SD15", FULL_SD15, seed, dtype)
 
 
 def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ModelPatcher around a tiny-width model with SDXL's block layout (its 722 expert layers)."""
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    model_config = comfy.supported_models.SDXL(dict(TINY_SDXL))
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({})
-    init_parameters(model.diffusion_model, seed)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    return _patcher("SDXL", TINY_SDXL, seed, dtype)
 
 
 def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ from comfyui_mole.trainer import tiny_models
 
 def sd15_structure(comfy):
     """SD1.5's exact block structure at tiny width (fast to build)."""
-    return tiny_models._sd15_patcher({**tiny_models.FULL_SD15, "model_channels": 32, "context_dim": 64,
-                                      "num_heads": 2}, seed=0, dtype=torch.float32)
+    return tiny_models._patcher("SD15", {**tiny_models.FULL_SD15, "model_channels": 32, "context_dim": 64,
+                                         "num_heads": 2}, seed=0, dtype=torch.float32)
 
 
 def layout_of(patcher):
