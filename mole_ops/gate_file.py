@@ -6,7 +6,8 @@ Per layer (kohya name of the expert layer):
     moe_<layer>.softmoe.global_gate.weight (N, d_in), .bias (N)     paper global gate
 Metadata (ours; the authors' files have none and load as official with order face, hand):
     mole.format_version, mole.variant, mole.experts (JSON list, column order),
-    mole.expert_info (JSON {name: {rank, alpha, sha256}}), mole.base_model.
+    mole.expert_info (JSON {name: {rank, alpha, sha256}}), mole.base_model (fingerprint of the base UNet,
+    fingerprint.py).
 """
 from __future__ import annotations
 

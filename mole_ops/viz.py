@@ -1,6 +1,7 @@
 """Pictures of gate traces: heat maps, step grids and overlays, as ComfyUI IMAGE tensors (B, H, W, 3) in [0, 1]."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,3 +36,36 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.55) -> to
     up = F.interpolate(maps.float(), size=(hi, wi), mode="bilinear", align_corners=False)
     blended = images.float().unsqueeze(1) * (1 - alpha) + heat(up) * alpha      # (B, N, Hi, Wi, 3)
     return blended.permute(0, 2, 1, 3, 4).reshape(b, hi, -1, 3)
+
+
+def labelled_grid(images: list[torch.Tensor], labels: list[str], columns: int) -> torch.Tensor:
+    """IMAGEs (B, H, W, 3) -> one IMAGE grid (1, H', W', 3), every image with its label above it.
+
+    Images of another size than the first are resized to it; a batch contributes each of its images, all
+    under its label.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    first = images[0]
+    h, w = first.shape[1:3]
+    cells, names = [], []
+    for image, label in zip(images, labels):
+        if image.shape[1:3] != (h, w):
+            image = F.interpolate(image.movedim(-1, 1).float(), size=(h, w), mode="bilinear",
+                                  align_corners=False).movedim(1, -1)
+        for b in range(image.shape[0]):
+            cells.append(image[b])
+            names.append(label)
+    font = ImageFont.load_default(size=max(10, min(32, w // 12)))
+    band = int(font.size * 1.6)
+    columns = max(1, min(columns, len(cells)))
+    rows = -(-len(cells) // columns)
+    gap = 4
+    canvas = Image.new("RGB", (columns * (w + gap) - gap, rows * (h + band + gap) - gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (cell, name) in enumerate(zip(cells, names)):
+        x, y = (i % columns) * (w + gap), (i // columns) * (h + band + gap)
+        pixels = (cell.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        canvas.paste(Image.fromarray(pixels), (x, y + band))
+        draw.text((x + w / 2, y + band / 2), name, fill="black", font=font, anchor="mm")
+    return torch.from_numpy(np.asarray(canvas).copy()).float().div(255).unsqueeze(0)

@@ -3,11 +3,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyMoLE, ExpertFixedScale
 from .files import register_folder
-from .loaders import LoadExperts, LoadGates, LoadPack
-from .visualise import GateMaps, SaveTrace
+from .loaders import LoadExperts, LoadGates, LoadPack, LoadSet
+from .visualise import GateCurves, GateMaps, ImageGrid, SaveTrace
 
-NODES: list[type[io.ComfyNode]] = [LoadExperts, LoadGates, LoadPack, ApplyMoLE, ExpertFixedScale, GateMaps,
-                                   SaveTrace]
+NODES: list[type[io.ComfyNode]] = [LoadExperts, LoadGates, LoadPack, LoadSet, ApplyMoLE, ExpertFixedScale, GateMaps,
+                                   GateCurves, SaveTrace, ImageGrid]
 
 
 class MoLEExtension(ComfyExtension):

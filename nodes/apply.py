@@ -1,10 +1,13 @@
 """Apply MoLE and Expert at fixed scale: MODEL -> MODEL with the gated experts attached (on a clone)."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..mole_ops import expert_file
 from ..mole_ops.errors import MismatchError
+from ..mole_ops.fingerprint import check_base
 from ..mole_ops.layout import UNetLayout
 from ..mole_ops.mixture import build
 from ..mole_ops.ops import MODES, GateSettings
@@ -14,10 +17,16 @@ from .loaders import Experts, Gates
 from .patch import MoLEPatch, apply_mole
 
 Trace = io.Custom("MOLE_TRACE")
+log = logging.getLogger("mole")
 
 
 def model_layout(model) -> UNetLayout:
     return UNetLayout.from_unet_config(model.model.model_config.unet_config, name=type(model.model.model_config).__name__)
+
+
+def warn_other_base(model, experts, gates=None) -> None:
+    for warning in check_base(model.model.diffusion_model, experts, gates):
+        log.warning("MoLE: %s", warning)
 
 
 class ApplyMoLE(io.ComfyNode):
@@ -49,6 +58,7 @@ class ApplyMoLE(io.ComfyNode):
                 record_trace, gates=None) -> io.NodeOutput:
         if gates is None and mode != "none":
             raise MismatchError(f"gate mode {mode!r} needs gates: connect Load MoLE Gates, or use mode 'none'")
+        warn_other_base(model, experts, gates)
         mole = build(list(experts), gates, model_layout(model))
         mole.requires_grad_(False)
         strengths = dict(zip(mole.order, (strength_1, strength_2, strength_3)))
@@ -71,6 +81,8 @@ class ExpertFixedScale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, expert, scale) -> io.NodeOutput:
-        mole = build([expert_file.load(full_path(expert), "expert")], None, model_layout(model))
+        loaded = expert_file.load(full_path(expert), "expert")
+        warn_other_base(model, [loaded])
+        mole = build([loaded], None, model_layout(model))
         mole.requires_grad_(False)
         return io.NodeOutput(apply_mole(model, MoLEPatch(mole, GateSettings("none", {"expert": scale}))))

@@ -43,6 +43,13 @@ class LoadExperts(io.ComfyNode):
         return io.NodeOutput(tuple(out))
 
 
+def check_gate_order(gates, experts) -> None:
+    names = tuple(e.name for e in experts)
+    if gates.experts != names:
+        raise MismatchError(f"{gates.path}: gate columns are {list(gates.experts)} but the experts are "
+                            f"{list(names)}; name and order the experts as the gates expect")
+
+
 class LoadGates(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -56,10 +63,7 @@ class LoadGates(io.ComfyNode):
     @classmethod
     def execute(cls, experts, gate_file) -> io.NodeOutput:
         gates = gate_format.load(full_path(gate_file))
-        names = tuple(e.name for e in experts)
-        if gates.experts != names:
-            raise MismatchError(f"{gates.path}: gate columns are {list(gates.experts)} but the experts are "
-                                f"{list(names)}; name and order the experts as the gates expect")
+        check_gate_order(gates, experts)
         return io.NodeOutput(gates)
 
 
@@ -76,3 +80,30 @@ class LoadPack(io.ComfyNode):
     def execute(cls, pack) -> io.NodeOutput:
         experts, gates = pack_file.load(full_path(pack))
         return io.NodeOutput(tuple(experts), gates)
+
+
+class LoadSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoLE_LoadSet", display_name="Load MoLE Three-File Set", category="MoLE",
+            description="Load a MoLE release of separate files, such as the authors' MoLE-SDXL set: a face LoRA, a "
+                        "hand LoRA and their gate file.",
+            inputs=[io.Combo.Input("expert_1", options=expert_files(), tooltip="First expert LoRA (the face "
+                                   "LoRA of the authors' set)."),
+                    io.String.Input("role_1", default="face", tooltip="Name of the first expert."),
+                    io.Combo.Input("expert_2", options=expert_files(), tooltip="Second expert LoRA (the hand "
+                                   "LoRA of the authors' set)."),
+                    io.String.Input("role_2", default="hand", tooltip="Name of the second expert."),
+                    io.Combo.Input("gate_file", options=mole_files(), tooltip="The gate file in models/mole.")],
+            outputs=[Experts.Output(display_name="experts"), Gates.Output(display_name="gates")])
+
+    @classmethod
+    def execute(cls, expert_1, role_1, expert_2, role_2, gate_file) -> io.NodeOutput:
+        if role_1.strip() == role_2.strip():
+            raise MismatchError(f"expert role names must differ, both are {role_1!r}")
+        experts = (expert_file.load(full_path(expert_1), role_1.strip()),
+                   expert_file.load(full_path(expert_2), role_2.strip()))
+        gates = gate_format.load(full_path(gate_file))
+        check_gate_order(gates, experts)
+        return io.NodeOutput(experts, gates)

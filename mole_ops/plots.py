@@ -1,0 +1,75 @@
+"""Line plots (gate curves, loss curves) rendered with matplotlib's Agg backend to RGB arrays or PNG files.
+
+matplotlib is imported when a plot is drawn, so importing mole_ops stays light.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _figure(width_px: int, height_px: int):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    return Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+
+
+def _rgb(fig) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def line_plot(series: dict[str, list[float] | np.ndarray], x=None, *, title: str, xlabel: str, ylabel: str,
+              ylim: tuple[float, float] | None = None, size: tuple[int, int] = (640, 400),
+              logy: bool = False) -> np.ndarray:
+    """One line per named series -> (H, W, 3) uint8 RGB image."""
+    fig = _figure(*size)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, ys in series.items():
+        ys = np.asarray(ys, dtype=float)
+        xs = np.arange(len(ys)) if x is None else np.asarray(x)
+        ax.plot(xs, ys, marker="o" if len(ys) <= 60 else None, markersize=3, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    return _rgb(fig)
+
+
+def gate_curves(curve: torch.Tensor, experts: tuple[str, ...], steps: list[int], title: str) -> torch.Tensor:
+    """curve (steps, N) mean global gate per step -> IMAGE (1, H, W, 3) in [0, 1] (the paper's Fig. 7 a-c)."""
+    series = {name: curve[:, i].tolist() for i, name in enumerate(experts)}
+    rgb = line_plot(series, steps, title=title, xlabel="sampling step", ylabel="mean global gate", ylim=(0.0, 1.0))
+    return torch.from_numpy(rgb).float().div(255).unsqueeze(0)
+
+
+def save_png(rgb: np.ndarray, path: str) -> None:
+    """Write an (H, W, 3) uint8 image atomically (temp file, then rename)."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
