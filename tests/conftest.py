@@ -8,6 +8,7 @@ relative imports, and its `nodes/` must never shadow ComfyUI's top-level `nodes`
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ if "comfyui_mole" not in sys.modules:
     _package = importlib.util.module_from_spec(_spec)
     sys.modules["comfyui_mole"] = _package
     _spec.loader.exec_module(_package)
+
+
+from comfyui_mole.trainer.workflows import SD15 as WORKFLOW_FILES  # noqa: E402  (after the package exists)
 
 
 def pytest_addoption(parser):
@@ -135,7 +139,21 @@ def mole_files(detectable, models_dir) -> dict[str, Path]:
     sdxl = dict(list(layer_shapes(SDXL, **SDXL_DIMS).items())[:20])
     files["sdxl"] = folder / "bad_sdxl_expert.safetensors"
     expert_file.save(files["sdxl"], fake_expert("face", sdxl, rank=2), family="SDXL")
+    # an expert whose metadata names another base model (a warning, not an error)
+    other = expert_file.load(files["face"], "face")
+    other.metadata["mole.base_model"] = "unet-sha256:0123456789abcdef"
+    files["other_base"] = folder / "other_base_face.safetensors"
+    expert_file.save(files["other_base"], other)
+    # the names the shipped SD1.5 workflows expect
+    for role in ("face", "hand", "gates"):
+        files[f"workflow_{role}"] = _link(files[role], folder / WORKFLOW_FILES[role])
     return files
+
+
+def _link(src: Path, dst: Path) -> Path:
+    if not dst.exists():
+        os.link(src, dst)
+    return dst
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +162,8 @@ def server(detectable, mole_files, tmp_path_factory):
     the detectable checkpoint in models/checkpoints. Stopped by PID at the end of the session."""
     from comfyui_mole.trainer.comfy_server import ComfyServer, prepare_base_dir
 
+    checkpoint = _link(detectable, detectable.parent / WORKFLOW_FILES["checkpoint"])
     base = prepare_base_dir(tmp_path_factory.mktemp("comfy"),
-                            {"checkpoints": [detectable], "mole": list(mole_files.values())})
+                            {"checkpoints": [detectable, checkpoint], "mole": list(mole_files.values())})
     with ComfyServer(base) as srv:
         yield srv

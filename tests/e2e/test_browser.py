@@ -1,0 +1,88 @@
+"""The real frontend in headless Chromium (loopback only): each shipped UI workflow loads with no missing-node
+warning, is queued with the Run button and its output image comes back to the page.
+
+Needs Debian's chromium (`.ci/run` installs it). Without it the test is skipped, unless MOLE_REQUIRE_BROWSER=1
+(set by CI), where a missing browser fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from comfyui_mole.trainer.workflows import FOLDER, WORKFLOWS
+
+from workflow_utils import shrink_ui
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SD15_WORKFLOWS = [n for n in WORKFLOWS if "sdxl" not in n]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("MOLE_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is not installed (apt-get install chromium) and MOLE_REQUIRE_BROWSER=1")
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, args=ARGS,
+                                                       headless=True, viewport={"width": 1400, "height": 900})
+        yield context
+        context.close()
+
+
+def _open_frontend(browser, server):
+    page = browser.new_page()
+    seen = []
+    page.on("response", lambda r: seen.append(r.url) if "/view?" in r.url and r.ok else None)
+    page.goto(server.url + "/")
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=60_000)
+    return page, seen
+
+
+@pytest.mark.parametrize("name", SD15_WORKFLOWS)
+def test_frontend_loads_and_runs_shipped_workflow(browser, server, name):
+    workflow = shrink_ui(json.loads((FOLDER / f"{name}.json").read_text()), width=64, height=64, steps=3)
+    page, seen = _open_frontend(browser, server)
+    try:
+        page.evaluate("([wf, name]) => window.app.loadGraphData(wf, true, true, name)", [workflow, name])
+        page.wait_for_timeout(1000)
+        missing = page.evaluate("window.app.graph._nodes.filter(n => !window.LiteGraph.registered_node_types"
+                                "[n.type]).map(n => n.type)")
+        assert missing == []
+        assert "missing nodes" not in page.inner_text("body")
+        types = sorted({n["type"] for n in workflow["nodes"]})
+        assert sorted(page.evaluate("[...new Set(window.app.graph._nodes.map(n => n.type))]")) == types
+
+        history_before = set(server.get("/history"))
+        page.get_by_role("button", name="Run", exact=True).first.click()
+        deadline = time.monotonic() + 240
+        prefixes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "SaveImage"]
+        while time.monotonic() < deadline:
+            new = {k: v for k, v in server.get("/history").items() if k not in history_before}
+            done = [v for v in new.values() if v.get("status", {}).get("completed") is not None]
+            if done:
+                assert done[0]["status"]["status_str"] == "success", done[0]["status"]
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"{name}: the queued workflow did not finish:\n{server.log_tail()}")
+        # the page received every Save Image node's output, and fetched the main image to draw it on the canvas
+        page.wait_for_function(f"Object.keys(window.app.nodeOutputs || {{}}).length >= {len(prefixes)}",
+                               timeout=30_000)
+        received = page.evaluate("Object.values(window.app.nodeOutputs).flatMap(o => (o.images || [])"
+                                 ".map(i => i.filename))")
+        assert all(any(f.startswith(p + "_0") for f in received) for p in prefixes), (prefixes, received)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(prefixes[0] + "_0" in u for u in seen):
+            page.wait_for_timeout(250)
+        assert any(prefixes[0] + "_0" in u for u in seen), (prefixes[0], seen)
+    finally:
+        page.close()

@@ -1,0 +1,104 @@
+"""Every shipped workflow through the real server, on the generated test models (files under the names the
+workflows expect), at test size; and the committed files are what `python -m trainer workflows` makes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from workflow_utils import shrink_api
+
+from comfyui_mole.mole_ops import safetensors_io
+from comfyui_mole.trainer.workflows import ABLATION, FOLDER, WORKFLOWS, render
+
+W, H, STEPS = 64, 96, 4
+
+
+def _load(name: str) -> dict:
+    return shrink_api(json.loads((FOLDER / f"{name}.api.json").read_text()), W, H, STEPS)
+
+
+def _image(server, outputs, node_id) -> np.ndarray:
+    files = server.output_files({node_id: outputs[node_id]})
+    assert len(files) == 1
+    with Image.open(files[0]) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def _node(api: dict, title: str) -> str:
+    return next(k for k, v in api.items() if v["_meta"]["title"] == title)
+
+
+def _base_image(server, api: dict, seed: int) -> np.ndarray:
+    """The same graph with Apply MoLE removed (KSampler fed by the checkpoint), for comparison."""
+    from comfyui_mole.trainer.graphs import txt2img
+
+    ckpt = api[_node(api, "Load stage-1 checkpoint")]["inputs"]["ckpt_name"]
+    sampler = next(v["inputs"] for v in api.values() if v["class_type"] == "KSampler")
+    graph = txt2img(ckpt, api[_node(api, "Prompt")]["inputs"]["text"],
+                    api[_node(api, "Negative prompt")]["inputs"]["text"], seed=seed, steps=STEPS,
+                    cfg=sampler["cfg"], width=W, height=H, prefix="wf_base")
+    graph["5"]["inputs"].update(sampler_name=sampler["sampler_name"], scheduler=sampler["scheduler"])
+    return _image(server, server.run(graph), "7")
+
+
+def test_workflow_files_are_current(server):
+    rendered = render(server.get("/object_info"))
+    assert sorted(rendered) == sorted(p.name for p in FOLDER.glob("*.json"))
+    for name, text in rendered.items():
+        assert (FOLDER / name).read_text() == text, f"workflows/{name} is stale: run `python -m trainer workflows`"
+    assert set(WORKFLOWS) == {n.removesuffix(".api.json") for n in rendered if n.endswith(".api.json")}
+
+
+def test_txt2img_workflow(server):
+    api = _load("mole_sd15_txt2img")
+    outputs = server.run(api)
+    image = _image(server, outputs, _node(api, "Save image"))
+    assert image.shape == (H, W, 3)
+    base = _base_image(server, api, api[_node(api, "KSampler")]["inputs"]["seed"])
+    assert np.abs(image - base).max() > 0, "MoLE did not change the image"
+
+    grid = _image(server, outputs, _node(api, "Save gate maps (steps x experts)"))
+    # 'auto' shows all 4 steps; 2 experts; 12x8 latent maps upscaled 8x (cell 96 px); 2-px gaps
+    assert grid.shape == (STEPS * 96 + (STEPS - 1) * 2, 2 * 64 + 2, 3) and grid.std() > 1
+    overlay = _image(server, outputs, _node(api, "Save gate overlay"))
+    assert overlay.shape == (H, 2 * W, 3) and overlay.std() > 1
+    curves = _image(server, outputs, _node(api, "Save gate curves"))
+    assert curves.shape == (400, 640, 3) and curves.std() > 1
+
+    saved = sorted((server.base_dir / "output").glob("mole_sd15_trace_*.safetensors"))
+    tensors, meta, _ = safetensors_io.read(saved[-1])
+    assert tensors["local_cond"].shape == (STEPS, 1, 2, H // 8, W // 8)
+    assert json.loads(meta["mole.trace"])["experts"] == ["face", "hand"]
+
+
+def test_ablation_workflow(server):
+    api = _load("mole_sd15_ablation")
+    outputs = server.run(api)
+    grid = _image(server, outputs, _node(api, "Save ablation grid"))
+    rows, cols = 2, 3
+    band = (grid.shape[0] - (rows - 1) * 4) // rows - H
+    assert grid.shape[1] == cols * W + (cols - 1) * 4 and band > 0
+    cells = {}
+    for i, (label, _) in enumerate(ABLATION):
+        y, x = (i // cols) * (H + band + 4) + band, (i % cols) * (W + 4)
+        cells[label] = grid[y:y + H, x:x + W]
+        assert (grid[y - band:y, x:x + W] < 128).any(), f"no label text above {label!r}"
+    base = _base_image(server, api, api[_node(api, "KSampler: base")]["inputs"]["seed"])
+    assert np.abs(cells["base"] - base).max() <= 1     # the grid rounds, Save Image truncates
+    for label in ("face only", "hand only", "local", "global", "both"):
+        assert np.abs(cells[label] - base).max() > 1, f"{label}: same as the base"
+    for a, b in (("face only", "hand only"), ("local", "global"), ("local", "both"), ("global", "both")):
+        assert np.abs(cells[a] - cells[b]).max() > 0, f"{a} and {b} gave the same image"
+
+
+@pytest.mark.slow
+def test_sdxl_three_file_workflow(sdxl_server):
+    """The SDXL workflow on a full-size generated SDXL checkpoint (several GB; --runslow)."""
+    api = _load("mole_sdxl_three_files")
+    outputs = sdxl_server.run(api, timeout=1800)
+    image = _image(sdxl_server, outputs, _node(api, "Save image"))
+    assert image.shape == (H, W, 3)
+    grid = _image(sdxl_server, outputs, _node(api, "Save gate maps (steps x experts)"))
+    assert grid.std() > 1

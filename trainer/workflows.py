@@ -1,0 +1,259 @@
+"""The shipped workflows: API-format graphs built here, and their UI-format twins made from the server's node
+definitions (`/object_info`), so both files of a pair always describe the same graph.
+
+`python -m trainer workflows` starts a real ComfyUI, asks it for the node definitions and rewrites `workflows/`.
+The tests check that the committed files equal what this module makes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .host import REPO_ROOT
+
+log = logging.getLogger("mole.workflows")
+FOLDER = REPO_ROOT / "workflows"
+
+# The file names the workflows expect (the demo writes its trained files under the SD1.5 names).
+SD15 = {"checkpoint": "mole_sd15_stage1.safetensors", "face": "mole_sd15_face.safetensors",
+        "hand": "mole_sd15_hand.safetensors", "gates": "mole_sd15_gates.safetensors"}
+SDXL = {"checkpoint": "sd_xl_base_1.0.safetensors", "face": "mole_sdxl_face.safetensors",
+        "hand": "mole_sdxl_hand.safetensors", "gates": "mole_sdxl_gates.safetensors"}
+PROMPT = "a photo of a smiling woman waving her hand, close-up, natural light"
+NEGATIVE = "blurry, deformed hands, extra fingers, bad anatomy"
+
+
+@dataclass
+class Graph:
+    """An API-format graph under construction: node ids are given in order of addition."""
+
+    nodes: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, class_type: str, title: str | None = None, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"inputs": inputs, "class_type": class_type,
+                               "_meta": {"title": title or class_type}}
+        return node_id
+
+    def api(self) -> dict:
+        return json.loads(json.dumps(self.nodes))
+
+
+def _sampler(g: Graph, model, pos, neg, latent, title, steps, cfg, seed=42):
+    return g.add("KSampler", title, model=model, positive=pos, negative=neg, latent_image=latent, seed=seed,
+                 steps=steps, cfg=cfg, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+
+
+def _apply(g: Graph, model, experts, gates, mode="both", face=1.0, hand=1.0, record=False, title="Apply MoLE"):
+    return g.add("MoLE_Apply", title, model=model, experts=experts, gates=gates, mode=mode, strength_1=face,
+                 strength_2=hand, strength_3=1.0, start_percent=0.0, end_percent=1.0, record_trace=record)
+
+
+def _base(g: Graph, files: dict, width: int, height: int):
+    ckpt = g.add("CheckpointLoaderSimple", "Load stage-1 checkpoint", ckpt_name=files["checkpoint"])
+    pos = g.add("CLIPTextEncode", "Prompt", text=PROMPT, clip=[ckpt, 1])
+    neg = g.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=[ckpt, 1])
+    latent = g.add("EmptyLatentImage", width=width, height=height, batch_size=1)
+    return ckpt, pos, neg, latent
+
+
+def _gate_views(g: Graph, apply_id: str, images: list, prefix: str) -> None:
+    maps = g.add("MoLE_GateMaps", trace=[apply_id, 1], images=images, steps="auto", image_index=0, rows="cond")
+    curves = g.add("MoLE_GateCurves", trace=[apply_id, 1], images=images, image_index=-1, rows="cond")
+    g.add("SaveImage", "Save gate maps (steps x experts)", images=[maps, 0], filename_prefix=f"{prefix}_gate_grid")
+    g.add("SaveImage", "Save gate overlay", images=[maps, 1], filename_prefix=f"{prefix}_gate_overlay")
+    g.add("SaveImage", "Save gate curves", images=[curves, 0], filename_prefix=f"{prefix}_gate_curves")
+    g.add("MoLE_SaveTrace", trace=[apply_id, 1], images=images, filename_prefix=f"{prefix}_trace")
+
+
+def txt2img_sd15() -> Graph:
+    """SD1.5 MoLE txt2img with gate maps, gate curves and the saved trace."""
+    g = Graph()
+    ckpt, pos, neg, latent = _base(g, SD15, 512, 512)
+    experts = g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
+                    expert_3="(none)", role_3="feet")
+    gates = g.add("MoLE_LoadGates", experts=[experts, 0], gate_file=SD15["gates"])
+    apply_id = _apply(g, [ckpt, 0], [experts, 0], [gates, 0], record=True)
+    sample = _sampler(g, [apply_id, 0], [pos, 0], [neg, 0], [latent, 0], "KSampler", 50, 7.5)
+    decode = g.add("VAEDecode", samples=[sample, 0], vae=[ckpt, 2])
+    g.add("SaveImage", "Save image", images=[decode, 0], filename_prefix="mole_sd15")
+    _gate_views(g, apply_id, [decode, 0], "mole_sd15")
+    return g
+
+
+ABLATION = (("base", None), ("face only", ("both", 1.0, 0.0)), ("hand only", ("both", 0.0, 1.0)),
+            ("local", ("local", 1.0, 1.0)), ("global", ("global", 1.0, 1.0)), ("both", ("both", 1.0, 1.0)))
+
+
+def ablation_sd15() -> Graph:
+    """The paper's ablation from one seed: base, face only, hand only, local only, global only, both."""
+    g = Graph()
+    ckpt, pos, neg, latent = _base(g, SD15, 512, 512)
+    experts = g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
+                    expert_3="(none)", role_3="feet")
+    gates = g.add("MoLE_LoadGates", experts=[experts, 0], gate_file=SD15["gates"])
+    images = {}
+    for i, (label, setting) in enumerate(ABLATION, start=1):
+        model = [ckpt, 0]
+        if setting is not None:
+            mode, face, hand = setting
+            model = [_apply(g, model, [experts, 0], [gates, 0], mode, face, hand, title=f"Apply MoLE: {label}"), 0]
+        sample = _sampler(g, model, [pos, 0], [neg, 0], [latent, 0], f"KSampler: {label}", 50, 7.5)
+        images[f"image_{i}"] = [g.add("VAEDecode", f"VAE Decode: {label}", samples=[sample, 0], vae=[ckpt, 2]), 0]
+    grid = g.add("MoLE_ImageGrid", labels=", ".join(label for label, _ in ABLATION), columns=3, **images)
+    g.add("SaveImage", "Save ablation grid", images=[grid, 0], filename_prefix="mole_sd15_ablation")
+    return g
+
+
+def sdxl_three_files() -> Graph:
+    """SDXL MoLE with the released three-file set (face LoRA, hand LoRA, gate file) and gate maps."""
+    g = Graph()
+    ckpt, pos, neg, latent = _base(g, SDXL, 1024, 1024)
+    loaded = g.add("MoLE_LoadSet", "Load MoLE-SDXL (three files)", expert_1=SDXL["face"], role_1="face",
+                   expert_2=SDXL["hand"], role_2="hand", gate_file=SDXL["gates"])
+    apply_id = _apply(g, [ckpt, 0], [loaded, 0], [loaded, 1], record=True)
+    sample = _sampler(g, [apply_id, 0], [pos, 0], [neg, 0], [latent, 0], "KSampler", 50, 7.5)
+    decode = g.add("VAEDecode", samples=[sample, 0], vae=[ckpt, 2])
+    g.add("SaveImage", "Save image", images=[decode, 0], filename_prefix="mole_sdxl")
+    _gate_views(g, apply_id, [decode, 0], "mole_sdxl")
+    return g
+
+
+NOTES = {
+    "mole_sd15_txt2img": "Put the stage-1 checkpoint in models/checkpoints, the face and hand experts and the gate "
+                         "file in models/mole (experts may also sit in models/loras), and pick them in the loaders. "
+                         "The gate-map grid shows where each expert acted (rows: steps, columns: experts; bright = "
+                         "gate open); the curves show the global gates per step.",
+    "mole_sd15_ablation": "One seed, six models: the base, MoLE with only the face or only the hand expert, only "
+                          "local (per-token) gates, only global (per-image) gates, and both (MoLE as in the paper).",
+    "mole_sdxl_three_files": "The authors' MoLE-SDXL release is three files: a face LoRA, a hand LoRA and a gate "
+                             "file. Put all three in models/mole and the SDXL base in models/checkpoints.",
+}
+WORKFLOWS = {"mole_sd15_txt2img": txt2img_sd15, "mole_sd15_ablation": ablation_sd15,
+             "mole_sdxl_three_files": sdxl_three_files}
+
+
+# -- API -> UI ----------------------------------------------------------------------------------------------------
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _inputs(definition: dict) -> list[tuple[str, object, dict]]:
+    spec = definition["input"]
+    out = []
+    for group in ("required", "optional"):
+        for name, value in spec.get(group, {}).items():
+            kind, opts = value[0], (value[1] if len(value) > 1 and isinstance(value[1], dict) else {})
+            out.append((name, kind, opts))
+    return out
+
+
+def _is_widget(kind, opts: dict) -> bool:
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
+
+
+def _depths(api: dict) -> dict[str, int]:
+    depth: dict[str, int] = {}
+
+    def visit(node_id: str) -> int:
+        if node_id not in depth:
+            links = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)]
+            depth[node_id] = 1 + max((visit(src) for src in links), default=-1)
+        return depth[node_id]
+
+    for node_id in api:
+        visit(node_id)
+    return depth
+
+
+def api_to_ui(api: dict, object_info: dict, note: str = "") -> dict:
+    """A UI-format workflow (what the frontend saves and loads) for an API-format graph.
+
+    Widgets are filled in the order of the node definitions (a seed gets its 'control after generate' value),
+    links get ids in order, and nodes are laid out in columns by their distance from the graph's sources.
+    """
+    depth = _depths(api)
+    links, ui_nodes = [], []
+    outputs_links: dict[tuple[str, int], list[int]] = {}
+    for node_id, node in api.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                links.append([len(links) + 1, int(value[0]), value[1], int(node_id), name])
+                outputs_links.setdefault((value[0], value[1]), []).append(len(links))
+    column_y: dict[int, float] = {}
+    for order, (node_id, node) in enumerate(sorted(api.items(), key=lambda kv: (depth[kv[0]], int(kv[0])))):
+        definition = object_info[node["class_type"]]
+        inputs, widgets, slot = [], [], 0
+        for name, kind, opts in _inputs(definition):
+            value = node["inputs"].get(name)
+            if _is_widget(kind, opts) and not isinstance(value, list):
+                widgets.append(opts.get("default") if value is None else value)
+                if opts.get("control_after_generate"):
+                    widgets.append("fixed")
+                continue
+            link = None
+            if isinstance(value, list):
+                link = next(l[0] for l in links if l[3] == int(node_id) and l[4] == name)
+                for l in links:
+                    if l[0] == link:
+                        l[4] = slot
+            inputs.append({"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "link": link})
+            slot += 1
+        outputs = [{"name": out_name, "type": out_type, "links": outputs_links.get((node_id, i), []),
+                    "slot_index": i}
+                   for i, (out_name, out_type) in enumerate(zip(definition["output_name"], definition["output"]))]
+        height = 46 + 24 * (len(inputs) + len(widgets)) + (24 * len(outputs) if outputs else 0)
+        x = 40 + 380 * depth[node_id]
+        y = column_y.get(depth[node_id], 40.0)
+        column_y[depth[node_id]] = y + height + 40
+        ui_nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [x, y], "size": [340, height],
+                         "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                         "title": node["_meta"]["title"],
+                         "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+    ui_links = []
+    for link_id, src, src_slot, dst, dst_slot in links:
+        out_type = object_info[api[str(src)]["class_type"]]["output"][src_slot]
+        ui_links.append([link_id, src, src_slot, dst, dst_slot, out_type])
+    if note:
+        note_id = len(api) + 1
+        ui_nodes.append({"id": note_id, "type": "MarkdownNote", "pos": [40, -220], "size": [720, 180], "flags": {},
+                         "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "title": "Read me",
+                         "properties": {}, "widgets_values": [note]})
+    return {"last_node_id": max(n["id"] for n in ui_nodes), "last_link_id": len(ui_links), "nodes": ui_nodes,
+            "links": ui_links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 260]}},
+            "version": 0.4}
+
+
+def render(object_info: dict) -> dict[str, str]:
+    """{file name: JSON text} of every shipped workflow, UI format and API twin."""
+    files = {}
+    for name, build in WORKFLOWS.items():
+        api = build().api()
+        for node in api.values():   # untitled nodes show their display name, as when added by hand
+            if node["_meta"]["title"] == node["class_type"]:
+                node["_meta"]["title"] = object_info[node["class_type"]]["display_name"] or node["class_type"]
+        files[f"{name}.json"] = json.dumps(api_to_ui(api, object_info, NOTES[name]), indent=1) + "\n"
+        files[f"{name}.api.json"] = json.dumps(api, indent=1) + "\n"
+    return files
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", type=Path, default=FOLDER, help="where to write the workflow files")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .comfy_server import ComfyServer, prepare_base_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with ComfyServer(prepare_base_dir(Path(tmp) / "comfy")) as server:
+            object_info = server.get("/object_info")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in render(object_info).items():
+        (args.output_dir / name).write_text(text)
+        log.info("wrote %s", args.output_dir / name)
+    return 0
