@@ -4,6 +4,7 @@ import torch
 
 from comfyui_mole.mole_ops.ops import GateSettings
 from comfyui_mole.mole_ops.trace import COND, UNCOND, GateTrace
+from host_utils import sample
 from mole_fakes import make_mole
 
 
@@ -12,17 +13,6 @@ def mole(tiny):
     built, _ = make_mole(tiny)
     built.requires_grad_(False)
     return built
-
-
-def sample(model, seed=0, steps=3, cfg=4.0, width=48, height=32, batch=1):
-    import nodes
-
-    gen = torch.Generator().manual_seed(1)
-    positive = [[torch.randn(1, 7, 64, generator=gen), {}]]
-    negative = [[torch.zeros(1, 7, 64), {}]]
-    latent = {"samples": torch.zeros(batch, 4, height // 8, width // 8)}
-    with torch.inference_mode():
-        return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
 
 
 def test_apply_changes_output_and_leaves_the_base_untouched(tiny, mole):
