@@ -44,6 +44,18 @@ DETECTABLE_SD15 = {
     "transformer_depth_middle": -2, "transformer_depth_output": [1, 1],
 }
 
+# What SDXL detection keys on (width 320, context 2048, adm 2816, linear proj, depths [0,0,2,2,10,10]) at one
+# channel width and without the middle block: 90M UNet parameters instead of 2.6G.
+DETECTABLE_SDXL = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 1, 1],
+    "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": -2,
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
 TINY_SDXL = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
     "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816,
@@ -102,32 +114,39 @@ def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _patcher("SDXL", TINY_SDXL, seed, dtype)
 
 
-def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """State dict of the smallest checkpoint detected as SD1.5: UNet, CLIP-L text encoder, TAESD VAE."""
-    import comfy.clip_model
-    import comfy.ops
+DETECTABLE = {"SD15": DETECTABLE_SD15, "SDXL": DETECTABLE_SDXL}
+ARCHITECTURES = {"SD15": "stable-diffusion-v1", "SDXL": "stable-diffusion-xl-v1-base"}
+
+
+def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, family: str = "SD15"
+                          ) -> dict[str, torch.Tensor]:
+    """State dict of the smallest checkpoint the stock loader detects as `family` (SD15: UNet, CLIP-L, TAESD;
+    SDXL: UNet, CLIP-L + CLIP-G (full size, 820M), TAESD), in the single-file checkpoint's key names."""
     import comfy.supported_models
     import comfy.taesd.taesd
 
-    unet = comfy.supported_models.SD15(dict(DETECTABLE_SD15)).get_model({}).diffusion_model
-    clip_config = json.loads((Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json").read_text())
-    clip = comfy.clip_model.CLIPTextModel(clip_config, torch.float32, "cpu", comfy.ops.disable_weight_init)
+    model_config = getattr(comfy.supported_models, family)(dict(DETECTABLE[family]))
+    unet = model_config.get_model({}).diffusion_model
+    clip = model_config.clip_target().clip(device="cpu", dtype=torch.float32)
     vae = comfy.taesd.taesd.TAESD()
-    parts = {"model.diffusion_model.": unet, "cond_stage_model.transformer.": clip, "first_stage_model.": vae}
     state = {}
-    for offset, (prefix, module) in enumerate(parts.items()):
+    for offset, module in enumerate((unet, clip, vae)):
         init_parameters(module, seed + offset)
-        state.update({prefix + k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()})
-    return state
+    state.update({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()})
+    state.update(model_config.process_clip_state_dict_for_saving(clip.state_dict()))
+    state.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
 
 
-def write_detectable_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+def write_detectable_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16,
+                                family: str = "SD15") -> Path:
     """Write the detectable checkpoint as safetensors (temp file + rename); returns the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(detectable_state_dict(seed, dtype), str(tmp), metadata={"modelspec.architecture": "stable-diffusion-v1"})
+    save_file(detectable_state_dict(seed, dtype, family), str(tmp),
+              metadata={"modelspec.architecture": ARCHITECTURES[family]})
     tmp.replace(path)
     return path

@@ -20,7 +20,6 @@ from workflow_utils import shrink_ui
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SD15_WORKFLOWS = [n for n in WORKFLOWS if "sdxl" not in n]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,9 @@ def _open_frontend(browser, server):
     return page, seen
 
 
-@pytest.mark.parametrize("name", SD15_WORKFLOWS)
-def test_frontend_loads_and_runs_shipped_workflow(browser, server, name):
+@pytest.mark.parametrize("name", list(WORKFLOWS))
+def test_frontend_loads_and_runs_shipped_workflow(browser, request, name):
+    server = request.getfixturevalue("sdxl_server" if "sdxl" in name else "server")
     workflow = shrink_ui(json.loads((FOLDER / f"{name}.json").read_text()), width=64, height=64, steps=3)
     page, seen = _open_frontend(browser, server)
     try:

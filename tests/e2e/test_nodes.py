@@ -80,3 +80,34 @@ def test_bad_expert_files_fail_clearly_and_server_keeps_serving(server, detectab
     with pytest.raises(ServerError, match=message):
         server.run(mole_graph(detectable.name, experts=(bad, "test_hand.safetensors"), prefix="e2e_badfile"))
     assert "MoLE_Apply" in server.get("/object_info/MoLE_Apply")
+
+
+def test_expert_for_another_base_warns_in_the_log(server, detectable):
+    before = server.log()
+    pixels(server, server.run(mole_graph(detectable.name, experts=("other_base_face.safetensors",
+                                                                   "test_hand.safetensors"), prefix="e2e_other")))
+    new = server.log()[len(before):]
+    assert "other_base_face.safetensors) was trained on another base model" in new
+    assert "test_hand.safetensors) was trained on another base" not in new
+
+
+def test_three_file_set_and_fixed_scale_expert(server, detectable):
+    graph = mole_graph(detectable.name, prefix="e2e_set")
+    graph["10"] = {"class_type": "MoLE_LoadSet", "inputs": {
+        "expert_1": "test_face.safetensors", "role_1": "face", "expert_2": "test_hand.safetensors", "role_2": "hand",
+        "gate_file": "test_gates.safetensors"}}
+    graph["12"]["inputs"]["gates"] = ["10", 1]
+    del graph["11"]
+    from_set = pixels(server, server.run(graph))
+    assert np.array_equal(from_set, pixels(server, server.run(mole_graph(detectable.name, prefix="e2e_set2"))))
+
+    fixed = txt2img(detectable.name, "a person waving", seed=5, width=64, height=96, prefix="e2e_fixed")
+    fixed["10"] = {"class_type": "MoLE_ExpertFixedScale", "inputs": {
+        "model": ["1", 0], "expert": "test_face.safetensors", "scale": 1.0}}
+    fixed["5"]["inputs"]["model"] = ["10", 0]
+    base = pixels(server, server.run(txt2img(detectable.name, "a person waving", seed=5, width=64, height=96,
+                                             prefix="e2e_fixed_base")))
+    assert np.abs(pixels(server, server.run(fixed)) - base).max() > 0
+    with pytest.raises(ServerError, match="expert role names must differ"):
+        graph["10"]["inputs"]["role_2"] = "face"
+        server.run(graph)
