@@ -17,17 +17,32 @@ def heat(values: torch.Tensor) -> torch.Tensor:
     return _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
 
 
-def gate_map_grid(maps: torch.Tensor, cell: int = 96) -> torch.Tensor:
-    """maps (steps, experts, H, W) -> one IMAGE (1, steps*cell', experts*cell'', 3): rows = steps, columns = experts.
+def gate_map_grid(maps: torch.Tensor, cell: int = 96, experts=None, steps=None) -> torch.Tensor:
+    """maps (steps, experts, H, W) -> one IMAGE (1, H', W', 3): rows = steps, columns = experts.
 
-    Each cell is the map upscaled (nearest) so its longer side is about `cell` pixels; a 2-pixel gap separates cells.
+    Each cell is the map upscaled (nearest) so its longer side is about `cell` pixels; a 2-pixel gap separates
+    cells. With `experts` and `steps` (labels), a header row names the experts and a left column the steps.
     """
     s, n, h, w = maps.shape
     k = max(1, round(cell / max(h, w)))
     cells = F.interpolate(maps.float(), scale_factor=k, mode="nearest")          # (S, N, hk, wk)
     cells = F.pad(heat(cells), (0, 0, 0, 2, 0, 2), value=1.0)                  # white gaps right and below
-    grid = cells.permute(0, 2, 1, 3, 4).reshape(s * (h * k + 2), n * (w * k + 2), 3)
-    return grid[:-2, :-2].unsqueeze(0)
+    grid = cells.permute(0, 2, 1, 3, 4).reshape(s * (h * k + 2), n * (w * k + 2), 3)[:-2, :-2]
+    if experts is None or steps is None:
+        return grid.unsqueeze(0)
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    top, left = 22, 64
+    canvas = Image.new("RGB", (left + grid.shape[1], top + grid.shape[0]), "white")
+    canvas.paste(Image.fromarray((grid * 255).round().to(torch.uint8).numpy()), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(experts):
+        draw.text((left + j * (w * k + 2) + w * k / 2, top / 2), str(name), fill="black", font=font, anchor="mm")
+    for i, step in enumerate(steps):
+        draw.text((left / 2, top + i * (h * k + 2) + h * k / 2), f"step {step}", fill="black", font=font,
+                  anchor="mm")
+    return torch.from_numpy(np.asarray(canvas).copy()).float().div(255).unsqueeze(0)
 
 
 def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:

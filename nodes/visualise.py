@@ -68,10 +68,13 @@ class GateMaps(io.ComfyNode):
         maps = _local_maps(trace, rows)                                   # (S, B, N, H, W)
         if image_index >= maps.shape[1]:
             raise MoLEError(f"image_index {image_index}: the trace holds {maps.shape[1]} images")
-        chosen = maps[parse_steps(steps, maps.shape[0]), image_index]     # (S', N, H, W)
+        chosen_steps = parse_steps(steps, maps.shape[0])
+        chosen = maps[chosen_steps, image_index]                          # (S', N, H, W)
         image = images[min(image_index, images.shape[0] - 1):][:1]
         mean = maps[:, image_index].mean(dim=0, keepdim=True)            # (1, N, H, W) over all steps
-        return io.NodeOutput(gate_map_grid(chosen), overlay(image, mean))
+        numbers = [s for s in trace.steps() if (s, KINDS[rows]) in trace.local]
+        numbers = [numbers[i] for i in chosen_steps]
+        return io.NodeOutput(gate_map_grid(chosen, experts=trace.experts, steps=numbers), overlay(image, mean))
 
 
 class GateCurves(io.ComfyNode):

@@ -91,33 +91,6 @@ def detectable(comfy, models_dir) -> Path:
     return path
 
 
-def write_expert_set(family: str, folder: Path, names=("face", "hand"), rank=8) -> dict[str, Path]:
-    """Generated experts (kohya SGM names) and their gates, shaped for the detectable `family` checkpoint, as
-    files in `folder`; returns {role or "gates": path}."""
-    import comfy.supported_models
-    from mole_fakes import fake_expert, fake_gates
-
-    from comfyui_mole.mole_ops import expert_file, gate_file
-    from comfyui_mole.mole_ops.layout import UNetLayout
-    from comfyui_mole.mole_ops.mixture import expert_info
-    from comfyui_mole.trainer.tiny_models import DETECTABLE
-
-    config = DETECTABLE[family]
-    unet = getattr(comfy.supported_models, family)(dict(config)).get_model({})
-    modules = dict(unet.named_modules())
-    shapes = {k: (modules[k].weight.shape[1], modules[k].weight.shape[0], modules[k].weight.ndim == 4)
-              for k in UNetLayout.from_unet_config(config).layer_keys}
-    experts = [fake_expert(n, shapes, rank=rank, alpha=float(rank), seed=i) for i, n in enumerate(names)]
-    files = {}
-    for e in experts:
-        files[e.name] = folder / f"test_{family.lower()}_{e.name}.safetensors"
-        e.sha256 = expert_file.save(files[e.name], e, family="SDXL" if family == "SDXL" else "SD1.5")
-    gates = fake_gates(experts, seed=3)
-    gates.expert_info = expert_info(experts)
-    files["gates"] = gate_file.save(folder / f"test_{family.lower()}_gates.safetensors", gates)
-    return files, experts, shapes
-
-
 @pytest.fixture(scope="session")
 def mole_files(detectable, models_dir) -> dict[str, Path]:
     """Generated face and hand experts (kohya SGM names), their gates and a pack, shaped for the detectable
@@ -125,14 +98,13 @@ def mole_files(detectable, models_dir) -> dict[str, Path]:
     from mole_fakes import fake_expert, fake_gates
 
     from comfyui_mole.mole_ops import expert_file, gate_file, pack_file
+    from comfyui_mole.trainer.tiny_models import layer_shapes, write_stand_in_files
 
     folder = models_dir / "mole"
     folder.mkdir(parents=True, exist_ok=True)
-    written, experts, shapes = write_expert_set("SD15", folder)
-    files = {}
-    for role, path in written.items():   # the names the e2e tests use
-        files[role] = _link(path, folder / ("test_gates.safetensors" if role == "gates" else f"test_{role}.safetensors"))
-    gates = gate_file.load(files["gates"])
+    files = {role: folder / f"test_{role}.safetensors" for role in ("face", "hand", "gates")}
+    experts, gates = write_stand_in_files("SD15", files)
+    shapes = layer_shapes("SD15")
     files["pack"] = pack_file.save(folder / "test_pack.safetensors", experts, gates)
     three = [*experts, fake_expert("feet", shapes, rank=8, seed=5)]
     files["gates_three"] = gate_file.save(folder / "test_gates_three.safetensors", fake_gates(three))
@@ -176,14 +148,14 @@ def sdxl_server(comfy, tmp_path_factory):
     """A second real server with the detectable SDXL checkpoint (1.9 GB, ~20 s to write; full-size CLIP-G) and
     generated SDXL experts and gates under the names the SDXL workflow expects."""
     from comfyui_mole.trainer.comfy_server import ComfyServer, prepare_base_dir
-    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint
+    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint, write_stand_in_files
     from comfyui_mole.trainer.workflows import SDXL
 
     models = tmp_path_factory.mktemp("sdxl_models")
     checkpoint = write_detectable_checkpoint(models / SDXL["checkpoint"], seed=0, family="SDXL")
-    written, _, _ = write_expert_set("SDXL", models, rank=4)
-    mole = [_link(path, models / SDXL[role]) for role, path in written.items()]
-    base = prepare_base_dir(tmp_path_factory.mktemp("comfy_sdxl"), {"checkpoints": [checkpoint], "mole": mole})
+    mole = {role: models / SDXL[role] for role in ("face", "hand", "gates")}
+    write_stand_in_files("SDXL", mole, rank=4)
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfy_sdxl"), {"checkpoints": [checkpoint], "mole": list(mole.values())})
     with ComfyServer(base) as srv:
         yield srv
     checkpoint.unlink()

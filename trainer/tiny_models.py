@@ -150,3 +150,57 @@ def write_detectable_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = 
               metadata={"modelspec.architecture": ARCHITECTURES[family]})
     tmp.replace(path)
     return path
+
+
+def layer_shapes(family: str, config: dict | None = None) -> dict[str, tuple[int, int, bool]]:
+    """{layer key: (d_in, d_out, is 1x1 conv)} of the expert layers of a `family` UNet built from `config`
+    (default: the detectable one)."""
+    import comfy.supported_models
+
+    from ..mole_ops.layout import UNetLayout
+
+    config = dict(config or DETECTABLE[family])
+    modules = dict(getattr(comfy.supported_models, family)(config).get_model({}).named_modules())
+    return {k: (modules[k].weight.shape[1], modules[k].weight.shape[0], modules[k].weight.ndim == 4)
+            for k in UNetLayout.from_unet_config(config).layer_keys}
+
+
+def stand_in_experts(shapes: dict[str, tuple[int, int, bool]], names=("face", "hand"), rank: int = 8,
+                     seed: int = 0, scale: float = 0.1):
+    """Untrained experts (random down and up, kohya SGM names) and gates for layers of these shapes: stand-ins
+    that change the image visibly, for tests and the demo before anything is trained. Returns (experts, gates)."""
+    from ..mole_ops.expert_file import ExpertFile, LoRAWeights
+    from ..mole_ops.gate_file import GateFile, GateWeights
+    from ..mole_ops.layout import PREFIX, kohya_name
+    from ..mole_ops.mixture import expert_info
+
+    experts = []
+    for i, name in enumerate(names):
+        gen = torch.Generator().manual_seed(seed + i)
+        layers = {kohya_name(key[len(PREFIX):]): LoRAWeights(
+            torch.randn(rank, d_in, generator=gen) * scale, torch.randn(d_out, rank, generator=gen) * scale,
+            float(rank), conv) for key, (d_in, d_out, conv) in shapes.items()}
+        experts.append(ExpertFile(name, layers))
+    gen = torch.Generator().manual_seed(seed + 1000)
+    n = len(names)
+    gates = {kname: GateWeights(torch.randn(n, w.down.shape[1], generator=gen), torch.randn(n, generator=gen),
+                                torch.randn(n, w.up.shape[0], generator=gen), torch.randn(n, generator=gen))
+             for kname, w in experts[0].layers.items()}
+    return experts, GateFile("official", tuple(names), gates, expert_info(experts))
+
+
+def write_stand_in_files(family: str, paths: dict[str, Path], rank: int = 8, seed: int = 0):
+    """Write stand-in experts and gates for the detectable `family` checkpoint to paths {role: path, "gates":
+    path} (roles in order); returns (experts, gates) with the files' hashes filled in."""
+    from ..mole_ops import expert_file, gate_file
+    from ..mole_ops.mixture import expert_info
+
+    roles = [r for r in paths if r != "gates"]
+    experts, gates = stand_in_experts(layer_shapes(family), roles, rank, seed)
+    for e in experts:
+        e.sha256 = expert_file.save(paths[e.name], e, family="SDXL" if family == "SDXL" else "SD1.5")
+        e.path = str(paths[e.name])
+    gates.expert_info = expert_info(experts)
+    gate_file.save(paths["gates"], gates)
+    gates.path = str(paths["gates"])
+    return experts, gates

@@ -136,6 +136,17 @@ WORKFLOWS = {"mole_sd15_txt2img": txt2img_sd15, "mole_sd15_ablation": ablation_s
              "mole_sdxl_three_files": sdxl_three_files}
 
 
+def load_api(name: str, width: int | None = None, height: int | None = None, steps: int | None = None) -> dict:
+    """A shipped workflow's API twin, optionally at another image size and step count (same graph)."""
+    api = json.loads((FOLDER / f"{name}.api.json").read_text())
+    for node in api.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update({k: v for k, v in (("width", width), ("height", height)) if v})
+        if node["class_type"] == "KSampler" and steps:
+            node["inputs"]["steps"] = steps
+    return api
+
+
 # -- API -> UI ----------------------------------------------------------------------------------------------------
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 

@@ -6,16 +6,15 @@ import json
 
 import numpy as np
 from PIL import Image
-from workflow_utils import shrink_api
 
 from comfyui_mole.mole_ops import safetensors_io
-from comfyui_mole.trainer.workflows import ABLATION, FOLDER, WORKFLOWS, render
+from comfyui_mole.trainer.workflows import ABLATION, FOLDER, WORKFLOWS, load_api, render
 
 W, H, STEPS = 64, 96, 4
 
 
 def _load(name: str) -> dict:
-    return shrink_api(json.loads((FOLDER / f"{name}.api.json").read_text()), W, H, STEPS)
+    return load_api(name, W, H, STEPS)
 
 
 def _image(server, outputs, node_id) -> np.ndarray:
@@ -60,7 +59,7 @@ def test_txt2img_workflow(server):
 
     grid = _image(server, outputs, _node(api, "Save gate maps (steps x experts)"))
     # 'auto' shows all 4 steps; 2 experts; 12x8 latent maps upscaled 8x (cell 96 px); 2-px gaps
-    assert grid.shape == (STEPS * 96 + (STEPS - 1) * 2, 2 * 64 + 2, 3) and grid.std() > 1
+    assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2, 3) and grid.std() > 1
     overlay = _image(server, outputs, _node(api, "Save gate overlay"))
     assert overlay.shape == (H, 2 * W, 3) and overlay.std() > 1
     curves = _image(server, outputs, _node(api, "Save gate curves"))
@@ -102,4 +101,4 @@ def test_sdxl_three_file_workflow(sdxl_server):
     base = _base_image(sdxl_server, api, api[_node(api, "KSampler")]["inputs"]["seed"])
     assert np.abs(image - base).max() > 0, "MoLE did not change the SDXL image"
     grid = _image(sdxl_server, outputs, _node(api, "Save gate maps (steps x experts)"))
-    assert grid.shape == (STEPS * 96 + (STEPS - 1) * 2, 2 * 64 + 2, 3) and grid.std() > 1
+    assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2, 3) and grid.std() > 1

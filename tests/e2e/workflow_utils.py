@@ -1,17 +1,7 @@
-"""Shrink shipped workflows (512 px, 50 steps) to test size, keeping their graphs as they are."""
+"""Shrink shipped UI workflows (512 px, 50 steps) to test size, keeping their graphs as they are."""
 from __future__ import annotations
 
 import copy
-
-
-def shrink_api(api: dict, width: int, height: int, steps: int) -> dict:
-    api = copy.deepcopy(api)
-    for node in api.values():
-        if node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=width, height=height)
-        if node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = steps
-    return api
 
 
 def shrink_ui(workflow: dict, width: int, height: int, steps: int) -> dict:

@@ -16,3 +16,25 @@ def test_grid_and_overlay_shapes_for_non_square_maps():
     assert grid.shape == (1, 3 * 16 + 2 * 2, 2 * 24 + 2, 3)
     over = overlay(torch.rand(2, 32, 48, 3), torch.rand(2, 2, 4, 6))
     assert over.shape == (2, 32, 96, 3) and over.std() > 0
+
+
+def test_labelled_gate_grid_and_image_grid():
+    from comfyui_mole.mole_ops.viz import labelled_grid
+
+    maps = torch.rand(3, 2, 4, 6)
+    plain = gate_map_grid(maps, cell=24)
+    labelled = gate_map_grid(maps, cell=24, experts=("face", "hand"), steps=[0, 5, 9])
+    assert labelled.shape == (1, 22 + plain.shape[1], 64 + plain.shape[2], 3)
+    assert torch.allclose(labelled[:, 22:, 64:], plain, atol=1 / 255)   # the maps, unchanged, below/right of labels
+    assert (labelled[0, :22, 64:] < 0.5).any() and (labelled[0, 22:, :64] < 0.5).any()   # text drawn
+
+    grid = labelled_grid([torch.rand(1, 20, 30, 3), torch.rand(2, 10, 10, 3)], ["base", "mole"], columns=2)
+    band = (grid.shape[1] - 4) // 2 - 20
+    assert grid.shape == (1, 2 * (20 + band) + 4, 2 * 30 + 4, 3) and band > 0   # 3 cells (a batch of 2), 2 columns
+
+
+def test_gate_curves_plot():
+    from comfyui_mole.mole_ops.plots import gate_curves
+
+    image = gate_curves(torch.rand(5, 2), ("face", "hand"), [0, 1, 2, 3, 4], "global gates")
+    assert image.shape == (1, 400, 640, 3) and 0 <= image.min() and image.max() <= 1 and image.std() > 0.01
