@@ -1,10 +1,24 @@
-"""Command line of the offline pipelines: `python -m trainer <command> ...`."""
+"""Command line of the offline pipelines: `python -m trainer <command> ...` (or the `mole-train` script)."""
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-from . import demo, workflows
+from . import config, demo, workflows
+from ..mole_ops.errors import MoLEError
+
+TRAIN = {"train-expert": ("expert", "stage 2: train one LoRA expert (a kohya LoRA file)"),
+         "train-gates": ("gates", "stage 3: train the gates of frozen experts (a gate file, optionally a pack)")}
+
+
+def _train(stage: str):
+    def run(args: argparse.Namespace) -> int:
+        from .loop import train
+
+        train(config.from_args(args, stage))
+        return 0
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
     workflows.add_arguments(commands.add_parser("workflows", help="rewrite workflows/ (UI format and API twins) "
                                                 "from the node definitions of a real ComfyUI"))
+    for command, (stage, text) in TRAIN.items():
+        sub = commands.add_parser(command, help=text, description=text + ". Flags are kohya sd-scripts' names.")
+        config.add_arguments(sub, stage)
+        sub.set_defaults(run=_train(stage))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except MoLEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

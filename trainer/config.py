@@ -1,0 +1,253 @@
+"""Training configuration: kohya sd-scripts' flag names, a TOML file of the same names (`--config_file`), and
+validation of everything before any work starts.
+
+Precedence: built-in defaults < the TOML file < the command line. Unknown keys, values of the wrong type, and
+options the chosen stage does not use are errors, so a typo never trains for hours with a default.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..mole_ops.errors import MoLEError
+from ..mole_ops.expert_file import check_role_name
+from ..mole_ops.ops import VARIANTS
+
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+OPTIMIZERS = ("AdamW", "Lion", "AdamW8bit")
+PRECISIONS = ("no", "fp16", "bf16")
+STAGES = ("expert", "gates")
+
+
+class ConfigError(MoLEError):
+    """A training argument is unknown, malformed or contradicts another one."""
+
+
+def _opt(help: str, default=None, stages=STAGES, choices=None, nargs=None):
+    return field(default=default, metadata={"help": help, "stages": stages, "choices": choices, "nargs": nargs})
+
+
+@dataclass
+class TrainConfig:
+    """All arguments of `train-expert` (stage 2) and `train-gates` (stage 3). Names are kohya's where the
+    meaning matches; the MoLE-specific ones are marked in their help."""
+
+    stage: str = "expert"
+    # model and data
+    pretrained_model_name_or_path: str = _opt("base checkpoint (.safetensors), loaded with ComfyUI's loader")
+    dataset_config: str = _opt("kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])")
+    train_data_dir: str = _opt("folder of images with caption files (instead of --dataset_config)")
+    in_json: str = _opt("kohya fine-tune metadata JSON/JSONL for --train_data_dir")
+    caption_extension: str = _opt("caption file extension", ".caption")
+    resolution: str = _opt("training resolution: 'S' or 'W,H'", "512")
+    cache_latents: bool = _opt("encode every image once before training, keep latents in memory", False)
+    cache_latents_to_disk: bool = _opt("like --cache_latents, also kept on disk across runs", False)
+    # output
+    output_dir: str = _opt("folder for the trained file, states, samples and logs")
+    output_name: str = _opt("file name of the trained file, without extension")
+    save_every_n_steps: int = _opt("also save the trained file every N steps")
+    save_state: bool = _opt("with each save, also save the full training state (for --resume)", False)
+    resume: str = _opt("resume from a state folder written by --save_state")
+    # optimisation
+    train_batch_size: int = _opt("batch size (a dataset TOML may set its own)", 1)
+    gradient_accumulation_steps: int = _opt("batches per optimizer step", 1)
+    max_train_steps: int = _opt("optimizer steps to train", 1600)
+    learning_rate: float = _opt("learning rate", 1e-4)
+    lr_scheduler: str = _opt("learning-rate schedule", "constant", choices=SCHEDULERS)
+    lr_warmup_steps: int = _opt("warm-up steps (constant_with_warmup, cosine, linear)", 0)
+    optimizer_type: str = _opt("optimizer", "AdamW", choices=OPTIMIZERS)
+    optimizer_args: list = _opt("extra optimizer arguments, e.g. weight_decay=0.01 betas=0.9,0.99", None, nargs="*")
+    max_grad_norm: float = _opt("clip the gradient norm to this (0 = off)", 1.0)
+    min_snr_gamma: float = _opt("Min-SNR-gamma loss weighting (SPEC.md section 5); off when not given")
+    clip_skip: int = _opt("use the output of the n-th last CLIP layer (1 = last)")
+    mixed_precision: str = _opt("autocast precision (bf16 runs on CPU; fp16 needs a GPU)", "no", choices=PRECISIONS)
+    seed: int = _opt("seed of data order, noise, timesteps and new weights", 42)
+    # samples while training
+    sample_prompts: str = _opt("kohya prompt file: one prompt per line, options --n --w --h --d --l --s")
+    sample_every_n_steps: int = _opt("sample the prompts every N steps")
+    # stage 2: the expert (a kohya LoRA)
+    network_module: str = _opt("kohya network module; only networks.lora", "networks.lora", stages=("expert",))
+    network_dim: int = _opt("LoRA rank", 4, stages=("expert",))
+    network_alpha: float = _opt("LoRA alpha (scale = alpha / rank)", 1.0, stages=("expert",))
+    network_weights: str = _opt("start from this LoRA file instead of a fresh one", stages=("expert",))
+    expert_name: str = _opt("[MoLE] the expert's role name written into the file (face, hand, ...)", "expert",
+                            stages=("expert",))
+    # stage 3: the gates
+    experts: list = _opt("[MoLE] the frozen experts as role=path, in column order: face=f.safetensors "
+                         "hand=h.safetensors", None, stages=("gates",), nargs="+")
+    gate_variant: str = _opt("[MoLE] global-gate variant of fresh gates (a --gate_weights file brings its own)",
+                             "official", stages=("gates",), choices=VARIANTS)
+    gate_weights: str = _opt("[MoLE] start from this gate file instead of fresh gates", stages=("gates",))
+    save_pack: bool = _opt("[MoLE] also write a single-file pack (experts + gates)", False, stages=("gates",))
+
+    # -- derived ---------------------------------------------------------------------------------------------
+    @property
+    def size(self) -> tuple[int, int]:
+        return parse_resolution(self.resolution, "--resolution")
+
+    def expert_paths(self) -> dict[str, Path]:
+        out = {}
+        for item in self.experts or []:
+            name, sep, path = item.partition("=")
+            if not sep or not path:
+                raise ConfigError(f"--experts {item!r}: give role=path, e.g. face=face.safetensors")
+            if name in out:
+                raise ConfigError(f"--experts: the role {name!r} is given twice")
+            out[check_role_name(name)] = Path(path)
+        return out
+
+    def optimizer_kwargs(self) -> dict:
+        kwargs = {}
+        for item in self.optimizer_args or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--optimizer_args {item!r}: give key=value, e.g. weight_decay=0.01")
+            try:
+                parts = [float(v) for v in value.split(",")]
+            except ValueError:
+                if value not in ("True", "False"):
+                    raise ConfigError(f"--optimizer_args {item!r}: {value!r} is not a number, list or bool")
+                parts = [value == "True"]
+            kwargs[key] = tuple(parts) if len(parts) > 1 else parts[0]
+        return kwargs
+
+
+def parse_resolution(text: str, where: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in str(text).replace(" ", "").split(",")]
+    except ValueError as e:
+        raise ConfigError(f"{where} {text!r}: give a size like 512 or 512,768") from e
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 8 or any(p % 8 for p in parts):
+        raise ConfigError(f"{where} {text!r}: width and height must be multiples of 8 (and at least 8)")
+    return parts[0], parts[1]
+
+
+def _fields() -> dict:
+    return {f.name: f for f in fields(TrainConfig) if f.name != "stage"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """Every option of `stage` as a kohya-style flag; defaults are applied later (see `from_args`)."""
+    parser.add_argument("--config_file", help="TOML file with any of these options (the command line wins)")
+    for name, f in _fields().items():
+        if stage not in f.metadata["stages"]:
+            continue
+        kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if f.type == "bool":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(f.type, str)
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+            if f.metadata["nargs"]:
+                kwargs["nargs"] = f.metadata["nargs"]
+        parser.add_argument(f"--{name}", **kwargs)
+
+
+def _check_type(name: str, value, f, where: str):
+    kind = f.type
+    ok = {"bool": isinstance(value, bool), "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "list": isinstance(value, list) and all(isinstance(v, str) for v in value)}.get(kind, isinstance(value, str))
+    if name == "resolution" and isinstance(value, (int, list)):
+        return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    if not ok:
+        raise ConfigError(f"{where}: {name} = {value!r} should be of type {kind}")
+    return float(value) if kind == "float" else value
+
+
+def from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
+    """defaults < --config_file TOML < command line; then `validate`."""
+    values: dict = {}
+    known = _fields()
+    if getattr(args, "config_file", None):
+        path = Path(args.config_file)
+        try:
+            toml = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"--config_file {path}: {e}") from e
+        for key, value in toml.items():
+            if key not in known:
+                raise ConfigError(f"{path}: unknown option {key!r} (see --help for the options)")
+            if stage not in known[key].metadata["stages"]:
+                raise ConfigError(f"{path}: option {key!r} is not used by train-{stage}")
+            values[key] = _check_type(key, value, known[key], str(path))
+    values.update({k: v for k, v in vars(args).items() if k in known})
+    config = TrainConfig(stage=stage, **values)
+    validate(config, given=set(values))
+    return config
+
+
+def validate(c: TrainConfig, given: set[str] = frozenset()) -> None:
+    """Contradictions and missing inputs, found before any model is loaded."""
+    def need(name: str, why: str = "") -> None:
+        if getattr(c, name) in (None, "", []):
+            raise ConfigError(f"--{name} is required{why}")
+
+    def exists(name: str) -> None:
+        value = getattr(c, name)
+        if value and not Path(value).exists():
+            raise ConfigError(f"--{name} {value}: no such file or folder")
+
+    if c.stage not in STAGES:
+        raise ConfigError(f"stage {c.stage!r} is not one of {STAGES}")
+    for name in ("pretrained_model_name_or_path", "output_dir", "output_name"):
+        need(name)
+    if bool(c.dataset_config) == bool(c.train_data_dir):
+        raise ConfigError("give exactly one of --dataset_config and --train_data_dir")
+    if c.in_json and not c.train_data_dir:
+        raise ConfigError("--in_json goes with --train_data_dir (a dataset TOML names metadata_file per subset)")
+    for name in ("pretrained_model_name_or_path", "dataset_config", "train_data_dir", "in_json", "resume",
+                 "sample_prompts", "network_weights", "gate_weights"):
+        exists(name)
+    c.size  # noqa: B018  (validates --resolution)
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(c, name)}")
+    if c.learning_rate <= 0 or c.max_grad_norm < 0 or c.lr_warmup_steps < 0:
+        raise ConfigError("--learning_rate must be > 0, --max_grad_norm and --lr_warmup_steps >= 0")
+    if c.lr_warmup_steps and c.lr_scheduler == "constant":
+        raise ConfigError("--lr_warmup_steps needs a scheduler with warm-up (constant_with_warmup, cosine, linear)")
+    if c.lr_warmup_steps >= c.max_train_steps:
+        raise ConfigError("--lr_warmup_steps must be smaller than --max_train_steps")
+    if c.min_snr_gamma is not None and c.min_snr_gamma <= 0:
+        raise ConfigError("--min_snr_gamma must be > 0 (5 in the paper's stage 1)")
+    if c.clip_skip is not None and not 1 <= c.clip_skip <= 12:
+        raise ConfigError("--clip_skip must be between 1 and 12")
+    if c.save_state and not c.save_every_n_steps:
+        raise ConfigError("--save_state saves with each --save_every_n_steps save: give --save_every_n_steps too")
+    if c.save_every_n_steps is not None and c.save_every_n_steps < 1:
+        raise ConfigError("--save_every_n_steps must be at least 1")
+    if bool(c.sample_prompts) != bool(c.sample_every_n_steps):
+        raise ConfigError("--sample_prompts and --sample_every_n_steps go together")
+    if c.cache_latents_to_disk:
+        c.cache_latents = True
+    _check_device_options(c)
+    if c.stage == "expert":
+        if c.network_module != "networks.lora":
+            raise ConfigError(f"--network_module {c.network_module}: only networks.lora (kohya LoRA) is supported")
+        if c.network_dim < 1 or c.network_alpha <= 0:
+            raise ConfigError("--network_dim must be >= 1 and --network_alpha > 0")
+        check_role_name(c.expert_name)
+    else:
+        need("experts", " for train-gates (the frozen experts, role=path in column order)")
+        for name, path in c.expert_paths().items():
+            if not path.exists():
+                raise ConfigError(f"--experts {name}={path}: no such file")
+
+
+def _check_device_options(c: TrainConfig) -> None:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if c.mixed_precision == "fp16" and not gpu:
+        raise ConfigError("--mixed_precision fp16 needs a GPU; use bf16 (runs on the CPU) or no")
+    if c.optimizer_type == "AdamW8bit" and not (gpu and importlib.util.find_spec("bitsandbytes")):
+        raise ConfigError("--optimizer_type AdamW8bit needs bitsandbytes and a GPU; use AdamW or Lion")
+    if c.optimizer_type == "Lion" and not importlib.util.find_spec("lion_pytorch"):
+        raise ConfigError("--optimizer_type Lion needs lion-pytorch: pip install lion-pytorch")

@@ -1,0 +1,279 @@
+"""Training data in kohya's formats: dataset TOML, caption files, fine-tune metadata JSON/JSONL.
+
+- Dataset TOML: `[general]` (defaults for everything below), `[[datasets]]` (resolution, batch_size, and subset
+  defaults), `[[datasets.subsets]]` (image_dir, caption_extension, num_repeats, metadata_file, shuffle_caption,
+  keep_tokens, flip_aug). Unknown keys are errors.
+- Captions: `<image stem><caption_extension>` next to the image, or a metadata file `{key: {"caption", "tags"}}`
+  (JSON, or JSONL of `{"key"/"image": ..., "caption": ..., "tags": ...}` lines), keys with or without extension;
+  caption and tags are joined with ", " as kohya does.
+- Images: resized to cover the training size, then center-cropped. Unreadable or missing images are skipped,
+  counted and reported, never fatal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..mole_ops import safetensors_io
+from ..mole_ops.errors import MoLEError
+from .config import ConfigError, TrainConfig, parse_resolution
+
+log = logging.getLogger("mole.trainer")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SUBSET_KEYS = {"image_dir", "caption_extension", "num_repeats", "metadata_file", "shuffle_caption", "keep_tokens",
+               "flip_aug"}
+DATASET_KEYS = {"resolution", "batch_size"}
+
+
+@dataclass(frozen=True)
+class Subset:
+    image_dir: str
+    caption_extension: str = ".caption"
+    num_repeats: int = 1
+    metadata_file: str | None = None
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    flip_aug: bool = False
+
+
+@dataclass
+class Dataset:
+    resolution: tuple[int, int]
+    batch_size: int
+    subsets: list[Subset]
+    items: list[tuple[Path, str, Subset]] = field(default_factory=list)   # (image, caption, its subset)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _take(table: dict, allowed: set[str], where: str) -> dict:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; supported: {sorted(allowed)}")
+    return dict(table)
+
+
+def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"dataset config {path}: {e}") from e
+    _take(doc, {"general", "datasets"}, str(path))
+    general = _take(doc.get("general", {}), SUBSET_KEYS | DATASET_KEYS - {"image_dir", "metadata_file"},
+                    f"{path} [general]")
+    if not doc.get("datasets"):
+        raise ConfigError(f"{path}: no [[datasets]]")
+    datasets = []
+    for i, table in enumerate(doc["datasets"]):
+        where = f"{path} [[datasets]] #{i + 1}"
+        table = _take(table, SUBSET_KEYS | DATASET_KEYS | {"subsets"}, where)
+        settings = {**general, **{k: v for k, v in table.items() if k != "subsets"}}
+        resolution = parse_resolution(",".join(map(str, settings["resolution"])) if isinstance(
+            settings.get("resolution"), list) else settings.get("resolution", config.resolution), where)
+        batch = int(settings.get("batch_size", config.train_batch_size))
+        subset_defaults = {k: v for k, v in settings.items() if k in SUBSET_KEYS}
+        subsets = []
+        for j, sub in enumerate(table.get("subsets") or []):
+            sub = {**subset_defaults, **_take(sub, SUBSET_KEYS, f"{where} [[datasets.subsets]] #{j + 1}")}
+            if "image_dir" not in sub:
+                raise ConfigError(f"{where} subset #{j + 1}: image_dir is required")
+            subsets.append(Subset(**{**sub, "image_dir": str(_relative(path, sub["image_dir"])),
+                                     "metadata_file": str(_relative(path, sub["metadata_file"]))
+                                     if sub.get("metadata_file") else None}))
+        if not subsets:
+            raise ConfigError(f"{where}: no [[datasets.subsets]]")
+        datasets.append(Dataset(resolution, batch, subsets))
+    return datasets
+
+
+def _relative(toml_path: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else (Path(toml_path).parent / p)
+
+
+def datasets_from_config(config: TrainConfig) -> list[Dataset]:
+    if config.dataset_config:
+        datasets = load_dataset_toml(Path(config.dataset_config), config)
+    else:
+        subset = Subset(config.train_data_dir, config.caption_extension, metadata_file=config.in_json)
+        datasets = [Dataset(config.size, config.train_batch_size, [subset])]
+    for d in datasets:
+        for s in d.subsets:
+            found, skipped = scan_subset(s)
+            d.items += found
+            d.skipped += skipped
+        if d.skipped:
+            log.warning("skipped %d image(s) (unreadable, missing or without caption); first: %s",
+                        len(d.skipped), d.skipped[0])
+    if not any(d.items for d in datasets):
+        raise ConfigError("no usable training images were found (see the skipped images above)")
+    return datasets
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """kohya fine-tune metadata -> {key without extension: caption}."""
+    text = Path(path).read_text()
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            entries = {r.get("key") or r.get("image") or r.get("file_name"): r for r in rows}
+        else:
+            entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"metadata file {path}: not valid JSON ({e})") from e
+    if not isinstance(entries, dict):
+        raise ConfigError(f"metadata file {path}: expected an object {{key: {{caption, tags}}}}")
+    out = {}
+    for key, entry in entries.items():
+        if not key or not isinstance(entry, dict):
+            raise ConfigError(f"metadata file {path}: entry {key!r} is not an object with caption/tags")
+        parts = [entry.get("caption") or "", entry.get("tags") or ""]
+        out[Path(key).stem if Path(key).suffix.lower() in IMAGE_EXTENSIONS else key] = ", ".join(
+            p.strip() for p in parts if p and p.strip())
+    return out
+
+
+def scan_subset(subset: Subset) -> tuple[list, list[str]]:
+    folder = Path(subset.image_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"image_dir {folder}: no such folder")
+    meta = read_metadata(Path(subset.metadata_file)) if subset.metadata_file else None
+    found, skipped = [], []
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    keys = {p.stem for p in images}
+    if meta is not None:
+        skipped += [f"{folder / k} (in the metadata, no image)" for k in sorted(set(meta) - keys)]
+    for image in images:
+        if meta is not None:
+            caption = meta.get(image.stem)
+        else:
+            caption_file = image.with_suffix(subset.caption_extension)
+            caption = caption_file.read_text().strip() if caption_file.exists() else None
+        if caption is None:
+            skipped.append(f"{image} (no caption)")
+            continue
+        if not readable(image):
+            skipped.append(f"{image} (unreadable)")
+            continue
+        found += [(image, caption, subset)] * subset.num_repeats
+    return found, skipped
+
+
+def readable(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
+
+
+def load_image(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] (ComfyUI's IMAGE layout): resized to cover `size` (W, H), center-cropped."""
+    from PIL import Image
+
+    width, height = size
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = max(width / im.width, height / im.height)
+        w, h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
+        im = im.resize((w, h), Image.Resampling.LANCZOS)
+        left, top = (w - width) // 2, (h - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+        if flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0)
+
+
+def process_caption(caption: str, subset: Subset, gen: torch.Generator) -> str:
+    """kohya's shuffle_caption: shuffle the comma-separated tags after the first keep_tokens."""
+    if not subset.shuffle_caption:
+        return caption
+    tags = [t.strip() for t in caption.split(",")]
+    keep, rest = tags[:subset.keep_tokens], tags[subset.keep_tokens:]
+    order = torch.randperm(len(rest), generator=gen).tolist()
+    return ", ".join(keep + [rest[i] for i in order])
+
+
+def image_key(path: Path, size: tuple[int, int], flip: bool, vae_id: str) -> str:
+    """Cache key of a latent: image bytes, crop size, flip and the VAE, so any change invalidates it."""
+    digest = hashlib.sha256(Path(path).read_bytes())
+    digest.update(f"{size}|{flip}|{vae_id}".encode())
+    return digest.hexdigest()[:32]
+
+
+class LatentCache:
+    """Latents by cache key, in memory and optionally in a folder (one safetensors per latent, atomic writes)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.memory: dict[str, torch.Tensor] = {}
+        self.folder = Path(folder) if folder else None
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.memory:
+            self.hits += 1
+            return self.memory[key]
+        if self.folder is not None and (self.folder / f"{key}.safetensors").exists():
+            try:
+                tensors, _, _ = safetensors_io.read(self.folder / f"{key}.safetensors")
+            except MoLEError:
+                return None                      # a damaged cache entry is re-encoded, never fatal
+            self.memory[key] = tensors["latent"]
+            self.hits += 1
+            return self.memory[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, latent: torch.Tensor) -> None:
+        self.memory[key] = latent
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            safetensors_io.write(self.folder / f"{key}.safetensors", {"latent": latent.contiguous()}, {})
+
+
+
+@dataclass
+class Batch:
+    images: list[tuple[Path, bool]]     # (path, flipped)
+    captions: list[str]
+    size: tuple[int, int]
+
+
+class BatchPlan:
+    """The order of batches: per epoch, each dataset's items shuffled into its own batches, then all batches of
+    all datasets shuffled together, from the training generator (so it resumes exactly)."""
+
+    def __init__(self, datasets: list[Dataset]):
+        self.datasets = [d for d in datasets if d.items]
+
+    def epoch(self, gen: torch.Generator) -> list[tuple[int, list[int]]]:
+        batches = []
+        for di, d in enumerate(self.datasets):
+            order = torch.randperm(len(d.items), generator=gen).tolist()
+            batches += [(di, order[i:i + d.batch_size]) for i in range(0, len(order), d.batch_size)]
+        shuffle = torch.randperm(len(batches), generator=gen).tolist()
+        return [batches[i] for i in shuffle]
+
+    def make(self, entry: tuple[int, list[int]], gen: torch.Generator) -> Batch:
+        di, indices = entry
+        d = self.datasets[di]
+        images, captions = [], []
+        for i in indices:
+            path, caption, subset = d.items[i]
+            flip = bool(subset.flip_aug and torch.rand((), generator=gen).item() < 0.5)
+            images.append((path, flip))
+            captions.append(process_caption(caption, subset, gen))
+        return Batch(images, captions, d.resolution)
+
+    def __len__(self) -> int:
+        return sum(-(-len(d.items) // d.batch_size) for d in self.datasets)
+

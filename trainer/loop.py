@@ -1,0 +1,283 @@
+"""The training loop shared by every stage: one readable step, in the order of the math.
+
+    latents x_0 (VAE, cached or not)  ->  noise eps, timesteps t ~ U{0..999}  ->  x_t = sqrt(abar) x_0 + sqrt(1-abar) eps
+    ->  eps_hat = UNet(x_t, t, text) with the stage's MoLE hooks  ->  loss = mean_CHW (eps_hat - eps)^2 (x Min-SNR weight)
+    ->  backward (gradient accumulation)  ->  clip  ->  optimizer and schedule step  ->  log, sample, save
+
+Everything random (data order, caption shuffles, flips, noise, timesteps, fresh weights) comes from one
+generator seeded by --seed, whose state is part of the saved training state: a resumed run continues bitwise
+where the interrupted one stopped, step counter included.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..mole_ops.plots import line_plot, save_png
+from .config import ConfigError, TrainConfig
+from .data import Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image
+from .host import use_comfy
+from .optim import make_optimizer, make_scheduler
+
+log = logging.getLogger("mole.trainer")
+
+
+@dataclass
+class Progress:
+    """Where the run is: optimizer steps done, and the position in the current epoch's batch order."""
+
+    step: int = 0
+    epoch: int = 0
+    order: list = field(default_factory=list)
+    position: int = 0
+
+
+class Run:
+    """One training run: the base, the stage, the data, the optimizer, and where it is."""
+
+    def __init__(self, config: TrainConfig):
+        from . import samples
+        from .model import Base
+        from .stages import STAGES
+
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.datasets = datasets_from_config(config)           # fails fast, before the model loads
+        self.prompts = samples.parse_prompt_file(config.sample_prompts, config.size) if config.sample_prompts else []
+        self.gen = torch.Generator().manual_seed(config.seed)
+        use_comfy()
+        self.base = Base(config.pretrained_model_name_or_path, config.clip_skip)
+        self.stage = STAGES[config.stage](self.base, config, self.gen)
+        self.optimizer = make_optimizer(config, self.stage.parameters())
+        self.scheduler = make_scheduler(config, self.optimizer)
+        self.plan = BatchPlan(self.datasets)
+        self.cache = LatentCache(self.out / "latent_cache" if config.cache_latents_to_disk else None) \
+            if config.cache_latents else None
+        self.text_cache: dict[str, object] = {}
+        self.progress = Progress()
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def next_batch(self) -> Batch:
+        p = self.progress
+        if p.position >= len(p.order):
+            p.order, p.position, p.epoch = self.plan.epoch(self.gen), 0, p.epoch + 1
+        entry = p.order[p.position]
+        p.position += 1
+        return self.plan.make(entry, self.gen)
+
+    def latents(self, batch: Batch) -> torch.Tensor:
+        out = []
+        for path, flip in batch.images:
+            key = image_key(path, batch.size, flip, self.base.vae_id) if self.cache is not None else None
+            latent = self.cache.get(key) if key else None
+            if latent is None:
+                latent = self.base.encode_images(load_image(path, batch.size, flip)[None])[0].cpu()
+                if key:
+                    self.cache.put(key, latent)
+            out.append(latent)
+        return torch.stack(out).to(self.base.device)
+
+    def precache(self) -> None:
+        """Encode every image (and its flip, where flip_aug) once, with a progress bar."""
+        from tqdm import tqdm
+
+        jobs = {(path, d.resolution, flip) for d in self.plan.datasets for path, _, s in d.items
+                for flip in ((False, True) if s.flip_aug else (False,))}
+        for path, size, flip in tqdm(sorted(jobs, key=str), desc="caching latents", unit="img"):
+            key = image_key(path, size, flip, self.base.vae_id)
+            if self.cache.get(key) is None:
+                self.cache.put(key, self.base.encode_images(load_image(path, size, flip)[None])[0].cpu())
+        log.info("latents cached: %d encoded, %d reused", self.cache.misses, self.cache.hits)
+
+    def text(self, batch: Batch):
+        from .model import Conditioning
+
+        conds = []
+        for caption in batch.captions:
+            key = (caption, batch.size)
+            if key not in self.text_cache:
+                self.text_cache[key] = self.base.encode_text([caption], batch.size)
+            conds.append(self.text_cache[key])
+        y = torch.cat([c.y for c in conds]) if conds[0].y is not None else None
+        return Conditioning(torch.cat([c.context for c in conds]), y)
+
+    # -- one optimizer step ----------------------------------------------------------------------------------
+    def loss(self, batch: Batch) -> torch.Tensor:
+        c = self.config
+        x0 = self.latents(batch)
+        cond = self.text(batch)
+        # noise and timesteps
+        noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
+        t = torch.randint(0, len(self.base.alphas_cumprod), (x0.shape[0],), generator=self.gen).to(x0.device)
+        x_t = self.base.noisy(x0, noise, t)
+        # prediction (the stage's hooks act inside the UNet)
+        with autocast(c.mixed_precision, x0.device):
+            eps = self.base.predict(x_t, t, cond)
+        # loss per sample, optionally Min-SNR weighted
+        per_sample = ((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
+        if c.min_snr_gamma:
+            from .model import min_snr_weight
+
+            per_sample = per_sample * min_snr_weight(self.base.alphas_cumprod.to(t.device), t, c.min_snr_gamma)
+        return per_sample.mean()
+
+    def step(self) -> float:
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(c.gradient_accumulation_steps):
+            loss = self.loss(self.next_batch()) / c.gradient_accumulation_steps
+            loss.backward()
+            total += float(loss.detach())
+        if c.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.stage.parameters(), c.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step += 1
+        return total
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        from tqdm import tqdm
+
+        c = self.config
+        if self.cache is not None:
+            self.precache()
+        if c.resume:
+            self.load_state(Path(c.resume))
+        logger = CsvLog(self.out / f"{c.output_name}_log.csv", keep_until=self.progress.step)
+        start = time.monotonic()
+        with torch.inference_mode(False), torch.enable_grad(), logger, \
+                tqdm(total=c.max_train_steps, initial=self.progress.step, desc=f"train-{c.stage}",
+                     unit="step") as bar:
+            while self.progress.step < c.max_train_steps:
+                loss = self.step()
+                step, lr = self.progress.step, self.scheduler.get_last_lr()[0]
+                logger.write(step, loss, lr, time.monotonic() - start)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
+                    self.sample(step)
+                if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < c.max_train_steps:
+                    self.save(step, intermediate=True)
+        final = self.save(self.progress.step, intermediate=False)
+        self.plot(logger.rows())
+        log.info("train-%s: %d steps; wrote %s", c.stage, self.progress.step, final)
+        return final
+
+    def sample(self, step: int) -> None:
+        from .samples import save_samples
+
+        with torch.no_grad():
+            save_samples(self.base, self.prompts, self.out / "sample", self.config.output_name, step)
+
+    def plot(self, rows: list[list[str]]) -> None:
+        if not rows:
+            return
+        steps = [int(r[0]) for r in rows]
+        losses = [float(r[1]) for r in rows]
+        k = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
+        image = line_plot({"loss": losses, f"mean of {k}": smooth}, steps, title=f"train-{self.config.stage} "
+                          f"{self.config.output_name}", xlabel="step", ylabel="loss", logy=min(losses) > 0)
+        save_png(image, str(self.out / f"{self.config.output_name}_loss.png"))
+
+    # -- files and states ------------------------------------------------------------------------------------
+    def save(self, step: int, intermediate: bool) -> Path:
+        c = self.config
+        name = f"{c.output_name}-step{step:08d}" if intermediate else c.output_name
+        path = self.stage.save(self.out / f"{name}.safetensors", step)
+        if c.save_state and (intermediate or step == c.max_train_steps):
+            self.save_state(self.out / f"{name}-state")
+        return path
+
+    def save_state(self, folder: Path) -> None:
+        """Everything a bitwise resume needs, written to a temp folder and renamed into place."""
+        p = self.progress
+        state = {"trainable": {k: v.detach().clone() for k, v in self.stage.named_trainable().items()},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "progress": {"step": p.step, "epoch": p.epoch, "order": p.order, "position": p.position},
+                 "stage": self.config.stage, "seed": self.config.seed}
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp / "state.pt")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+
+    def load_state(self, folder: Path) -> None:
+        path = folder / "state.pt"
+        if not path.exists():
+            raise ConfigError(f"--resume {folder}: no state.pt (write states with --save_state)")
+        state = torch.load(path, weights_only=True)
+        if state["stage"] != self.config.stage:
+            raise ConfigError(f"--resume {folder}: a train-{state['stage']} state, this is train-{self.config.stage}")
+        params = self.stage.named_trainable()
+        if set(params) != set(state["trainable"]):
+            raise ConfigError(f"--resume {folder}: its trainable tensors do not match this run's")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["trainable"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.progress = Progress(**state["progress"])
+        log.info("resumed from %s at step %d", folder, self.progress.step)
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class CsvLog:
+    """step, loss, lr, seconds per optimizer step; on resume, rows after the resumed step are dropped."""
+
+    HEADER = ["step", "loss", "lr", "seconds"]
+
+    def __init__(self, path: Path, keep_until: int = 0):
+        self.path = path
+        kept = [r for r in self._read() if int(r[0]) <= keep_until] if keep_until else []
+        self._file = None
+        self._kept = kept
+
+    def _read(self) -> list[list[str]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return [r for r in csv.reader(f)][1:]
+
+    def __enter__(self):
+        self._file = open(self.path, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(self.HEADER)
+        self._writer.writerows(self._kept)
+        return self
+
+    def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        self._writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.2f}"])
+        self._file.flush()
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def rows(self) -> list[list[str]]:
+        return self._read()
+
+
+def train(config: TrainConfig) -> Path:
+    return Run(config).train()

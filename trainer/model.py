@@ -1,0 +1,116 @@
+"""The base model for training, loaded with ComfyUI's own loader and run through ComfyUI's own UNet, so what is
+trained is exactly what the nodes run; and the DDPM noise schedule of SD1.5/SDXL training (SPEC.md section 5).
+
+Noising follows DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with scaled_linear betas 0.00085..0.012
+over 1000 steps, epsilon prediction, t uniform. ComfyUI's sampler feeds its UNet x_sigma / sqrt(sigma^2 + 1)
+with sigma = sqrt((1 - abar) / abar), which is this same x_t, so the UNet is called here with x_t and t directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..mole_ops.errors import MoLEError
+from ..mole_ops.fingerprint import fingerprint
+from ..mole_ops.layout import UNetLayout
+
+FAMILIES = {"SD15": "SD1.5", "SDXL": "SDXL"}
+
+
+def ddpm_alphas_cumprod(steps: int = 1000, start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
+    betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma for epsilon prediction: min(snr, gamma) / snr, snr = abar / (1 - abar); per sample."""
+    abar = alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor          # (B, 77, D) text tokens
+    y: torch.Tensor | None = None  # (B, adm) SDXL's pooled text + size embedding
+
+
+class Base:
+    """A checkpoint as ComfyUI loads it: `patcher` (ModelPatcher), `unet` (its diffusion model), `clip`, `vae`."""
+
+    def __init__(self, path: str | Path, clip_skip: int | None = None):
+        import comfy.sd
+
+        try:
+            self.patcher, self.clip, self.vae, _ = comfy.sd.load_checkpoint_guess_config(
+                str(path), output_vae=True, output_clip=True)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise MoLEError(f"{path}: ComfyUI could not load this checkpoint ({e})") from e
+        if self.patcher is None or self.clip is None or self.vae is None:
+            raise MoLEError(f"{path}: not a full SD checkpoint (needs UNet, text encoder and VAE)")
+        self.path = Path(path)
+        self.model = self.patcher.model
+        self.unet = self.model.diffusion_model
+        family = type(self.model.model_config).__name__
+        if family not in FAMILIES:
+            raise MoLEError(f"{path}: a {family} model; the trainer supports {', '.join(FAMILIES)}")
+        self.family = FAMILIES[family]
+        self.layout = UNetLayout.from_unet_config(self.model.model_config.unet_config, name=family)
+        if clip_skip:
+            self.clip.clip_layer(-clip_skip)
+        self.unet.requires_grad_(False)
+        self.alphas_cumprod = ddpm_alphas_cumprod()
+        self.fingerprint = fingerprint(self.unet)
+        self.vae_id = self._vae_id()
+
+    def _vae_id(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, p in sorted(self.vae.first_stage_model.state_dict().items())[:8]:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], size: tuple[int, int]) -> Conditioning:
+        """Text tokens per caption, cut at 75 tokens (the first CLIP chunk), clip skip applied."""
+        contexts, pooled = [], []
+        for caption in captions:
+            tokens = self.clip.tokenize(caption)
+            tokens = {k: v[:1] for k, v in tokens.items()}          # 75 tokens + start/end: one chunk
+            cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            contexts.append(cond)
+            pooled.append(pool)
+        context = torch.cat(contexts).to(self.device)
+        y = None
+        if self.family == "SDXL":
+            width, height = size
+            y = self.model.encode_adm(pooled_output=torch.cat(pooled), width=width, height=height, crop_w=0,
+                                      crop_h=0, target_width=width, target_height=height).to(self.device)
+        return Conditioning(context, y)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) in [0, 1] -> latents (B, 4, H/8, W/8) in the model's latent scale."""
+        return self.model.process_latent_in(self.vae.encode(pixels)).to(self.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.model.process_latent_out(latents))
+
+    # -- the model -------------------------------------------------------------------------------------------
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * latents + (1 - abar).sqrt() * noise
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's epsilon prediction (ComfyUI's UNetModel.forward, with any attached hooks)."""
+        return self.unet(x_t, timesteps=t.float(), context=cond.context, y=cond.y, transformer_options={})

@@ -1,0 +1,42 @@
+"""Optimizers and learning-rate schedules by kohya's names."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs = config.optimizer_kwargs()
+    try:
+        if config.optimizer_type == "AdamW":
+            return torch.optim.AdamW(params, lr=config.learning_rate, **kwargs)
+        if config.optimizer_type == "Lion":
+            from lion_pytorch import Lion
+
+            return Lion(params, lr=config.learning_rate, **kwargs)
+        import bitsandbytes as bnb   # AdamW8bit; config validation checked a GPU and the package
+
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"--optimizer_args {config.optimizer_args}: {config.optimizer_type} rejects them ({e})") from e
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """constant, constant_with_warmup, cosine and linear (the last two decay to 0 at max_train_steps after the
+    warm-up), as in diffusers' get_scheduler which kohya uses."""
+    warmup, total = config.lr_warmup_steps, config.max_train_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if config.lr_scheduler in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,148 @@
+"""Stages choose what trains and what is written; the loop (loop.py) is shared.
+
+- Stage 2 (`expert`): one LoRA of rank/alpha on kohya's target modules (SPEC.md section 2), UNet only, run as a
+  one-expert MoLE at fixed scale through the `mole_ops` op; saved as a kohya LoRA (diffusers names for SD1.5, SGM
+  names for SDXL, kohya metadata).
+- Stage 3 (`gates`): the base and the experts frozen, only the gates train, through the very op the nodes use;
+  saved as a gate file (and optionally a pack) with the experts' names, order and hashes.
+
+A stage attaches its MoLE to the base model (keys `diffusion_model.…`) with forward hooks (`mole_ops.hooks`), exposes its trainable
+parameters and a `state_tensors()` view for checkpoints, and writes its file with `save(path, step)`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..mole_ops import expert_file, gate_file, pack_file
+from ..mole_ops.errors import MismatchError
+from ..mole_ops.expert_file import ExpertFile, LoRAWeights
+from ..mole_ops.fingerprint import METADATA_KEY
+from ..mole_ops.hooks import HookState, attach
+from ..mole_ops.layout import PREFIX, kohya_name
+from ..mole_ops.mixture import build
+from ..mole_ops.ops import GateSettings
+from .config import TrainConfig
+from .model import Base
+
+
+class Stage:
+    """Common part: a MoLE attached to base.unet by hooks, with the settings the forward uses."""
+
+    mole: nn.Module
+
+    def __init__(self, base: Base, settings: GateSettings):
+        self.base = base
+        self.state = HookState(settings)
+        self.handles = attach(base.model, self.mole, self.state)
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        ids = {id(p) for p in self.parameters()}
+        return {n: p for n, p in self.mole.named_parameters() if id(p) in ids}
+
+    def save(self, path: Path, step: int) -> Path:
+        raise NotImplementedError
+
+
+def kohya_names(base: Base) -> dict[str, str]:
+    """{layer key: kohya name} in the naming kohya uses for this family (SD1.5 diffusers, SDXL SGM)."""
+    if base.family == "SD1.5":
+        return {k: kohya_name(p) for k, p in base.layout.paths.items()}
+    return {k: kohya_name(k[len(PREFIX):]) for k in base.layout.layer_keys}
+
+
+def fresh_expert(base: Base, name: str, rank: int, alpha: float, gen: torch.Generator) -> ExpertFile:
+    """kohya's LoRA init: down like nn.Linear's default (kaiming uniform, a = sqrt(5)), up zero, so training
+    starts exactly at the base."""
+    modules = dict(base.unet.named_modules())
+    layers = {}
+    for key, kname in kohya_names(base).items():
+        weight = modules[key[len(PREFIX):]].weight
+        d_out, d_in = weight.shape[:2]
+        bound = 1 / math.sqrt(d_in)        # kaiming_uniform(a=sqrt(5)) on (rank, d_in) = U(-1/sqrt(d_in), ...)
+        down = (torch.rand(rank, d_in, generator=gen) * 2 - 1) * bound
+        layers[kname] = LoRAWeights(down, torch.zeros(d_out, rank), float(alpha), weight.ndim == 4)
+    return ExpertFile(name, layers)
+
+
+class ExpertStage(Stage):
+    """Stage 2: train one LoRA expert."""
+
+    def __init__(self, base: Base, config: TrainConfig, gen: torch.Generator):
+        if config.network_weights:
+            self.expert = expert_file.load(config.network_weights, config.expert_name)
+        else:
+            self.expert = fresh_expert(base, config.expert_name, config.network_dim, config.network_alpha, gen)
+        self.config = config
+        self.mole = build([self.expert], None, base.layout)
+        self.mole.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(True)
+        super().__init__(base, GateSettings("none"))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.mole.layers.values() for e in layer.experts.values() for p in (e.down, e.up)]
+
+    def current(self) -> ExpertFile:
+        layers = {}
+        for key, layer in self.mole.items():
+            lora = layer.experts[self.expert.name]
+            kname = self.mole.kohya_names[key]
+            layers[kname] = LoRAWeights(lora.down.detach().clone(), lora.up.detach().clone(), lora.alpha,
+                                        self.expert.layers[kname].conv)
+        metadata = {**self.expert.metadata, METADATA_KEY: self.base.fingerprint}
+        return ExpertFile(self.expert.name, layers, metadata)
+
+    def save(self, path: Path, step: int) -> Path:
+        expert_file.save(path, self.current(), family=self.base.family, steps=step,
+                         comment=f"MoLE stage 2 expert {self.expert.name!r} on {self.base.path.name}")
+        return path
+
+
+class GateStage(Stage):
+    """Stage 3: train the gates of frozen experts."""
+
+    def __init__(self, base: Base, config: TrainConfig, gen: torch.Generator):
+        self.experts = [expert_file.load(path, name) for name, path in config.expert_paths().items()]
+        gates = gate_file.load(config.gate_weights) if config.gate_weights else None
+        if gates is None:
+            # fresh gates with PyTorch's default init, drawn from the training generator (reproducible)
+            with torch.random.fork_rng():
+                torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
+                self.mole = build(self.experts, None, base.layout, variant=config.gate_variant)
+        else:
+            self.mole = build(self.experts, gates, base.layout)         # the file brings its variant
+        self.mole.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(True)
+        bases = {e.metadata.get(METADATA_KEY) for e in self.experts} - {None, ""}
+        if bases and bases != {base.fingerprint}:
+            raise MismatchError(f"the experts were trained on another base ({sorted(bases)}) than "
+                                f"{base.path} ({base.fingerprint}); train the gates on the experts' base")
+        self.config = config
+        super().__init__(base, GateSettings("both"))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.mole.gate_parameters()
+
+    def save(self, path: Path, step: int) -> Path:
+        gates = self.mole.export_gates(self.experts, base_model=self.base.fingerprint)
+        gates.metadata["mole.steps"] = str(step)
+        gate_file.save(path, gates)
+        if self.config.save_pack:
+            pack_file.save(Path(path).with_name(Path(path).stem + "_pack.safetensors"), self.experts, gates)
+        return path
+
+
+STAGES = {"expert": ExpertStage, "gates": GateStage}
