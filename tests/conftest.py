@@ -172,3 +172,25 @@ def server(detectable, mole_files, tmp_path_factory):
                             {"checkpoints": [detectable, checkpoint], "mole": list(mole_files.values())})
     with ComfyServer(base) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def train_images(tmp_path_factory) -> Path:
+    """Eight 64x64 pictures of coloured shapes with kohya caption files (.caption)."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("train_images")
+    rng = random.Random(0)
+    colours = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+    for i in range(8):
+        fg, bg = rng.sample(sorted(colours), 2)
+        shape = rng.choice(["circle", "square"])
+        image = Image.new("RGB", (64, 64), colours[bg])
+        x, y, r = rng.randint(16, 48), rng.randint(16, 48), rng.randint(8, 14)
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((x - r, y - r, x + r, y + r), fill=colours[fg])
+        image.save(folder / f"img{i:02d}.png")
+        (folder / f"img{i:02d}.caption").write_text(f"a {fg} {shape} on a {bg} background")
+    return folder

@@ -12,8 +12,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..mole_ops.errors import MoLEError
-from ..mole_ops.expert_file import check_role_name
+from ..mole_ops.errors import FormatError, MoLEError
+from ..mole_ops.expert_file import check_role_name as _check_role_name
 from ..mole_ops.ops import VARIANTS
 
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -96,7 +96,7 @@ class TrainConfig:
                 raise ConfigError(f"--experts {item!r}: give role=path, e.g. face=face.safetensors")
             if name in out:
                 raise ConfigError(f"--experts: the role {name!r} is given twice")
-            out[check_role_name(name)] = Path(path)
+            out[check_role_name(name, "--experts")] = Path(path)
         return out
 
     def optimizer_kwargs(self) -> dict:
@@ -113,6 +113,13 @@ class TrainConfig:
                 parts = [value == "True"]
             kwargs[key] = tuple(parts) if len(parts) > 1 else parts[0]
         return kwargs
+
+
+def check_role_name(name: str, flag: str = "--expert_name") -> str:
+    try:
+        return _check_role_name(name)
+    except FormatError as e:
+        raise ConfigError(f"{flag}: {e}") from e
 
 
 def parse_resolution(text: str, where: str) -> tuple[int, int]:

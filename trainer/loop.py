@@ -110,13 +110,14 @@ class Run:
         return Conditioning(torch.cat([c.context for c in conds]), y)
 
     # -- one optimizer step ----------------------------------------------------------------------------------
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        """The training loss of one batch, noise and timesteps drawn from `gen`."""
         c = self.config
         x0 = self.latents(batch)
         cond = self.text(batch)
         # noise and timesteps
-        noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
-        t = torch.randint(0, len(self.base.alphas_cumprod), (x0.shape[0],), generator=self.gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        t = torch.randint(0, len(self.base.alphas_cumprod), (x0.shape[0],), generator=gen).to(x0.device)
         x_t = self.base.noisy(x0, noise, t)
         # prediction (the stage's hooks act inside the UNet)
         with autocast(c.mixed_precision, x0.device):
@@ -134,7 +135,7 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(c.gradient_accumulation_steps):
-            loss = self.loss(self.next_batch()) / c.gradient_accumulation_steps
+            loss = self.loss(self.next_batch(), self.gen) / c.gradient_accumulation_steps
             loss.backward()
             total += float(loss.detach())
         if c.max_grad_norm:
@@ -143,6 +144,18 @@ class Run:
         self.scheduler.step()
         self.progress.step += 1
         return total
+
+    @torch.no_grad()
+    def held_out_loss(self, batch: Batch, seed: int = 1234, repeats: int = 4) -> float:
+        """Mean loss of a batch under fixed noise and timesteps (comparable before and after training)."""
+        gen = torch.Generator().manual_seed(seed)
+        return sum(float(self.loss(batch, gen)) for _ in range(repeats)) / repeats
+
+    def all_images(self) -> Batch:
+        """Every training image once (first dataset's size), unflipped: a batch for held_out_loss."""
+        d = self.plan.datasets[0]
+        unique = {path: caption for path, caption, _ in d.items}
+        return Batch([(p, False) for p in unique], list(unique.values()), d.resolution)
 
     # -- the loop --------------------------------------------------------------------------------------------
     def train(self) -> Path:

@@ -1,0 +1,176 @@
+"""The trainer on the detectable checkpoint and a small generated image set: stage 2 and stage 3 learn, touch only
+what they train, resume bitwise, and write files that ComfyUI's stock LoRA loader and our nodes load."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_mole.mole_ops import expert_file, gate_file, safetensors_io
+from comfyui_mole.mole_ops.hooks import attach
+from comfyui_mole.trainer.config import TrainConfig, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_config(detectable, images, out, stage, **kw) -> TrainConfig:
+    kw = {"output_name": stage, "train_batch_size": 4, "learning_rate": 1e-3, "cache_latents": True, **kw}
+    c = TrainConfig(stage=stage, pretrained_model_name_or_path=str(detectable), train_data_dir=str(images),
+                    resolution="64", output_dir=str(out), **kw)
+    validate(c)
+    return c
+
+
+def run(config):
+    from comfyui_mole.trainer.loop import Run
+
+    return Run(config)
+
+
+@pytest.fixture(scope="module")
+def experts(comfy, detectable, train_images, tmp_path_factory):
+    """Two experts trained for a few steps (stage 2), and the held-out losses of the face run."""
+    out = tmp_path_factory.mktemp("experts")
+    losses = {}
+    for name, steps in (("face", 30), ("hand", 10)):
+        r = run(make_config(detectable, train_images, out, "expert", output_name=name, expert_name=name,
+                            network_dim=4, network_alpha=4.0, max_train_steps=steps, seed=len(name)))
+        r.precache()
+        before = r.held_out_loss(r.all_images())
+        r.train()
+        losses[name] = (before, r.held_out_loss(r.all_images()))
+        r.stage.detach()
+    return {"face": out / "face.safetensors", "hand": out / "hand.safetensors", "losses": losses, "dir": out}
+
+
+def test_stage2_learns_and_writes_a_kohya_lora(experts):
+    before, after = experts["losses"]["face"]
+    assert after < 0.97 * before, (before, after)
+    e = expert_file.load(experts["face"], "face")
+    assert e.metadata["ss_network_dim"] == "4" and e.metadata["ss_network_alpha"] == "4.0"
+    assert e.metadata["ss_base_model_version"] == "sd_v1" and e.metadata["ss_steps"] == "30"
+    assert e.metadata["mole.base_model"].startswith("unet-sha256:") and e.sha256 == e.metadata["sshs_model_hash"]
+    assert all(k.startswith("lora_unet_down_blocks_0_attentions_0") or k.startswith("lora_unet_up_blocks_0")
+               for k in e.layers)                          # SD1.5: kohya's diffusers names
+    assert any(float(w.up.abs().max()) > 0 for w in e.layers.values())
+    rows = (experts["dir"] / "face_log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,seconds" and len(rows) == 31
+    assert (experts["dir"] / "face_loss.png").stat().st_size > 1000
+
+
+def test_stage2_file_loads_in_stock_lora_loader_and_our_nodes(experts, detectable, caplog):
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_mole.mole_ops.mixture import build
+    from comfyui_mole.trainer.model import Base
+
+    base = Base(detectable)
+    lora = comfy.utils.load_torch_file(str(experts["face"]), safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        model, clip = comfy.sd.load_lora_for_models(base.patcher, base.clip, lora, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text and "ERROR" not in caplog.text
+    assert len(model.patches) == len(base.layout.layer_keys)
+    mole = build([expert_file.load(experts["face"], "face")], None, base.layout)
+    assert sorted(mole.keys) == sorted(base.layout.layer_keys)
+
+
+@pytest.fixture(scope="module")
+def gates(experts, detectable, train_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gates")
+    config = make_config(detectable, train_images, out, "gates", max_train_steps=30, learning_rate=1e-2,
+                         experts=[f"face={experts['face']}", f"hand={experts['hand']}"], save_pack=True,
+                         output_name="gates")
+    r = run(config)
+    r.precache()
+    unet_before = {k: v.clone() for k, v in r.base.unet.state_dict().items()}
+    experts_before = {n: p.clone() for n, p in r.stage.mole.named_parameters() if ".experts." in n}
+    gates_before = {n: p.detach().clone() for n, p in r.stage.named_trainable().items()}
+    held = r.all_images()
+    before = r.held_out_loss(held)
+    r.train()
+    return types.SimpleNamespace(run=r, out=out, before=before, after=r.held_out_loss(held), unet=unet_before,
+                                 experts=experts_before, gates=gates_before)
+
+
+def test_stage3_trains_only_the_gates_and_learns(gates):
+    r = gates.run
+    assert gates.after < gates.before, (gates.before, gates.after)
+    for k, v in r.base.unet.state_dict().items():
+        assert torch.equal(v, gates.unet[k]), f"base weight {k} changed"
+    for n, p in r.stage.mole.named_parameters():
+        if ".experts." in n:
+            assert torch.equal(p, gates.experts[n]), f"expert weight {n} changed"
+    changed = [n for n, p in r.stage.named_trainable().items() if not torch.equal(p, gates.gates[n])]
+    assert len(changed) == len(gates.gates) > 0
+    saved = gate_file.load(gates.out / "gates.safetensors")
+    assert saved.experts == ("face", "hand") and saved.variant == "official"
+    assert saved.base_model == r.base.fingerprint and saved.expert_info["face"]["rank"] == 4
+    assert (gates.out / "gates_pack.safetensors").exists()
+
+
+def test_stage3_file_in_apply_mole_samples_what_the_trainer_samples(gates, experts):
+    """The gate file loaded the way Apply MoLE loads it gives the same image as the trainer's own model."""
+    from comfyui_mole.mole_ops.mixture import build
+    from comfyui_mole.nodes.patch import MoLEPatch, apply_mole
+    from comfyui_mole.trainer.samples import SamplePrompt, generate
+
+    r = gates.run
+    item = SamplePrompt("a red circle on a blue background", "blurry", 64, 64, seed=3, cfg=5.0, steps=4)
+    trainer_image = generate(r.base, item)
+    r.stage.detach()
+    try:
+        loaded = [expert_file.load(experts["face"], "face"), expert_file.load(experts["hand"], "hand")]
+        mole = build(loaded, gate_file.load(gates.out / "gates.safetensors"), r.base.layout)
+        mole.requires_grad_(False)
+        patched = apply_mole(r.base.patcher, MoLEPatch(mole))
+        node_image = generate(types.SimpleNamespace(patcher=patched, clip=r.base.clip, vae=r.base.vae,
+                                                    family=r.base.family), item)
+        base_image = generate(r.base, item)
+    finally:
+        r.stage.handles = attach(r.base.model, r.stage.mole, r.stage.state)
+    assert (trainer_image - base_image).abs().max() > 1e-3
+    torch.testing.assert_close(node_image, trainer_image, rtol=0, atol=1e-5)
+
+
+def _cli(args, **popen):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def test_killed_run_resumed_ends_bitwise_equal(detectable, train_images, tmp_path):
+    common = ["train-expert", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
+              str(train_images), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "12",
+              "--learning_rate", "1e-3", "--network_dim", "4", "--save_every_n_steps", "3", "--save_state",
+              "--output_name", "e", "--seed", "7", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
+    whole = _cli(common + ["--output_dir", str(tmp_path / "whole")])
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+
+    cut = _cli(common + ["--output_dir", str(tmp_path / "cut")])
+    state = tmp_path / "cut" / "e-step00000006-state"
+    deadline = time.monotonic() + 300
+    while not state.exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(cut.pid, signal.SIGKILL)
+    cut.wait()
+    assert not (tmp_path / "cut" / "e.safetensors").exists(), "the run finished before it was killed"
+    resumed = _cli(common + ["--output_dir", str(tmp_path / "cut"), "--resume", str(state)])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output and "at step 6" in output
+
+    a, _, _ = safetensors_io.read(tmp_path / "whole" / "e.safetensors")
+    b, _, _ = safetensors_io.read(tmp_path / "cut" / "e.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole_log = (tmp_path / "whole" / "e_log.csv").read_text().splitlines()
+    cut_log = (tmp_path / "cut" / "e_log.csv").read_text().splitlines()
+    assert [r.split(",")[:3] for r in whole_log] == [r.split(",")[:3] for r in cut_log]

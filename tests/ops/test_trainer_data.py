@@ -1,0 +1,113 @@
+"""Trainer data: kohya dataset TOML, captions and fine-tune metadata, skipped images, crops, caption shuffling,
+latent-cache keys."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_mole.trainer.config import ConfigError, TrainConfig
+from comfyui_mole.trainer.data import (BatchPlan, LatentCache, Subset, datasets_from_config, image_key, load_image,
+                                       process_caption, read_metadata)
+
+
+def images(folder, n, size=(40, 24), captions=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (10 * i, 100, 200)).save(folder / f"im{i}.png")
+        if captions:
+            (folder / f"im{i}.txt").write_text(f"caption {i}")
+    return folder
+
+
+def config(**kw):
+    return TrainConfig(pretrained_model_name_or_path="x", output_dir="o", output_name="n", **kw)
+
+
+def test_dataset_toml_general_datasets_subsets(tmp_path):
+    images(tmp_path / "a", 3)
+    images(tmp_path / "b", 2, captions=False)
+    (tmp_path / "b" / "meta.json").write_text(json.dumps({"im0.png": {"caption": "a face", "tags": "smile"},
+                                                          "im1": {"caption": "a hand"}}))
+    toml = tmp_path / "data.toml"
+    toml.write_text('[general]\ncaption_extension = ".txt"\nflip_aug = true\n\n'
+                    '[[datasets]]\nresolution = 64\nbatch_size = 2\n\n'
+                    '  [[datasets.subsets]]\n  image_dir = "a"\n  num_repeats = 2\n\n'
+                    '  [[datasets.subsets]]\n  image_dir = "b"\n  metadata_file = "b/meta.json"\n')
+    (d,) = datasets_from_config(config(dataset_config=str(toml)))
+    assert d.resolution == (64, 64) and d.batch_size == 2
+    assert len(d.items) == 3 * 2 + 2 and not d.skipped
+    captions = sorted({c for _, c, _ in d.items})
+    assert captions == ["a face, smile", "a hand", "caption 0", "caption 1", "caption 2"]
+    assert all(s.flip_aug for _, _, s in d.items)
+    plan = BatchPlan([d])
+    epoch = plan.epoch(torch.Generator().manual_seed(0))
+    assert len(plan) == len(epoch) == 4 and sorted(i for _, b in epoch for i in b) == list(range(8))
+
+
+def test_unknown_toml_key_is_an_error(tmp_path):
+    toml = tmp_path / "data.toml"
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  color_aug = true\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['color_aug'\]"):
+        datasets_from_config(config(dataset_config=str(toml)))
+
+
+def test_unreadable_and_uncaptioned_images_are_skipped_and_counted(tmp_path, caplog):
+    folder = images(tmp_path / "d", 3)
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("broken")
+    Image.new("RGB", (8, 8)).save(folder / "nocaption.png")
+    (d,) = datasets_from_config(config(train_data_dir=str(folder), caption_extension=".txt"))
+    assert len(d.items) == 3 and len(d.skipped) == 2
+    assert "skipped 2 image(s)" in caplog.text
+    empty = images(tmp_path / "e", 1, captions=False)
+    with pytest.raises(ConfigError, match="no usable training images"):
+        datasets_from_config(config(train_data_dir=str(empty)))
+
+
+def test_metadata_jsonl_and_keys_with_or_without_extension(tmp_path):
+    path = tmp_path / "meta.jsonl"
+    path.write_text('{"key": "x.jpg", "caption": "one"}\n{"key": "y", "caption": "two", "tags": "t1, t2"}\n')
+    assert read_metadata(path) == {"x": "one", "y": "two, t1, t2"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected an object"):
+        read_metadata(bad)
+
+
+def test_resize_to_cover_and_center_crop(tmp_path):
+    img = Image.new("RGB", (100, 50), (0, 0, 0))
+    for x in range(40, 60):
+        for y in range(50):
+            img.putpixel((x, y), (255, 255, 255))     # a white stripe in the middle
+    img.save(tmp_path / "wide.png")
+    out = load_image(tmp_path / "wide.png", (32, 48))  # (W, H): scale to height 48 -> 96 wide, crop 32
+    assert out.shape == (48, 32, 3)
+    assert out[:, 16].mean() > 0.9 and out[:, 0].mean() < 0.1   # the stripe stays centred
+    flipped = load_image(tmp_path / "wide.png", (32, 48), flip=True)
+    assert torch.equal(flipped, out.flip(1))
+
+
+def test_shuffle_caption_keeps_the_first_tokens():
+    subset = Subset("x", shuffle_caption=True, keep_tokens=1)
+    caption = "a person, smiling, waving, blue sky, outdoors"
+    shuffled = {process_caption(caption, subset, torch.Generator().manual_seed(s)) for s in range(10)}
+    assert len(shuffled) > 1 and all(s.startswith("a person, ") for s in shuffled)
+    assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in shuffled)
+
+
+def test_latent_cache_key_follows_image_size_flip_and_vae(tmp_path):
+    images(tmp_path, 1)
+    path = tmp_path / "im0.png"
+    key = image_key(path, (64, 64), False, "vae1")
+    assert key == image_key(path, (64, 64), False, "vae1")
+    assert len({key, image_key(path, (64, 64), True, "vae1"), image_key(path, (64, 96), False, "vae1"),
+                image_key(path, (64, 64), False, "vae2")}) == 4
+    Image.new("RGB", (40, 24), (1, 2, 3)).save(path)
+    assert image_key(path, (64, 64), False, "vae1") != key
+    cache = LatentCache(tmp_path / "cache")
+    cache.put(key, torch.ones(4, 8, 8))
+    again = LatentCache(tmp_path / "cache")
+    assert torch.equal(again.get(key), torch.ones(4, 8, 8)) and again.hits == 1
+    (tmp_path / "cache" / f"{key}.safetensors").write_bytes(b"damaged")
+    assert LatentCache(tmp_path / "cache").get(key) is None     # re-encoded, never fatal
