@@ -2,6 +2,7 @@
 what they train, resume bitwise, and write files that ComfyUI's stock LoRA loader and our nodes load."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -174,3 +175,32 @@ def test_killed_run_resumed_ends_bitwise_equal(detectable, train_images, tmp_pat
     whole_log = (tmp_path / "whole" / "e_log.csv").read_text().splitlines()
     cut_log = (tmp_path / "cut" / "e_log.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in whole_log] == [r.split(",")[:3] for r in cut_log]
+
+
+def test_kohya_options_run_together(detectable, train_images, tmp_path):
+    """Lion, a linear schedule with warm-up, Min-SNR, clip skip, bf16 autocast, accumulation, a dataset TOML
+    with metadata and flips, latents cached on disk, and sample images, in one short run."""
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({p.stem: {"caption": p.with_suffix(".caption").read_text()}
+                                              for p in sorted(train_images.glob("*.png"))}))
+    toml = tmp_path / "data.toml"
+    toml.write_text(f'[general]\nflip_aug = true\nshuffle_caption = true\nkeep_tokens = 1\n\n[[datasets]]\n'
+                    f'resolution = 64\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = "{train_images}"\n'
+                    f'  metadata_file = "{meta}"\n  num_repeats = 2\n')
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --n blurry --w 64 --h 64 --d 5 --l 4 --s 3\n")
+    c = TrainConfig(stage="expert", pretrained_model_name_or_path=str(detectable), dataset_config=str(toml),
+                    output_dir=str(tmp_path / "out"), output_name="opts", optimizer_type="Lion",
+                    learning_rate=1e-4, lr_scheduler="linear", lr_warmup_steps=1, min_snr_gamma=5.0, clip_skip=2,
+                    mixed_precision="bf16", gradient_accumulation_steps=2, max_train_steps=4,
+                    cache_latents_to_disk=True, sample_prompts=str(prompts), sample_every_n_steps=2)
+    validate(c)
+    r = run(c)
+    r.train()
+    r.stage.detach()
+    assert sorted(p.name for p in (tmp_path / "out" / "sample").iterdir()) == ["opts_000002_00.png",
+                                                                                "opts_000004_00.png"]
+    assert len(list((tmp_path / "out" / "latent_cache").glob("*.safetensors"))) == 16   # 8 images, flipped too
+    lrs = [float(row.split(",")[2]) for row in (tmp_path / "out" / "opts_log.csv").read_text().splitlines()[1:]]
+    assert lrs[0] > lrs[-1] == 0.0                                                    # linear decay to 0
+    assert expert_file.load(tmp_path / "out" / "opts.safetensors", "x").metadata["ss_steps"] == "4"

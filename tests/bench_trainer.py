@@ -1,0 +1,130 @@
+"""Benchmark: trainer throughput and peak memory on the detectable SD1.5 checkpoint (CPU).
+
+Modes, each in its own process (so peak RSS is its own), same batches:
+  base     a plain forward + backward of the base UNet (gradient to the input; nothing trains)
+  expert   one stage-2 step: a rank-R LoRA on all target layers, AdamW
+  gates    one stage-3 step: two frozen rank-R experts, gates train, AdamW
+Prints samples/s, seconds per step, peak RSS, and the ratio of a stage-3 (and stage-2) step to the base step.
+
+    .venv/bin/python tests/bench_trainer.py [--size 64] [--batch 4] [--rank 16] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+spec = importlib.util.spec_from_file_location("comfyui_mole", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+sys.modules["comfyui_mole"] = pkg = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pkg)
+
+
+def make_inputs(folder: Path, size: int, n: int = 16) -> Path:
+    from PIL import Image, ImageDraw
+
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (size, size), (30 * (i % 8), 90, 200))
+        ImageDraw.Draw(im).ellipse((size // 4, size // 4, size // 2 + i, size // 2 + i), fill=(230, 200, 40))
+        im.save(images / f"{i:02d}.png")
+        (images / f"{i:02d}.caption").write_text(f"a yellow circle number {i}")
+    return images
+
+
+def one_mode(args) -> dict:
+    import torch
+
+    from comfyui_mole.trainer.config import TrainConfig, validate
+    from comfyui_mole.trainer.loop import Run
+
+    work = Path(args.work)
+    common = dict(pretrained_model_name_or_path=str(work / "base.safetensors"), train_data_dir=str(work / "images"),
+                  resolution=str(args.size), output_dir=str(work / args.mode), train_batch_size=args.batch,
+                  cache_latents=True, max_train_steps=10**6, learning_rate=1e-4)
+    if args.mode == "gates":
+        c = TrainConfig(stage="gates", output_name="g", experts=[f"face={work / 'face.safetensors'}",
+                                                                 f"hand={work / 'hand.safetensors'}"], **common)
+    else:
+        c = TrainConfig(stage="expert", output_name="e", network_dim=args.rank, network_alpha=args.rank, **common)
+    validate(c)
+    run = Run(c)
+    run.precache()
+    if args.mode == "base":
+        run.stage.detach()
+
+        def step():
+            batch = run.next_batch()
+            x0, cond = run.latents(batch), run.text(batch)
+            noise = torch.randn(x0.shape, generator=run.gen)
+            t = torch.randint(0, 1000, (x0.shape[0],), generator=run.gen)
+            x_t = run.base.noisy(x0, noise, t).requires_grad_(True)
+            loss = ((run.base.predict(x_t, t, cond) - noise) ** 2).mean()
+            loss.backward()
+    else:
+        step = run.step
+    with torch.inference_mode(False), torch.enable_grad():
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    return {"mode": args.mode, "seconds": median, "samples_per_s": args.batch / median,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def prepare(work: Path, args) -> None:
+    from comfyui_mole.trainer.host import use_comfy
+
+    use_comfy()
+    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint, write_stand_in_files
+
+    write_detectable_checkpoint(work / "base.safetensors")
+    write_stand_in_files("SD15", {"face": work / "face.safetensors", "hand": work / "hand.safetensors",
+                                  "gates": work / "unused_gates.safetensors"}, rank=args.rank)
+    make_inputs(work, args.size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--mode", choices=("base", "expert", "gates"))
+    parser.add_argument("--work")
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(one_mode(args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(Path(tmp), args)
+        results = {}
+        for mode in ("base", "expert", "gates"):
+            cmd = [sys.executable, __file__, "--mode", mode, "--work", tmp, "--size", str(args.size), "--batch",
+                   str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results[mode] = json.loads(out)
+    base = results["base"]["seconds"]
+    print(f"detectable SD1.5 checkpoint, {args.size}x{args.size} images, batch {args.batch}, rank {args.rank}, "
+          f"median of {args.steps} steps")
+    print(f"{'mode':8} {'s/step':>8} {'samples/s':>10} {'peak RSS MiB':>13} {'x base step':>12}")
+    for mode, r in results.items():
+        print(f"{mode:8} {r['seconds']:8.3f} {r['samples_per_s']:10.2f} {r['peak_rss_mib']:13.0f} "
+              f"{r['seconds'] / base:12.2f}")
+
+
+if __name__ == "__main__":
+    main()

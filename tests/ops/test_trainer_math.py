@@ -1,0 +1,55 @@
+"""The trainer's noise schedule, Min-SNR weighting and learning-rate schedules against SPEC.md section 5."""
+import pytest
+import torch
+
+from comfyui_mole.trainer.config import TrainConfig
+from comfyui_mole.trainer.model import ddpm_alphas_cumprod, min_snr_weight
+from comfyui_mole.trainer.optim import make_scheduler
+
+
+def test_scaled_linear_schedule():
+    abar = ddpm_alphas_cumprod()
+    assert abar.shape == (1000,)
+    assert abar[0].item() == pytest.approx(1 - 0.00085, rel=1e-6)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    assert abar[-1].item() == pytest.approx(torch.prod(1 - betas).item(), rel=1e-5)
+    assert (abar[1:] < abar[:-1]).all()
+
+
+def test_min_snr_weight_for_epsilon_prediction():
+    abar = ddpm_alphas_cumprod()
+    t = torch.tensor([0, 200, 500, 999])
+    snr = abar[t] / (1 - abar[t])
+    w = min_snr_weight(abar, t, 5.0)
+    torch.testing.assert_close(w, torch.clamp(snr, max=5.0) / snr)
+    assert w[0] < 0.01 and w[-1] == 1.0          # low noise (huge SNR) down-weighted, high noise unchanged
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("constant", [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
+    ("constant_with_warmup", [0, 0.5, 1, 1, 1, 1, 1, 1, 1, 1]),
+    ("linear", [0, 0.5, 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]),
+])
+def test_lr_schedules(name, expect):
+    c = TrainConfig(learning_rate=1.0, lr_scheduler=name, lr_warmup_steps=0 if name == "constant" else 2,
+                    max_train_steps=10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(c, opt)
+    seen = []
+    for _ in range(10):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(expect)
+
+
+def test_cosine_ends_at_zero():
+    c = TrainConfig(learning_rate=1.0, lr_scheduler="cosine", max_train_steps=4)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(c, opt)
+    seen = []
+    for _ in range(5):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
