@@ -19,4 +19,4 @@ if "comfyui_mole" not in sys.modules:
 
 from comfyui_mole.trainer.cli import main  # noqa: E402
 
-sys.exit(main())
+sys.exit(main(prog="python -m trainer"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import config, demo, workflows
@@ -21,8 +22,10 @@ def _train(stage: str):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="ComfyUI-MoLE offline pipelines")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of `python -m trainer` and of the `mole-train` console script."""
+    prog = prog or os.path.basename(sys.argv[0]) or "mole-train"
+    parser = argparse.ArgumentParser(prog=prog, description="ComfyUI-MoLE offline pipelines")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
     workflows.add_arguments(commands.add_parser("workflows", help="rewrite workflows/ (UI format and API twins) "

@@ -16,10 +16,20 @@ class HostError(RuntimeError):
     """ComfyUI cannot be found or was configured differently earlier in this process."""
 
 
+def _is_comfyui(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "comfy").is_dir()
+
+
 def comfyui_path() -> Path:
-    """The ComfyUI folder: $COMFYUI_PATH, else the host that `scripts/host.sh` unpacks into .host/."""
-    path = Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".host" / "ComfyUI").resolve()
-    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+    """The ComfyUI folder: $COMFYUI_PATH; else the ComfyUI whose custom_nodes/ holds this repository; else the
+    host that `scripts/host.sh` unpacks into .host/."""
+    if os.environ.get("COMFYUI_PATH"):
+        path = Path(os.environ["COMFYUI_PATH"]).resolve()
+    elif REPO_ROOT.parent.name == "custom_nodes" and _is_comfyui(REPO_ROOT.parents[1]):
+        path = REPO_ROOT.parents[1]
+    else:
+        path = (REPO_ROOT / ".host" / "ComfyUI").resolve()
+    if not _is_comfyui(path):
         raise HostError(f"no ComfyUI at {path}: run `make host` (or set COMFYUI_PATH to a ComfyUI folder)")
     return path
 

@@ -18,6 +18,7 @@ import torch
 from comfyui_mole.mole_ops import expert_file, gate_file, safetensors_io
 from comfyui_mole.mole_ops.hooks import attach
 from comfyui_mole.trainer.config import TrainConfig, validate
+from comfyui_mole.trainer.host import comfyui_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,3 +205,20 @@ def test_kohya_options_run_together(detectable, train_images, tmp_path):
     lrs = [float(row.split(",")[2]) for row in (tmp_path / "out" / "opts_log.csv").read_text().splitlines()[1:]]
     assert lrs[0] > lrs[-1] == 0.0                                                    # linear decay to 0
     assert expert_file.load(tmp_path / "out" / "opts.safetensors", "x").metadata["ss_steps"] == "4"
+
+
+def test_console_script_is_installed_and_fails_clearly(tmp_path, detectable, train_images):
+    """`pip install .` gives the `mole-train` console script; a contradiction fails before any work."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(ROOT)], check=True, capture_output=True)
+    script = target / "bin" / "mole-train"
+    env = dict(os.environ, PYTHONPATH=str(target), COMFYUI_PATH=str(comfyui_path()))
+    shown = subprocess.run([str(script), "train-expert", "--help"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and "usage: mole-train train-expert" in shown.stdout
+    assert "--network_dim" in shown.stdout and "--pretrained_model_name_or_path" in shown.stdout
+    bad = subprocess.run([str(script), "train-expert", "--pretrained_model_name_or_path", str(detectable),
+                          "--train_data_dir", str(train_images), "--output_dir", str(tmp_path / "o"),
+                          "--output_name", "x", "--mixed_precision", "fp16"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: --mixed_precision fp16 needs a GPU" in bad.stderr
+    assert not (tmp_path / "o").exists()
