@@ -9,7 +9,8 @@ import sys
 from . import config, demo, workflows
 from ..mole_ops.errors import MoLEError
 
-TRAIN = {"train-expert": ("expert", "stage 2: train one LoRA expert (a kohya LoRA file)"),
+TRAIN = {"train-base": ("finetune", "stage 1: fine-tune the whole UNet (a full checkpoint)"),
+         "train-expert": ("expert", "stage 2: train one LoRA expert (a kohya LoRA file)"),
          "train-gates": ("gates", "stage 3: train the gates of frozen experts (a gate file, optionally a pack)")}
 
 

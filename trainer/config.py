@@ -19,7 +19,7 @@ from ..mole_ops.ops import VARIANTS
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OPTIMIZERS = ("AdamW", "Lion", "AdamW8bit")
 PRECISIONS = ("no", "fp16", "bf16")
-STAGES = ("expert", "gates")
+STAGES = ("finetune", "expert", "gates")
 
 
 class ConfigError(MoLEError):
@@ -32,8 +32,8 @@ def _opt(help: str, default=None, stages=STAGES, choices=None, nargs=None):
 
 @dataclass
 class TrainConfig:
-    """All arguments of `train-expert` (stage 2) and `train-gates` (stage 3). Names are kohya's where the
-    meaning matches; the MoLE-specific ones are marked in their help."""
+    """All arguments of `train-base` (stage 1), `train-expert` (stage 2) and `train-gates` (stage 3). Names are
+    kohya's where the meaning matches; the MoLE-specific ones are marked in their help."""
 
     stage: str = "expert"
     # model and data
@@ -235,7 +235,9 @@ def validate(c: TrainConfig, given: set[str] = frozenset()) -> None:
     if c.cache_latents_to_disk:
         c.cache_latents = True
     _check_device_options(c)
-    if c.stage == "expert":
+    if c.stage == "finetune":
+        pass
+    elif c.stage == "expert":
         if c.network_module != "networks.lora":
             raise ConfigError(f"--network_module {c.network_module}: only networks.lora (kohya LoRA) is supported")
         if c.network_dim < 1 or c.network_alpha <= 0:

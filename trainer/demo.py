@@ -1,16 +1,24 @@
-"""The main job: start a real ComfyUI with this package and run the shipped MoLE workflows through its API.
+"""The main job: the whole MoLE pipeline on this machine, in a synthetic human-centric world.
 
-Until the synthetic world and the trainer land (issues 5-7), the models are stand-ins: the small detectable SD1.5
-checkpoint and untrained face/hand experts and gates with random weights, written under the file names the
-workflows expect. The pictures therefore show noise and random gate maps; they show that the pipeline (loaders,
-Apply MoLE, sampler, gate maps and curves, ablation grid) runs end to end.
+1. the world (scenes with a face and a raised hand, face and hand close-ups, held-out sets with masks);
+2. a tiny base checkpoint the stock loader detects (random UNet and text encoder, a TAESD trained on the world);
+3. stage 1 (the UNet fine-tuned on the world), stage 2 (a face and a hand expert on the close-ups), stage 3 (gates
+   on the scenes), through the trainer;
+4. a real ComfyUI server running the shipped workflows on the trained files (MoLE txt2img with gate maps and
+   curves, the ablation grid);
+5. the evidence on held-out pictures (gate AUCs, global gates on close-ups, the stage ablation) and a report.
+
+Every artefact is cached in --output_dir: a second run skips what exists (delete a file to redo that part).
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import logging
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .host import REPO_ROOT, use_comfy
@@ -18,52 +26,134 @@ from .workflows import SD15, load_api
 
 log = logging.getLogger("mole.demo")
 
-RUNS = {"mole_sd15_txt2img": "MoLE txt2img with gate maps and curves",
-        "mole_sd15_ablation": "ablation grid: base, face only, hand only, local, global, both"}
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes and step counts of one demo run."""
+
+    scenes: int = 256
+    closeups: int = 128
+    heldout: int = 48
+    vae_steps: int = 400
+    stage1_steps: int = 400
+    expert_steps: int = 200
+    gate_steps: int = 300
+    rank: int = 16
+    sample_steps: int = 20
+
+
+FULL = Recipe()
+QUICK = Recipe(scenes=24, closeups=16, heldout=8, vae_steps=20, stage1_steps=4, expert_steps=3, gate_steps=3,
+               rank=4, sample_steps=3)
+WORKFLOWS = {"mole_sd15_txt2img": "MoLE txt2img with gate maps and curves",
+             "mole_sd15_ablation": "ablation grid: base, face only, hand only, local, global, both"}
+TINY_BASE = "mole_tiny_base.safetensors"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", type=Path, default=REPO_ROOT / "demo_output",
-                        help="where the demo writes its models, server folder and results")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the stand-in models")
-    parser.add_argument("--size", type=int, default=192, help="image width and height in pixels")
-    parser.add_argument("--steps", type=int, default=12, help="sampling steps")
+                        help="where the demo writes the world, models, server folder and results")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny step counts (a smoke run of the pipeline)")
     parser.set_defaults(run=run)
 
 
-def prepare_models(models: Path, seed: int) -> dict[str, list[Path]]:
-    """The stand-in models under the workflows' file names (written once, reused on later runs)."""
-    checkpoint = models / "checkpoints" / SD15["checkpoint"]
-    mole = {role: models / "mole" / SD15[role] for role in ("face", "hand", "gates")}
-    if not checkpoint.exists() or not all(p.exists() for p in mole.values()):
-        use_comfy()
-        from .tiny_models import write_detectable_checkpoint, write_stand_in_files
+def _train(stage: str, out: Path, name: str, base: Path, **options) -> Path:
+    """Run one trainer stage unless its file exists; returns the file."""
+    import comfy.model_management
 
-        log.info("writing the stand-in models to %s", models)
-        write_detectable_checkpoint(checkpoint, seed=seed)
-        mole["face"].parent.mkdir(parents=True, exist_ok=True)
-        write_stand_in_files("SD15", mole, seed=seed)
-    return {"checkpoints": [checkpoint], "mole": list(mole.values())}
+    from .config import TrainConfig, validate
+    from .loop import Run
+
+    target = out / f"{name}.safetensors"
+    if target.exists():
+        log.info("reusing %s", target)
+        return target
+    config = TrainConfig(stage=stage, pretrained_model_name_or_path=str(base), output_dir=str(out / "train"),
+                         output_name=name, cache_latents=True, resolution="64", **options)
+    validate(config)
+    run_ = Run(config)
+    produced = run_.train()
+    run_.stage.detach()
+    del run_
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(produced, target)
+    return target
 
 
-def run(args: argparse.Namespace) -> int:
+def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str, Path]:
+    from .tiny_models import write_detectable_checkpoint
+    from .vae import train_taesd
+
+    models = out / "models"
+    ckpts, mole = models / "checkpoints", models / "mole"
+    tiny = ckpts / TINY_BASE
+    if not tiny.exists():
+        images = sorted(world["scenes"].glob("*.png")) + sorted(world["faces"].glob("*.png")) + \
+            sorted(world["hands"].glob("*.png"))
+        write_detectable_checkpoint(tiny, seed=seed, vae=train_taesd(images, 64, recipe.vae_steps, seed=seed))
+    stage1_data = out / "world" / "stage1.toml"
+    stage1_data.write_text("[general]\ncaption_extension = \".caption\"\nflip_aug = true\n\n[[datasets]]\n"
+                           "resolution = 64\nbatch_size = 8\n" + "".join(
+                               f"\n  [[datasets.subsets]]\n  image_dir = \"{n}\"\n" for n in ("scenes", "faces",
+                                                                                               "hands")))
+    stage1 = _train("finetune", ckpts, SD15["checkpoint"].removesuffix(".safetensors"), tiny,
+                    dataset_config=str(stage1_data), max_train_steps=recipe.stage1_steps, learning_rate=2e-4,
+                    seed=seed, lr_scheduler="cosine", lr_warmup_steps=min(20, recipe.stage1_steps - 1))
+    experts = {}
+    for role in ("face", "hand"):
+        experts[role] = _train("expert", mole, SD15[role].removesuffix(".safetensors"), stage1,
+                               dataset_config=str(world[f"{role}s_toml"]), expert_name=role,
+                               network_dim=recipe.rank, network_alpha=float(recipe.rank),
+                               max_train_steps=recipe.expert_steps, learning_rate=1e-3, seed=seed + 1,
+                               optimizer_args=["weight_decay=0.01"])
+    gates = _train("gates", mole, SD15["gates"].removesuffix(".safetensors"), stage1,
+                   dataset_config=str(world["scenes_toml"]), experts=[f"{r}={p}" for r, p in experts.items()],
+                   max_train_steps=recipe.gate_steps, learning_rate=1e-3, seed=seed + 2)
+    return {"tiny": tiny, "stage1": stage1, **experts, "gates": gates}
+
+
+def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: Path) -> list[Path]:
     from .comfy_server import ComfyServer, prepare_base_dir
 
-    start = time.monotonic()
-    out = Path(args.output_dir).resolve()
-    base = prepare_base_dir(out / "comfy", prepare_models(out / "models", args.seed))
-    results = out / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    log.info("starting ComfyUI (log: %s)", base / "server.log")
+    base = prepare_base_dir(out / "comfy", {"checkpoints": [models["stage1"]],
+                                            "mole": [models["face"], models["hand"], models["gates"]]})
     written = []
+    log.info("starting ComfyUI (log: %s)", base / "server.log")
     with ComfyServer(base) as server:
-        for name, what in RUNS.items():
+        for name, what in WORKFLOWS.items():
             t = time.monotonic()
-            outputs = server.run(load_api(name, args.size, args.size, args.steps))
+            outputs = server.run(load_api(name, 64, 64, recipe.sample_steps))
             for path in server.output_files(outputs):
                 shutil.copy2(path, results / path.name)
                 written.append(results / path.name)
             log.info("%s (%s): %.1f s", name, what, time.monotonic() - t)
-    log.info("demo finished in %.1f s; %d images in %s:\n  %s", time.monotonic() - start, len(written), results,
-             "\n  ".join(p.name for p in written))
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    from .world import write_world
+
+    start = time.monotonic()
+    recipe = QUICK if args.quick else FULL
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = out / "recipe.json"
+    if settings.exists() and json.loads(settings.read_text()) != {**asdict(recipe), "seed": args.seed}:
+        raise SystemExit(f"{out} holds a demo of other settings ({settings}); use another --output_dir")
+    settings.write_text(json.dumps({**asdict(recipe), "seed": args.seed}))
+    use_comfy()
+    world = write_world(out / "world", args.seed, 64, recipe.scenes, recipe.closeups, recipe.heldout)
+    models = build_models(out, recipe, args.seed, world)
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    for curve in (out / "models").rglob("train/*_loss.png"):
+        shutil.copy2(curve, results / curve.name)
+    images = run_workflows(out, models, recipe, results)
+    from . import report
+
+    path = report.write(results, models, world, images, args.seed, time.monotonic() - start)
+    log.info("demo finished in %.1f s; report: %s", time.monotonic() - start, path)
     return 0

@@ -41,11 +41,14 @@ class Base:
     """A checkpoint as ComfyUI loads it: `patcher` (ModelPatcher), `unet` (its diffusion model), `clip`, `vae`."""
 
     def __init__(self, path: str | Path, clip_skip: int | None = None):
+        import comfy.model_management
         import comfy.sd
 
+        # ComfyUI runs text encoders in fp16, which is very slow on a CPU; training encodes many captions
+        te_options = {"dtype": torch.float32} if comfy.model_management.cpu_mode() else {}
         try:
             self.patcher, self.clip, self.vae, _ = comfy.sd.load_checkpoint_guess_config(
-                str(path), output_vae=True, output_clip=True)
+                str(path), output_vae=True, output_clip=True, te_model_options=te_options)
         except (RuntimeError, ValueError, OSError) as e:
             raise MoLEError(f"{path}: ComfyUI could not load this checkpoint ({e})") from e
         if self.patcher is None or self.clip is None or self.vae is None:

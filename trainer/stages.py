@@ -1,5 +1,7 @@
 """Stages choose what trains and what is written; the loop (loop.py) is shared.
 
+- Stage 1 (`finetune`): every UNet weight trains (the text encoder and VAE stay frozen, as in the authors'
+  latest command); saved as a full single-file checkpoint through ComfyUI's own checkpoint writer.
 - Stage 2 (`expert`): one LoRA of rank/alpha on kohya's target modules (SPEC.md section 2), UNet only, run as a
   one-expert MoLE at fixed scale through the `mole_ops` op; saved as a kohya LoRA (diffusers names for SD1.5, SGM
   names for SDXL, kohya metadata).
@@ -145,4 +147,38 @@ class GateStage(Stage):
         return path
 
 
-STAGES = {"expert": ExpertStage, "gates": GateStage}
+class FinetuneStage:
+    """Stage 1: fine-tune the whole UNet (no hooks: the UNet's own weights train)."""
+
+    def __init__(self, base: Base, config: TrainConfig, gen: torch.Generator):
+        self.base = base
+        self.config = config
+        base.unet.requires_grad_(True)
+        self.handles = []
+
+    def detach(self) -> None:
+        self.base.unet.requires_grad_(False)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.base.unet.parameters() if p.requires_grad]
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return dict(self.base.unet.named_parameters())
+
+    def save(self, path: Path, step: int) -> Path:
+        """A full checkpoint (UNet, text encoder, VAE) in the single-file layout the stock loader reads."""
+        import os
+
+        import comfy.sd
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        comfy.sd.save_checkpoint(str(tmp), self.base.patcher, self.base.clip, self.base.vae,
+                                 metadata={"mole.stage": "1", "mole.steps": str(step),
+                                           "modelspec.architecture": "stable-diffusion-v1"
+                                           if self.base.family == "SD1.5" else "stable-diffusion-xl-v1-base"})
+        os.replace(tmp, path)
+        return path
+
+
+STAGES = {"finetune": FinetuneStage, "expert": ExpertStage, "gates": GateStage}

@@ -118,19 +118,21 @@ DETECTABLE = {"SD15": DETECTABLE_SD15, "SDXL": DETECTABLE_SDXL}
 ARCHITECTURES = {"SD15": "stable-diffusion-v1", "SDXL": "stable-diffusion-xl-v1-base"}
 
 
-def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, family: str = "SD15"
-                          ) -> dict[str, torch.Tensor]:
+def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, family: str = "SD15",
+                          vae: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """State dict of the smallest checkpoint the stock loader detects as `family` (SD15: UNet, CLIP-L, TAESD;
-    SDXL: UNet, CLIP-L + CLIP-G (full size, 820M), TAESD), in the single-file checkpoint's key names."""
+    SDXL: UNet, CLIP-L + CLIP-G (full size, 820M), TAESD), in the single-file checkpoint's key names.
+    `vae`: a trained TAESD module to use instead of a random one."""
     import comfy.supported_models
     import comfy.taesd.taesd
 
     model_config = getattr(comfy.supported_models, family)(dict(DETECTABLE[family]))
     unet = model_config.get_model({}).diffusion_model
     clip = model_config.clip_target().clip(device="cpu", dtype=torch.float32)
-    vae = comfy.taesd.taesd.TAESD()
+    trained_vae = vae is not None
+    vae = vae if trained_vae else comfy.taesd.taesd.TAESD()
     state = {}
-    for offset, module in enumerate((unet, clip, vae)):
+    for offset, module in enumerate((unet, clip) if trained_vae else (unet, clip, vae)):
         init_parameters(module, seed + offset)
     state.update({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()})
     state.update(model_config.process_clip_state_dict_for_saving(clip.state_dict()))
@@ -139,14 +141,14 @@ def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, fam
 
 
 def write_detectable_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16,
-                                family: str = "SD15") -> Path:
+                                family: str = "SD15", vae: torch.nn.Module | None = None) -> Path:
     """Write the detectable checkpoint as safetensors (temp file + rename); returns the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(detectable_state_dict(seed, dtype, family), str(tmp),
+    save_file(detectable_state_dict(seed, dtype, family, vae), str(tmp),
               metadata={"modelspec.architecture": ARCHITECTURES[family]})
     tmp.replace(path)
     return path
