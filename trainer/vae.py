@@ -15,9 +15,10 @@ log = logging.getLogger("mole.trainer")
 SD_LATENT_FACTOR = 0.18215
 
 
-def train_taesd(images: list[Path], size: int, steps: int = 400, batch: int = 16, lr: float = 2e-3,
-                seed: int = 0):
-    """A ComfyUI TAESD module trained to reconstruct `images` (resized to size x size)."""
+def train_taesd(images: list[Path], size: int, steps: int = 300, batch: int = 8, lr: float = 2e-3,
+                seed: int = 0, crop: int = 32):
+    """A ComfyUI TAESD module trained to reconstruct `images` (resized to size x size), on random crop x crop
+    patches (its convolutions do not care where a patch came from; a quarter of the pixels is 4x faster)."""
     import comfy.taesd.taesd
     from tqdm import tqdm
 
@@ -36,7 +37,8 @@ def train_taesd(images: list[Path], size: int, steps: int = 400, batch: int = 16
                                                                  unit="step") as bar:
         for _ in bar:
             idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-            x = pixels[idx]
+            top, left = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=gen) // 8 * 8)
+            x = pixels[idx, :, top:top + crop, left:left + crop]
             flip = torch.rand(batch, generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             latent = taesd.taesd_encoder(x * 0.5 + 0.5)

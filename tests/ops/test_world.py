@@ -1,0 +1,79 @@
+"""The synthetic world: masks match the drawn glyphs, captions match the content; and the evidence's AUC."""
+import random
+
+import numpy as np
+import pytest
+
+from comfyui_mole.trainer.evidence import auc, cell_labels
+from comfyui_mole.trainer.world import BACKGROUNDS, closeup, load_masks, scene, write_world
+
+
+def nearest(colour, table):
+    return min(table, key=lambda n: sum((int(a) - int(b)) ** 2 for a, b in zip(table[n], colour)))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_scene_masks_match_glyphs_and_caption_matches_content(seed):
+    p = scene(random.Random(seed), 64)
+    pixels = np.asarray(p.image).astype(int)
+    face, hand = p.masks["face"], p.masks["hand"]
+    assert not (face & hand).any()
+    assert np.pi * 7 ** 2 <= face.sum() <= np.pi * 11 ** 2 and hand.sum() > 40
+    background = tuple(pixels[0, 0])
+    assert not (np.abs(pixels[face] - background).sum(-1) < 10).any()     # no background inside the masks
+    assert not (np.abs(pixels[hand] - background).sum(-1) < 10).any()
+    skin_face = np.median(pixels[face], axis=0)
+    skin_hand = np.median(pixels[hand], axis=0)
+    assert np.abs(skin_face - skin_hand).max() <= 2                       # one person, one skin colour
+    ring = np.zeros_like(face)
+    ys, xs = np.nonzero(face)
+    ring[max(0, ys.min() - 2):ys.max() + 3, max(0, xs.min() - 2):xs.max() + 3] = True
+    assert np.abs(pixels[ring & ~face & ~hand] - skin_face).sum(-1).min() > 0   # the mask covers the whole disc
+    assert f"{nearest(background, BACKGROUNDS)} background" in p.caption
+    if "raising the" in p.caption:
+        side = "right" if np.nonzero(hand)[1].mean() > xs.mean() else "left"
+        assert f"the {side} hand" in p.caption
+
+
+@pytest.mark.parametrize("part", ["face", "hand"])
+def test_closeups(part):
+    p = closeup(random.Random(3), part, 64)
+    other = "hand" if part == "face" else "face"
+    assert p.masks[part].mean() > 0.25 and not p.masks[other].any()
+    assert f"close-up of {'a smiling face' if part == 'face' else 'an open hand'}" in p.caption
+    assert f"{nearest(tuple(np.asarray(p.image)[0, 0]), BACKGROUNDS)} background" in p.caption
+
+
+def test_write_world_writes_kohya_sets_and_reuses_them(tmp_path):
+    from comfyui_mole.trainer.config import TrainConfig
+    from comfyui_mole.trainer.data import datasets_from_config
+
+    paths = write_world(tmp_path, seed=1, train=6, closeups=4, heldout=3, batch_size=2)
+    stamp = (paths["scenes"] / "scenes_0000.png").stat().st_mtime_ns
+    assert write_world(tmp_path, seed=1, train=6, closeups=4, heldout=3, batch_size=2) == paths
+    assert (paths["scenes"] / "scenes_0000.png").stat().st_mtime_ns == stamp
+    (d,) = datasets_from_config(TrainConfig(pretrained_model_name_or_path="x", output_dir="o", output_name="n",
+                                            dataset_config=str(paths["faces_toml"])))
+    assert len(d.items) == 4 and d.batch_size == 2 and all("face" in c for _, c, _ in d.items)
+    held = load_masks(paths["heldout_scenes"])
+    assert len(held) == 3 and all(m["face"].any() and m["hand"].any() for _, _, m in held)
+    assert not np.array_equal(np.asarray(load_masks(paths["scenes"])[0][2]["face"]), held[0][2]["face"])
+
+
+def test_auc_matches_pairwise_counting():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 200).astype(float)          # many ties
+    labels = rng.random(200) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auc(scores, labels) == pytest.approx(pairwise)
+    assert auc(np.arange(10.0), np.arange(10) >= 5) == 1.0
+    assert np.isnan(auc(np.ones(3), np.zeros(3, bool)))
+
+
+def test_cell_labels_are_area_fractions():
+    mask = np.zeros((64, 64), bool)
+    mask[:8, :8] = True
+    mask[8:12, 8:16] = True
+    cells = cell_labels(mask, (8, 8))
+    assert cells[0, 0] == 1.0 and cells[1, 1] == 0.5 and cells[2, 2] == 0.0
