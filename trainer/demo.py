@@ -120,6 +120,7 @@ def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: P
 
     base = prepare_base_dir(out / "comfy", {"checkpoints": [models["stage1"]],
                                             "mole": [models["face"], models["hand"], models["gates"]]})
+    shutil.rmtree(base / "output", ignore_errors=True)   # file counters restart: a re-run replaces its pictures
     written = []
     log.info("starting ComfyUI (log: %s)", base / "server.log")
     with ComfyServer(base) as server:
