@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -22,6 +23,7 @@ class HookState:
     settings: GateSettings
     active: bool = True
     trace: GateTrace | None = None
+    rows: torch.Tensor | None = None      # per-row expert multipliers (EMoE's batched members)
 
 
 def check_modules(root: nn.Module, mole: MoLE) -> dict[str, nn.Module]:
@@ -42,20 +44,21 @@ def check_modules(root: nn.Module, mole: MoLE) -> dict[str, nn.Module]:
     return out
 
 
-def run_layer(key: str, layer: MoLELayer, x, output, settings: GateSettings, trace: GateTrace | None):
+def run_layer(key: str, layer: MoLELayer, x, output, settings: GateSettings, trace: GateTrace | None,
+              rows: torch.Tensor | None = None):
     """The hook body shared by every dispatcher: the gated experts on one layer, recorded into `trace` if given."""
     record = None
     if trace is not None:
         def record(local, glob, names):
             trace.record(key, local, glob, names)
-    return layer(x, output, settings, record)
+    return layer(x, output, settings, record, rows)
 
 
 def _hook(key: str, layer: MoLELayer, state: HookState):
     def hook(module, args, output):
         if not state.active:
             return output
-        return run_layer(key, layer, args[0], output, state.settings, state.trace)
+        return run_layer(key, layer, args[0], output, state.settings, state.trace, state.rows)
     return hook
 
 

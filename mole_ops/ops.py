@@ -156,11 +156,14 @@ class MoLELayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # -- the op --------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, y: torch.Tensor, settings: GateSettings, record=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, settings: GateSettings, record=None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """out = F(X) + sum_i s_i L_i G_i R_i(X), given X and y = F(X).
 
         x: (B, n, d_in) for a Linear or (B, d_in, H, W) for a 1x1 Conv2d; y: F(X) of matching layout.
         record: optional callable(local (B, n, N) | None, global (B, N) | None, expert names) for the trace.
+        rows: optional (B, N) per-row multipliers of the experts in column order (a one-hot row runs one expert
+        alone on that row: the batched ensemble pass of EMoE).
         Without active experts y is returned unchanged (bit-exact).
         """
         f = self.fused(settings, x.device, x.dtype)
@@ -183,6 +186,10 @@ class MoLELayer(nn.Module):
         if f.global_b is not None:
             global_gate = torch.sigmoid(h.narrow(2, col, f.n).mean(dim=1) + f.global_b)   # (B, N)
             coef = global_gate[:, None] if coef is None else coef * global_gate[:, None]
+        if rows is not None:
+            active = [i for i, n in enumerate(self.order) if settings.strength(n) != 0.0]
+            per_row = rows.to(device=x.device, dtype=x.dtype)[:, active][:, None]      # (B, 1, N)
+            coef = per_row if coef is None else coef * per_row
         if coef is not None:
             hidden = self._scale_blocks(hidden, coef, f)
         if record is not None:
