@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass, field
 
+import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..mole_ops.hooks import check_modules, run_layer
@@ -29,6 +30,7 @@ class MoLEPatch:
     start_percent: float = 0.0
     end_percent: float = 1.0
     trace: GateTrace | None = None
+    rows: torch.Tensor | None = None    # per-row expert multipliers (EMoE's batched expert members)
 
 
 @dataclass
@@ -47,7 +49,7 @@ def _hook(key: str):
         if call is None or not call.active or key not in call.patch.mole.kohya_names:
             return output
         patch = call.patch
-        return run_layer(key, patch.mole.layer(key), args[0], output, patch.settings, patch.trace)
+        return run_layer(key, patch.mole.layer(key), args[0], output, patch.settings, patch.trace, patch.rows)
     return hook
 
 

@@ -138,6 +138,7 @@ def mole_files(detectable, models_dir) -> dict[str, Path]:
 
 
 def _link(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
     if not dst.exists():
         os.link(src, dst)
     return dst
@@ -167,9 +168,14 @@ def server(detectable, mole_files, tmp_path_factory):
     the detectable checkpoint in models/checkpoints. Stopped by PID at the end of the session."""
     from comfyui_mole.trainer.comfy_server import ComfyServer, prepare_base_dir
 
+    from comfyui_mole.trainer.workflows import COMMUNITY_LORAS
+
     checkpoint = _link(detectable, detectable.parent / WORKFLOW_FILES["checkpoint"])
+    loras = [_link(mole_files[role], mole_files[role].parent.parent / "loras" / name)
+             for role, name in zip(("face", "hand"), COMMUNITY_LORAS)]
     base = prepare_base_dir(tmp_path_factory.mktemp("comfy"),
-                            {"checkpoints": [detectable, checkpoint], "mole": list(mole_files.values())})
+                            {"checkpoints": [detectable, checkpoint], "mole": list(mole_files.values()),
+                             "loras": loras})
     with ComfyServer(base) as srv:
         yield srv
 

@@ -122,6 +122,32 @@ def sdxl_three_files() -> Graph:
     return g
 
 
+COMMUNITY_LORAS = ("community_finetune_a.safetensors", "community_finetune_b.safetensors")
+
+
+def uncertainty_sd15() -> Graph:
+    """EMoE scores of one prompt: MoLE's experts (expert disagreement) and an ensemble of models (the base and two
+    community fine-tunes given as LoRAs: epistemic uncertainty)."""
+    g = Graph()
+    ckpt, pos, _, latent = _base(g, SD15, 512, 512)
+    experts = g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
+                    expert_3="(none)", role_3="feet")
+    by_experts = g.add("MoLE_EnsembleFromExperts", model=[ckpt, 0], experts=[experts, 0])
+    scored = g.add("MoLE_UncertaintyScore", "Expert disagreement", ensemble=[by_experts, 0], positive=[pos, 0],
+                   latent=[latent, 0], seed=42)
+    g.add("SaveImage", "Save disagreement map", images=[scored, 1], filename_prefix="mole_expert_disagreement")
+    members = [[ckpt, 0]]
+    for i, lora in enumerate(COMMUNITY_LORAS):
+        loaded = g.add("LoraLoader", f"Member {i + 2}: community fine-tune", model=[ckpt, 0], clip=[ckpt, 1],
+                       lora_name=lora, strength_model=1.0, strength_clip=0.0)
+        members.append([loaded, 0])
+    ensemble = g.add("MoLE_EnsembleFromModels", model_1=members[0], model_2=members[1], model_3=members[2])
+    scored = g.add("MoLE_UncertaintyScore", "Epistemic uncertainty", ensemble=[ensemble, 0], positive=[pos, 0],
+                   latent=[latent, 0], seed=42)
+    g.add("SaveImage", "Save uncertainty map", images=[scored, 1], filename_prefix="mole_uncertainty")
+    return g
+
+
 NOTES = {
     "mole_sd15_txt2img": "Put the stage-1 checkpoint in models/checkpoints, the face and hand experts and the gate "
                          "file in models/mole (experts may also sit in models/loras), and pick them in the loaders. "
@@ -131,9 +157,13 @@ NOTES = {
                           "local (per-token) gates, only global (per-image) gates, and both (MoLE as in the paper).",
     "mole_sdxl_three_files": "The authors' MoLE-SDXL release is three files: a face LoRA, a hand LoRA and a gate "
                              "file. Put all three in models/mole and the SDXL base in models/checkpoints.",
+    "mole_sd15_uncertainty": "EMoE: how much an ensemble disagrees about this prompt at the first denoising step. "
+                             "Top: MoLE's face and hand experts (expert disagreement, not epistemic uncertainty: two "
+                             "specialists on one base). Bottom: the base and fine-tunes of it (here two LoRAs in "
+                             "models/loras; the paper used 4 members). Higher = less familiar prompt.",
 }
 WORKFLOWS = {"mole_sd15_txt2img": txt2img_sd15, "mole_sd15_ablation": ablation_sd15,
-             "mole_sdxl_three_files": sdxl_three_files}
+             "mole_sdxl_three_files": sdxl_three_files, "mole_sd15_uncertainty": uncertainty_sd15}
 
 
 def load_api(name: str, width: int | None = None, height: int | None = None, steps: int | None = None) -> dict:

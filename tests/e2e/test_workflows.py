@@ -102,3 +102,26 @@ def test_sdxl_three_file_workflow(sdxl_server):
     assert np.abs(image - base).max() > 0, "MoLE did not change the SDXL image"
     grid = _image(sdxl_server, outputs, _node(api, "Save gate maps (steps x experts)"))
     assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2, 3) and grid.std() > 1
+
+
+def test_uncertainty_workflow(server):
+    api = _load("mole_sd15_uncertainty")
+    outputs = server.run(api)
+    experts_node, models_node = _node(api, "Expert disagreement"), _node(api, "Epistemic uncertainty")
+    (expert_text,) = outputs[experts_node]["text"]
+    (model_text,) = outputs[models_node]["text"]
+    assert expert_text.startswith("expert disagreement from 2 members") and "not as epistemic" in expert_text
+    assert model_text.startswith("epistemic uncertainty from 3 members") and "Fewer than 4 members" in model_text
+    for title in ("Save disagreement map", "Save uncertainty map"):
+        heat_map = _image(server, outputs, _node(api, title))
+        assert heat_map.shape[:2] == (H, W) and heat_map.std() > 1
+    assert float(expert_text.split(": ")[1].split(" ")[0]) > 0
+
+    # identical members agree exactly: score 0
+    api[models_node]["inputs"]["ensemble"] = ["same", 0]
+    api["same"] = {"class_type": "MoLE_EnsembleFromModels", "inputs": {
+        "model_1": [_node(api, "Load stage-1 checkpoint"), 0], "model_2": [_node(api, "Load stage-1 checkpoint"), 0]}}
+    api[models_node]["inputs"]["seed"] = 43
+    (same_text,) = server.run(api)[models_node]["text"]
+    assert same_text.startswith("epistemic uncertainty from 2 members: 0.")
+    assert float(same_text.split(": ")[1].split(" ")[0]) == 0.0
