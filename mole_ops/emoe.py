@@ -75,6 +75,16 @@ def capture(module: nn.Module, keep: list):
         handle.remove()
 
 
+def first_call_features(unet: nn.Module, run) -> torch.Tensor:
+    """The capture point's output at the first model call that `run()` makes (e.g. a 1-step sampler run)."""
+    _, point = capture_module(unet)
+    with capture(point, []) as seen:
+        run()
+    if not seen:
+        raise MoLEError("the model was never called: nothing to score")
+    return seen[0]
+
+
 def member_rows(members: int, batch: int, n_experts: int, columns: list[int]) -> torch.Tensor:
     """One-hot expert selection for a batched ensemble pass: rows [m * batch, (m + 1) * batch) use expert
     columns[m] only. Shape (members * batch, n_experts)."""

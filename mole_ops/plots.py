@@ -50,6 +50,35 @@ def line_plot(series: dict[str, list[float] | np.ndarray], x=None, *, title: str
     return _rgb(fig)
 
 
+def histogram(values, *, title: str, xlabel: str, bins: int = 30, size=(640, 400), marks=()) -> np.ndarray:
+    """A histogram (H, W, 3) uint8, with vertical lines at `marks` (e.g. quartile edges)."""
+    fig = _figure(*size)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.hist(np.asarray(values, dtype=float), bins=bins, color="#4c72b0")
+    for m in marks:
+        ax.axvline(m, color="#dd8452", linestyle="--", linewidth=1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("prompts")
+    fig.tight_layout()
+    return _rgb(fig)
+
+
+def bars(values: dict[str, float], errors: dict[str, float] | None = None, *, title: str, ylabel: str,
+         size=(640, 400)) -> np.ndarray:
+    """A bar chart (H, W, 3) uint8 of named values, with optional error bars."""
+    fig = _figure(*size)
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(values)
+    ax.bar(names, [values[n] for n in names], yerr=[errors[n] for n in names] if errors else None,
+           color="#4c72b0", capsize=3)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelrotation=30 if len(names) > 4 else 0)
+    fig.tight_layout()
+    return _rgb(fig)
+
+
 def gate_curves(curve: torch.Tensor, experts: tuple[str, ...], steps: list[int], title: str) -> torch.Tensor:
     """curve (steps, N) mean global gate per step -> IMAGE (1, H, W, 3) in [0, 1] (the paper's Fig. 7 a-c)."""
     series = {name: curve[:, i].tolist() for i, name in enumerate(experts)}

@@ -12,7 +12,7 @@ import comfy.sample
 import torch
 from comfy_api.latest import io
 
-from ..mole_ops.emoe import DISAGREEMENT, EPISTEMIC, capture, capture_module, disagreement, member_rows
+from ..mole_ops.emoe import DISAGREEMENT, EPISTEMIC, disagreement, first_call_features, member_rows
 from ..mole_ops.errors import MismatchError
 from ..mole_ops.mixture import build
 from ..mole_ops.ops import GateSettings
@@ -42,14 +42,13 @@ class ExpertEnsemble:
     kind: str = DISAGREEMENT
 
 
-def first_step_features(model, positive, noise: torch.Tensor, seed: int, scheduler: str = "normal") -> torch.Tensor:
+def first_step_features(model, positive, noise: torch.Tensor, seed: int) -> torch.Tensor:
     """The capture point's output at the first model call of a 1-step euler run (CFG 1: conditional rows)."""
-    _, point = capture_module(model.model.diffusion_model)
-    latent = torch.zeros_like(noise)
-    with capture(point, []) as seen, torch.inference_mode():
-        comfy.sample.sample(model, noise, 1, 1.0, "euler", scheduler, positive, positive, latent,
-                            disable_pbar=True, seed=seed)
-    return seen[0]
+    def run():
+        with torch.inference_mode():
+            comfy.sample.sample(model, noise, 1, 1.0, "euler", "normal", positive, positive, torch.zeros_like(noise),
+                                disable_pbar=True, seed=seed)
+    return first_call_features(model.model.diffusion_model, run)
 
 
 def score(ensemble, positive, latent: torch.Tensor, seed: int):
