@@ -4,12 +4,13 @@ from comfy_api.latest import ComfyExtension, io
 from .apply import ApplyMoLE, ExpertFixedScale
 from .files import register_folder
 from .loaders import LoadExperts, LoadGates, LoadPack, LoadSet
-from .uncertainty import EnsembleFromExperts, EnsembleFromModels, UncertaintyScore
+from .uncertainty import (EarlyEstimateModel, EnsembleFromExperts, EnsembleFromModels, UncertaintyReport,
+                          UncertaintyScore)
 from .visualise import GateCurves, GateMaps, ImageGrid, SaveTrace
 
 NODES: list[type[io.ComfyNode]] = [LoadExperts, LoadGates, LoadPack, LoadSet, ApplyMoLE, ExpertFixedScale, GateMaps,
                                    GateCurves, SaveTrace, ImageGrid, EnsembleFromModels, EnsembleFromExperts,
-                                   UncertaintyScore]
+                                   UncertaintyScore, EarlyEstimateModel, UncertaintyReport]
 
 
 class MoLEExtension(ComfyExtension):

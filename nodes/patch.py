@@ -21,6 +21,7 @@ from ..mole_ops.ops import GateSettings
 from ..mole_ops.trace import GateTrace
 
 KEY = "mole"
+EMOE_KEY = "mole_emoe"
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _inject(patcher) -> None:
     they dispatch to the patch of whichever clone is sampling."""
     count, handles = _injected.get(id(patcher.model), (0, []))
     if count == 0:
-        patch: MoLEPatch = patcher.get_attachment(KEY)
+        patch = patcher.get_attachment(KEY) or patcher.get_attachment(EMOE_KEY).patch
         modules = dict(patcher.model.named_modules())
         handles = [modules[key].register_forward_hook(_hook(key))
                    for key in patch.mole.layout.layer_keys if key in modules]
@@ -116,3 +117,59 @@ def apply_mole(model, patch: MoLEPatch):
     clone.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, _wrapper(patch))
     return clone
 
+
+
+@dataclass
+class EarlyEstimate:
+    """EMoE during a normal generation: at its first step, the conditional rows run once more as one batched pass,
+    one expert member per copy (`patch` carries the experts, mode none and the member rows for one image), and
+    the disagreement at the capture point is kept in `result`."""
+
+    patch: MoLEPatch
+    members: int
+    kind: str
+    result: object = None
+    _run: int | None = None
+
+
+def _emoe_wrapper(estimate: EarlyEstimate):
+    from ..mole_ops.emoe import capture, capture_module, disagreement, member_rows
+
+    def wrapper(executor, x, *args, **kwargs):
+        options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
+        step, _ = schedule_position(options)
+        run = id(options.get("sample_sigmas"))
+        chunks = options.get("cond_or_uncond") or [0]
+        if step == 0 and estimate._run != run and 0 in chunks:
+            estimate._run = run
+            per = x.shape[0] // len(chunks)
+            rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i, k in enumerate(chunks) if k == 0])
+            m = estimate.members
+
+            def take(t):
+                return None if t is None else t[rows].repeat(m, *([1] * (t.ndim - 1)))
+            timesteps, context, y = (args + (None,) * 3)[:3]
+            patch = MoLEPatch(estimate.patch.mole, estimate.patch.settings,
+                              rows=member_rows(m, len(rows), m, list(range(m))))
+            _, point = capture_module(executor.class_obj)
+            token = _current.set(_Call(patch, True))
+            try:
+                with capture(point, []) as seen:
+                    executor(take(x), take(timesteps), take(context), take(y), None, {**options, "cond_or_uncond":
+                             [0] * m})
+            finally:
+                _current.reset(token)
+            estimate.result = disagreement(seen[0].unflatten(0, (m, len(rows))), estimate.kind)
+        return executor(x, *args, **kwargs)
+    return wrapper
+
+
+def attach_early_estimate(model, estimate: EarlyEstimate):
+    """A clone of `model` that computes `estimate` during the first step of its next generation."""
+    check_modules(model.model, estimate.patch.mole)
+    clone = model.clone()
+    clone.set_attachments(EMOE_KEY, estimate)
+    clone.set_injections(EMOE_KEY, [PatcherInjection(inject=_inject, eject=_eject)])
+    clone.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, EMOE_KEY)
+    clone.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, EMOE_KEY, _emoe_wrapper(estimate))
+    return clone

@@ -19,10 +19,11 @@ from ..mole_ops.ops import GateSettings
 from ..mole_ops.viz import heat
 from .apply import model_layout
 from .loaders import Experts
-from .patch import MoLEPatch, apply_mole
+from .patch import EarlyEstimate, MoLEPatch, apply_mole, attach_early_estimate
 
 log = logging.getLogger("mole")
 Ensemble = io.Custom("EMOE_ENSEMBLE")
+Estimate = io.Custom("EMOE_ESTIMATE")
 
 
 @dataclass
@@ -105,6 +106,14 @@ class EnsembleFromExperts(io.ComfyNode):
         return io.NodeOutput(ExpertEnsemble(model, tuple(experts)))
 
 
+def _outputs(result):
+    m = result.map
+    scaled = m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    image = torch.nn.functional.interpolate(heat(scaled).movedim(-1, 1), scale_factor=8, mode="nearest")
+    summary = result.summary()
+    return io.NodeOutput(float(result.score.mean()), image.movedim(1, -1), summary, ui={"text": [summary]})
+
+
 class UncertaintyScore(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -124,9 +133,49 @@ class UncertaintyScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, ensemble, positive, latent, seed) -> io.NodeOutput:
-        result = score(ensemble, positive, latent["samples"], seed)
-        m = result.map
-        scaled = m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-        image = torch.nn.functional.interpolate(heat(scaled).movedim(-1, 1), scale_factor=8, mode="nearest")
-        summary = result.summary()
-        return io.NodeOutput(float(result.score.mean()), image.movedim(1, -1), summary, ui={"text": [summary]})
+        return _outputs(score(ensemble, positive, latent["samples"], seed))
+
+
+class EarlyEstimateModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoLE_UncertaintyEarlyEstimate", display_name="MoLE Uncertainty Early Estimate",
+            category="MoLE",
+            description="Compute the expert ensemble's disagreement during the first step of the normal generation "
+                        "of this model (one extra batched pass of the conditional rows), instead of a separate run.",
+            inputs=[io.Model.Input("model", tooltip="The model that generates (with or without Apply MoLE); the "
+                                   "experts must fit its base."),
+                    Ensemble.Input("ensemble", tooltip="An expert ensemble (MoLE Expert Ensemble).")],
+            outputs=[io.Model.Output(display_name="model"), Estimate.Output(display_name="estimate")])
+
+    @classmethod
+    def execute(cls, model, ensemble) -> io.NodeOutput:
+        if not isinstance(ensemble, ExpertEnsemble):
+            raise MismatchError("the early estimate runs expert members inside the generating model; for an "
+                                "ensemble of separate models use MoLE Uncertainty Score")
+        mole = build(list(ensemble.experts), None, model_layout(model))
+        mole.requires_grad_(False)
+        estimate = EarlyEstimate(MoLEPatch(mole, GateSettings("none")), len(mole.order), ensemble.kind)
+        return io.NodeOutput(attach_early_estimate(model, estimate), estimate)
+
+
+class UncertaintyReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoLE_UncertaintyReport", display_name="MoLE Uncertainty Report", category="MoLE",
+            is_output_node=True,
+            description="The score an early estimate computed during the generation.",
+            inputs=[Estimate.Input("estimate", tooltip="From MoLE Uncertainty Early Estimate."),
+                    io.Image.Input("images", tooltip="The decoded images of that generation (orders this node "
+                                   "after the sampler).")],
+            outputs=[io.Float.Output(display_name="score"), io.Image.Output(display_name="map"),
+                     io.String.Output(display_name="summary")])
+
+    @classmethod
+    def execute(cls, estimate, images) -> io.NodeOutput:
+        if estimate.result is None:
+            raise MismatchError("no estimate yet: the sampler did not run with this model (a cached result?); "
+                                "change the seed and queue again")
+        return _outputs(estimate.result)

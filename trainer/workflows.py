@@ -129,7 +129,9 @@ def uncertainty_sd15() -> Graph:
     """EMoE scores of one prompt: MoLE's experts (expert disagreement) and an ensemble of models (the base and two
     community fine-tunes given as LoRAs: epistemic uncertainty)."""
     g = Graph()
-    ckpt, pos, _, latent = _base(g, SD15, 512, 512)
+    ckpt = g.add("CheckpointLoaderSimple", "Load stage-1 checkpoint", ckpt_name=SD15["checkpoint"])
+    pos = g.add("CLIPTextEncode", "Prompt", text=PROMPT, clip=[ckpt, 1])
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
     experts = g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
                     expert_3="(none)", role_3="feet")
     by_experts = g.add("MoLE_EnsembleFromExperts", model=[ckpt, 0], experts=[experts, 0])
@@ -145,6 +147,14 @@ def uncertainty_sd15() -> Graph:
     scored = g.add("MoLE_UncertaintyScore", "Epistemic uncertainty", ensemble=[ensemble, 0], positive=[pos, 0],
                    latent=[latent, 0], seed=42)
     g.add("SaveImage", "Save uncertainty map", images=[scored, 1], filename_prefix="mole_uncertainty")
+    # the early estimate: the disagreement computed inside the first step of a normal generation
+    early = g.add("MoLE_UncertaintyEarlyEstimate", model=[ckpt, 0], ensemble=[by_experts, 0])
+    neg = g.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=[ckpt, 1])
+    sample = _sampler(g, [early, 0], [pos, 0], [neg, 0], [latent, 0], "KSampler", 50, 7.5)
+    decode = g.add("VAEDecode", samples=[sample, 0], vae=[ckpt, 2])
+    g.add("SaveImage", "Save image", images=[decode, 0], filename_prefix="mole_early_estimate_image")
+    report = g.add("MoLE_UncertaintyReport", "Early estimate", estimate=[early, 1], images=[decode, 0])
+    g.add("SaveImage", "Save early-estimate map", images=[report, 1], filename_prefix="mole_early_estimate_map")
     return g
 
 
@@ -159,8 +169,9 @@ NOTES = {
                              "file. Put all three in models/mole and the SDXL base in models/checkpoints.",
     "mole_sd15_uncertainty": "EMoE: how much an ensemble disagrees about this prompt at the first denoising step. "
                              "Top: MoLE's face and hand experts (expert disagreement, not epistemic uncertainty: two "
-                             "specialists on one base). Bottom: the base and fine-tunes of it (here two LoRAs in "
-                             "models/loras; the paper used 4 members). Higher = less familiar prompt.",
+                             "specialists on one base). Middle: the base and fine-tunes of it (here two LoRAs in "
+                             "models/loras; the paper used 4 members). Higher = less familiar prompt. Bottom: the "
+                             "early estimate, computed inside the first step of a normal generation.",
 }
 WORKFLOWS = {"mole_sd15_txt2img": txt2img_sd15, "mole_sd15_ablation": ablation_sd15,
              "mole_sdxl_three_files": sdxl_three_files, "mole_sd15_uncertainty": uncertainty_sd15}

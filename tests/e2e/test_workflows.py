@@ -116,6 +116,10 @@ def test_uncertainty_workflow(server):
         heat_map = _image(server, outputs, _node(api, title))
         assert heat_map.shape[:2] == (H, W) and heat_map.std() > 1
     assert float(expert_text.split(": ")[1].split(" ")[0]) > 0
+    (early_text,) = outputs[_node(api, "Early estimate")]["text"]
+    assert early_text.startswith("expert disagreement from 2 members")
+    assert _image(server, outputs, _node(api, "Save image")).shape == (H, W, 3)
+    assert _image(server, outputs, _node(api, "Save early-estimate map")).std() > 1
 
     # identical members agree exactly: score 0
     api[models_node]["inputs"]["ensemble"] = ["same", 0]
