@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
+from ..mole_ops.emoe import capture, capture_module, disagreement, member_rows
 from ..mole_ops.hooks import check_modules, run_layer
 from ..mole_ops.mixture import MoLE
 from ..mole_ops.ops import GateSettings
@@ -38,6 +39,7 @@ class MoLEPatch:
 class _Call:
     patch: MoLEPatch
     active: bool
+    pinned: bool = False     # an EMoE estimate pass: an inner Apply MoLE wrapper must not replace it
 
 
 _current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("mole_call", default=None)
@@ -89,6 +91,9 @@ def schedule_position(transformer_options: dict) -> tuple[int, float]:
 
 def _wrapper(patch: MoLEPatch):
     def wrapper(executor, x, *args, **kwargs):
+        outer = _current.get()
+        if outer is not None and outer.pinned:     # inside an EMoE estimate pass: it decides what runs
+            return executor(x, *args, **kwargs)
         transformer_options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
         step, position = schedule_position(transformer_options)
         active = patch.start_percent <= position <= patch.end_percent
@@ -118,48 +123,54 @@ def apply_mole(model, patch: MoLEPatch):
     return clone
 
 
-
 @dataclass
 class EarlyEstimate:
     """EMoE during a normal generation: at its first step, the conditional rows run once more as one batched pass,
-    one expert member per copy (`patch` carries the experts, mode none and the member rows for one image), and
-    the disagreement at the capture point is kept in `result`."""
+    one copy per expert member (`patch` carries the experts at fixed scale; each copy runs one of them), and the
+    disagreement at the capture point is kept in `result` (replaced by every new generation)."""
 
     patch: MoLEPatch
     members: int
     kind: str
     result: object = None
     _run: int | None = None
+    _last_step: int | None = None
+    _pending: bool = False
+
+
+def _estimate_pass(estimate: EarlyEstimate, executor, x, args, options, chunks):
+    """The conditional rows once more, repeated per member, each copy with one expert; the disagreement."""
+    per = x.shape[0] // len(chunks)
+    rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i, k in enumerate(chunks) if k == 0])
+    m = estimate.members
+
+    def take(t):
+        return None if t is None else t[rows].repeat(m, *([1] * (t.ndim - 1)))
+    timesteps, context, y = (args + (None,) * 3)[:3]
+    patch = MoLEPatch(estimate.patch.mole, estimate.patch.settings, rows=member_rows(m, len(rows), m, list(range(m))))
+    _, point = capture_module(executor.class_obj)
+    token = _current.set(_Call(patch, True, pinned=True))
+    try:
+        with capture(point, []) as seen:
+            executor(take(x), take(timesteps), take(context), take(y), None,
+                     {**options, "cond_or_uncond": [0] * m})
+    finally:
+        _current.reset(token)
+    return disagreement(seen[0].unflatten(0, (m, len(rows))), estimate.kind)
 
 
 def _emoe_wrapper(estimate: EarlyEstimate):
-    from ..mole_ops.emoe import capture, capture_module, disagreement, member_rows
-
     def wrapper(executor, x, *args, **kwargs):
         options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
         step, _ = schedule_position(options)
         run = id(options.get("sample_sigmas"))
+        if step == 0 and (estimate._last_step != 0 or estimate._run != run):
+            estimate._pending = True          # a new generation started
+        estimate._last_step, estimate._run = step, run
         chunks = options.get("cond_or_uncond") or [0]
-        if step == 0 and estimate._run != run and 0 in chunks:
-            estimate._run = run
-            per = x.shape[0] // len(chunks)
-            rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i, k in enumerate(chunks) if k == 0])
-            m = estimate.members
-
-            def take(t):
-                return None if t is None else t[rows].repeat(m, *([1] * (t.ndim - 1)))
-            timesteps, context, y = (args + (None,) * 3)[:3]
-            patch = MoLEPatch(estimate.patch.mole, estimate.patch.settings,
-                              rows=member_rows(m, len(rows), m, list(range(m))))
-            _, point = capture_module(executor.class_obj)
-            token = _current.set(_Call(patch, True))
-            try:
-                with capture(point, []) as seen:
-                    executor(take(x), take(timesteps), take(context), take(y), None, {**options, "cond_or_uncond":
-                             [0] * m})
-            finally:
-                _current.reset(token)
-            estimate.result = disagreement(seen[0].unflatten(0, (m, len(rows))), estimate.kind)
+        if estimate._pending and step == 0 and 0 in chunks:
+            estimate._pending = False
+            estimate.result = _estimate_pass(estimate, executor, x, args, options, chunks)
         return executor(x, *args, **kwargs)
     return wrapper
 
