@@ -69,13 +69,21 @@ def _gate_views(g: Graph, apply_id: str, images: list, prefix: str) -> None:
     g.add("MoLE_SaveTrace", trace=[apply_id, 1], images=images, filename_prefix=f"{prefix}_trace")
 
 
+def _load_experts(g: Graph) -> str:
+    return g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
+                 expert_3="(none)", role_3="feet")
+
+
+def _sd15_experts(g: Graph) -> tuple[str, str]:
+    experts = _load_experts(g)
+    return experts, g.add("MoLE_LoadGates", experts=[experts, 0], gate_file=SD15["gates"])
+
+
 def txt2img_sd15() -> Graph:
     """SD1.5 MoLE txt2img with gate maps, gate curves and the saved trace."""
     g = Graph()
     ckpt, pos, neg, latent = _base(g, SD15, 512, 512)
-    experts = g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
-                    expert_3="(none)", role_3="feet")
-    gates = g.add("MoLE_LoadGates", experts=[experts, 0], gate_file=SD15["gates"])
+    experts, gates = _sd15_experts(g)
     apply_id = _apply(g, [ckpt, 0], [experts, 0], [gates, 0], record=True)
     sample = _sampler(g, [apply_id, 0], [pos, 0], [neg, 0], [latent, 0], "KSampler", 50, 7.5)
     decode = g.add("VAEDecode", samples=[sample, 0], vae=[ckpt, 2])
@@ -92,9 +100,7 @@ def ablation_sd15() -> Graph:
     """The paper's ablation from one seed: base, face only, hand only, local only, global only, both."""
     g = Graph()
     ckpt, pos, neg, latent = _base(g, SD15, 512, 512)
-    experts = g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
-                    expert_3="(none)", role_3="feet")
-    gates = g.add("MoLE_LoadGates", experts=[experts, 0], gate_file=SD15["gates"])
+    experts, gates = _sd15_experts(g)
     images = {}
     for i, (label, setting) in enumerate(ABLATION, start=1):
         model = [ckpt, 0]
@@ -132,8 +138,7 @@ def uncertainty_sd15() -> Graph:
     ckpt = g.add("CheckpointLoaderSimple", "Load stage-1 checkpoint", ckpt_name=SD15["checkpoint"])
     pos = g.add("CLIPTextEncode", "Prompt", text=PROMPT, clip=[ckpt, 1])
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    experts = g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
-                    expert_3="(none)", role_3="feet")
+    experts = _load_experts(g)
     by_experts = g.add("MoLE_EnsembleFromExperts", model=[ckpt, 0], experts=[experts, 0])
     scored = g.add("MoLE_UncertaintyScore", "Expert disagreement", ensemble=[by_experts, 0], positive=[pos, 0],
                    latent=[latent, 0], seed=42)
