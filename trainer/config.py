@@ -43,6 +43,12 @@ class TrainConfig:
     in_json: str = _opt("kohya fine-tune metadata JSON/JSONL for --train_data_dir")
     caption_extension: str = _opt("caption file extension", ".caption")
     resolution: str = _opt("training resolution: 'S' or 'W,H'", "512")
+    enable_bucket: bool = _opt("aspect-ratio bucketing: batch images of similar shape at a size near their own",
+                               False)
+    min_bucket_reso: int = _opt("smallest bucket side", 256)
+    max_bucket_reso: int = _opt("largest bucket side", 1024)
+    bucket_reso_steps: int = _opt("bucket sides are multiples of this", 64)
+    bucket_no_upscale: bool = _opt("never enlarge an image: small images get a bucket of their own size", False)
     cache_latents: bool = _opt("encode every image once before training, keep latents in memory", False)
     cache_latents_to_disk: bool = _opt("like --cache_latents, also kept on disk across runs", False)
     # output

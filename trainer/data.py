@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,15 @@ import torch
 
 from ..mole_ops import safetensors_io
 from ..mole_ops.errors import MoLEError
+from .buckets import BucketSettings, assign, bucket_sizes, summary
 from .config import ConfigError, TrainConfig, parse_resolution
 
 log = logging.getLogger("mole.trainer")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SUBSET_KEYS = {"image_dir", "caption_extension", "num_repeats", "metadata_file", "shuffle_caption", "keep_tokens",
                "flip_aug"}
-DATASET_KEYS = {"resolution", "batch_size"}
+BUCKET_KEYS = {"enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
+DATASET_KEYS = {"resolution", "batch_size"} | BUCKET_KEYS
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class Dataset:
     subsets: list[Subset]
     items: list[tuple[Path, str, Subset]] = field(default_factory=list)   # (image, caption, its subset)
     skipped: list[str] = field(default_factory=list)
+    buckets: BucketSettings | None = None
+    sizes: list[tuple[int, int]] = field(default_factory=list)            # per item, when bucketing
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        return self.sizes[index] if self.sizes else self.resolution
 
 
 def _take(table: dict, allowed: set[str], where: str) -> dict:
@@ -65,7 +73,7 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"dataset config {path}: {e}") from e
     _take(doc, {"general", "datasets"}, str(path))
-    general = _take(doc.get("general", {}), SUBSET_KEYS | DATASET_KEYS - {"image_dir", "metadata_file"},
+    general = _take(doc.get("general", {}), (SUBSET_KEYS | DATASET_KEYS) - {"image_dir", "metadata_file"},
                     f"{path} [general]")
     if not doc.get("datasets"):
         raise ConfigError(f"{path}: no [[datasets]]")
@@ -77,6 +85,7 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
         resolution = parse_resolution(",".join(map(str, settings["resolution"])) if isinstance(
             settings.get("resolution"), list) else settings.get("resolution", config.resolution), where)
         batch = int(settings.get("batch_size", config.train_batch_size))
+        buckets = _bucket_settings({k: settings.get(k, getattr(config, k)) for k in BUCKET_KEYS}, resolution)
         subset_defaults = {k: v for k, v in settings.items() if k in SUBSET_KEYS}
         subsets = []
         for j, sub in enumerate(table.get("subsets") or []):
@@ -88,7 +97,7 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
                                      if sub.get("metadata_file") else None}))
         if not subsets:
             raise ConfigError(f"{where}: no [[datasets.subsets]]")
-        datasets.append(Dataset(resolution, batch, subsets))
+        datasets.append(Dataset(resolution, batch, subsets, buckets=buckets))
     return datasets
 
 
@@ -102,7 +111,8 @@ def datasets_from_config(config: TrainConfig) -> list[Dataset]:
         datasets = load_dataset_toml(Path(config.dataset_config), config)
     else:
         subset = Subset(config.train_data_dir, config.caption_extension, metadata_file=config.in_json)
-        datasets = [Dataset(config.size, config.train_batch_size, [subset])]
+        buckets = _bucket_settings({k: getattr(config, k) for k in BUCKET_KEYS}, config.size)
+        datasets = [Dataset(config.size, config.train_batch_size, [subset], buckets=buckets)]
     for d in datasets:
         for s in d.subsets:
             found, skipped = scan_subset(s)
@@ -111,9 +121,27 @@ def datasets_from_config(config: TrainConfig) -> list[Dataset]:
         if d.skipped:
             log.warning("skipped %d image(s) (unreadable, missing or without caption); first: %s",
                         len(d.skipped), d.skipped[0])
+        if d.buckets is not None and d.items:
+            sizes = bucket_sizes(d.buckets)
+            d.sizes = [assign(_image_size(path), sizes, d.buckets) for path, _, _ in d.items]
+            log.info("dataset at %dx%d: %s", *d.resolution, summary(d.sizes))
     if not any(d.items for d in datasets):
         raise ConfigError("no usable training images were found (see the skipped images above)")
     return datasets
+
+
+def _bucket_settings(values: dict, resolution: tuple[int, int]) -> BucketSettings | None:
+    if not values["enable_bucket"]:
+        return None
+    return BucketSettings(resolution, int(values["min_bucket_reso"]), int(values["max_bucket_reso"]),
+                          int(values["bucket_reso_steps"]), bool(values["bucket_no_upscale"]))
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -259,7 +287,11 @@ class BatchPlan:
         batches = []
         for di, d in enumerate(self.datasets):
             order = torch.randperm(len(d.items), generator=gen).tolist()
-            batches += [(di, order[i:i + d.batch_size]) for i in range(0, len(order), d.batch_size)]
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in order:                                 # one group per bucket (one group without bucketing)
+                groups.setdefault(d.size_of(i), []).append(i)
+            for members in groups.values():
+                batches += [(di, members[i:i + d.batch_size]) for i in range(0, len(members), d.batch_size)]
         shuffle = torch.randperm(len(batches), generator=gen).tolist()
         return [batches[i] for i in shuffle]
 
@@ -272,8 +304,12 @@ class BatchPlan:
             flip = bool(subset.flip_aug and torch.rand((), generator=gen).item() < 0.5)
             images.append((path, flip))
             captions.append(process_caption(caption, subset, gen))
-        return Batch(images, captions, d.resolution)
+        return Batch(images, captions, d.size_of(indices[0]))
 
     def __len__(self) -> int:
-        return sum(-(-len(d.items) // d.batch_size) for d in self.datasets)
+        total = 0
+        for d in self.datasets:
+            counts = Counter(d.size_of(i) for i in range(len(d.items)))
+            total += sum(-(-n // d.batch_size) for n in counts.values())
+        return total
 

@@ -89,7 +89,7 @@ class Run:
         """Encode every image (and its flip, where flip_aug) once, with a progress bar."""
         from tqdm import tqdm
 
-        jobs = {(path, d.resolution, flip) for d in self.plan.datasets for path, _, s in d.items
+        jobs = {(path, d.size_of(i), flip) for d in self.plan.datasets for i, (path, _, s) in enumerate(d.items)
                 for flip in ((False, True) if s.flip_aug else (False,))}
         for path, size, flip in tqdm(sorted(jobs, key=str), desc="caching latents", unit="img"):
             key = image_key(path, size, flip, self.base.vae_id)

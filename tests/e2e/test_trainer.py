@@ -222,3 +222,24 @@ def test_console_script_is_installed_and_fails_clearly(tmp_path, detectable, tra
                           "--output_name", "x", "--mixed_precision", "fp16"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "error: --mixed_precision fp16 needs a GPU" in bad.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_training_with_buckets_of_several_sizes(detectable, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(64, 64), (64, 64), (128, 64), (128, 64), (64, 128), (64, 128)]):
+        Image.new("RGB", (w, h), (40 * i, 120, 60)).save(folder / f"{i}.png")
+        (folder / f"{i}.caption").write_text(f"a picture number {i}")
+    c = TrainConfig(stage="expert", pretrained_model_name_or_path=str(detectable), train_data_dir=str(folder),
+                    resolution="64", train_batch_size=2, output_dir=str(tmp_path / "out"), output_name="b",
+                    max_train_steps=6, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
+                    bucket_reso_steps=32, cache_latents=True)
+    validate(c)
+    r = run(c)
+    r.train()
+    r.stage.detach()
+    assert len({s for s in r.plan.datasets[0].sizes}) == 3          # square, wide and tall buckets
+    assert len(r.cache.memory) == 6 and len({t.shape for t in r.cache.memory.values()}) == 3
+    assert expert_file.load(tmp_path / "out" / "b.safetensors", "b").metadata["ss_steps"] == "6"
