@@ -71,9 +71,16 @@ class TrainConfig:
     clip_skip: int = _opt("use the output of the n-th last CLIP layer (1 = last)")
     mixed_precision: str = _opt("autocast precision (bf16 runs on CPU; fp16 needs a GPU)", "no", choices=PRECISIONS)
     seed: int = _opt("seed of data order, noise, timesteps and new weights", 42)
+    gradient_checkpointing: bool = _opt("recompute activations in the backward pass: less memory, about a third "
+                                        "more time", False)
     # samples while training
     sample_prompts: str = _opt("kohya prompt file: one prompt per line, options --n --w --h --d --l --s")
     sample_every_n_steps: int = _opt("sample the prompts every N steps")
+    # stage 1: the fine-tune
+    train_text_encoder: bool = _opt("also train the text encoder (the paper's stage 1; the authors' latest command "
+                                    "trains the UNet only)", False, stages=("finetune",))
+    learning_rate_te: float = _opt("learning rate of the text encoder (default: --learning_rate)",
+                                   stages=("finetune",))
     # stage 2: the expert (a kohya LoRA)
     network_module: str = _opt("kohya network module; only networks.lora", "networks.lora", stages=("expert",))
     network_dim: int = _opt("LoRA rank", 4, stages=("expert",))
@@ -242,7 +249,10 @@ def validate(c: TrainConfig, given: set[str] = frozenset()) -> None:
         c.cache_latents = True
     _check_device_options(c)
     if c.stage == "finetune":
-        pass
+        if c.learning_rate_te is not None and not c.train_text_encoder:
+            raise ConfigError("--learning_rate_te goes with --train_text_encoder")
+        if c.learning_rate_te is not None and c.learning_rate_te <= 0:
+            raise ConfigError("--learning_rate_te must be > 0")
     elif c.stage == "expert":
         if c.network_module != "networks.lora":
             raise ConfigError(f"--network_module {c.network_module}: only networks.lora (kohya LoRA) is supported")

@@ -277,11 +277,13 @@ class Batch:
 
 
 class BatchPlan:
-    """The order of batches: per epoch, each dataset's items shuffled into its own batches, then all batches of
-    all datasets shuffled together, from the training generator (so it resumes exactly)."""
+    """The order of global batches: per epoch, each dataset's items shuffled into its own batches (within one
+    bucket), then all batches of all datasets shuffled together, from the training generator (so it resumes
+    exactly). A global batch holds batch_size x processes images (kohya: the batch size is per process)."""
 
-    def __init__(self, datasets: list[Dataset]):
+    def __init__(self, datasets: list[Dataset], processes: int = 1):
         self.datasets = [d for d in datasets if d.items]
+        self.processes = processes
 
     def epoch(self, gen: torch.Generator) -> list[tuple[int, list[int]]]:
         batches = []
@@ -290,8 +292,9 @@ class BatchPlan:
             groups: dict[tuple[int, int], list[int]] = {}
             for i in order:                                 # one group per bucket (one group without bucketing)
                 groups.setdefault(d.size_of(i), []).append(i)
+            size = d.batch_size * self.processes
             for members in groups.values():
-                batches += [(di, members[i:i + d.batch_size]) for i in range(0, len(members), d.batch_size)]
+                batches += [(di, members[i:i + size]) for i in range(0, len(members), size)]
         shuffle = torch.randperm(len(batches), generator=gen).tolist()
         return [batches[i] for i in shuffle]
 
@@ -310,6 +313,6 @@ class BatchPlan:
         total = 0
         for d in self.datasets:
             counts = Counter(d.size_of(i) for i in range(len(d.items)))
-            total += sum(-(-n // d.batch_size) for n in counts.values())
+            total += sum(-(-n // (d.batch_size * self.processes)) for n in counts.values())
         return total
 

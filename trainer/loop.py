@@ -7,6 +7,9 @@
 Everything random (data order, caption shuffles, flips, noise, timesteps, fresh weights) comes from one
 generator seeded by --seed, whose state is part of the saved training state: a resumed run continues bitwise
 where the interrupted one stopped, step counter included.
+
+Under torchrun every process runs this same loop on the same global batches and keeps its own rows of each
+(dist.py); DistributedDataParallel averages the gradients, and rank 0 alone logs and writes files.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from ..mole_ops.plots import line_plot, save_png
 from .config import ConfigError, TrainConfig
 from .data import Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image
+from .dist import World, peak_rss_mib
 from .host import use_comfy
 from .optim import make_optimizer, make_scheduler
 
@@ -39,15 +43,32 @@ class Progress:
     position: int = 0
 
 
+class Objective(torch.nn.Module):
+    """What DistributedDataParallel wraps: the modules holding every trainable tensor, and as forward the
+    stage's prediction (text encoding included, so a training text encoder's gradients are synchronised too)."""
+
+    def __init__(self, run: "Run"):
+        super().__init__()
+        self.trainable = torch.nn.ModuleList(run.stage.modules())
+        self.__dict__["run"] = run                      # not a submodule: the frozen rest is not DDP's business
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, captions: list[str], size: tuple[int, int]):
+        run = self.__dict__["run"]
+        cond = run.text(Batch([], captions, size))
+        with autocast(run.config.mixed_precision, x_t.device):
+            return run.base.predict(x_t, t, cond)
+
+
 class Run:
     """One training run: the base, the stage, the data, the optimizer, and where it is."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, world: World | None = None):
         from . import samples
         from .model import Base
         from .stages import STAGES
 
         self.config = config
+        self.world = world or World.from_env()
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.datasets = datasets_from_config(config)           # fails fast, before the model loads
@@ -56,9 +77,14 @@ class Run:
         use_comfy()
         self.base = Base(config.pretrained_model_name_or_path, config.clip_skip)
         self.stage = STAGES[config.stage](self.base, config, self.gen)
-        self.optimizer = make_optimizer(config, self.stage.parameters())
+        if config.gradient_checkpointing:
+            n = self.base.checkpoint_activations(text_encoder=bool(config.train_text_encoder))
+            log.info("gradient checkpointing: %d layers", n)
+        self.objective = Objective(self)
+        self.model = self.world.wrap(self.objective, unused_parameters=bool(config.train_text_encoder))
+        self.optimizer = make_optimizer(config, self.stage.param_groups())
         self.scheduler = make_scheduler(config, self.optimizer)
-        self.plan = BatchPlan(self.datasets)
+        self.plan = BatchPlan(self.datasets, processes=self.world.size)
         self.cache = LatentCache(self.out / "latent_cache" if config.cache_latents_to_disk else None) \
             if config.cache_latents else None
         self.text_cache: dict[str, object] = {}
@@ -86,20 +112,30 @@ class Run:
         return torch.stack(out).to(self.base.device)
 
     def precache(self) -> None:
-        """Encode every image (and its flip, where flip_aug) once, with a progress bar."""
+        """Encode every image (and its flip, where flip_aug) once, with a progress bar. Under torchrun each
+        process encodes its share and the latents are exchanged, so every process holds all of them."""
         from tqdm import tqdm
 
         jobs = {(path, d.size_of(i), flip) for d in self.plan.datasets for i, (path, _, s) in enumerate(d.items)
                 for flip in ((False, True) if s.flip_aug else (False,))}
-        for path, size, flip in tqdm(sorted(jobs, key=str), desc="caching latents", unit="img"):
+        mine = sorted(jobs, key=str)[self.world.rank::self.world.size]
+        encoded = {}
+        for path, size, flip in tqdm(mine, desc="caching latents", unit="img", disable=not self.world.main):
             key = image_key(path, size, flip, self.base.vae_id)
             if self.cache.get(key) is None:
-                self.cache.put(key, self.base.encode_images(load_image(path, size, flip)[None])[0].cpu())
+                encoded[key] = self.base.encode_images(load_image(path, size, flip)[None])[0].cpu()
+                self.cache.put(key, encoded[key])
+        if self.world.distributed:
+            for part in self.world.gather(encoded):
+                for key, latent in part.items():
+                    self.cache.memory.setdefault(key, latent)
         log.info("latents cached: %d encoded, %d reused", self.cache.misses, self.cache.hits)
 
     def text(self, batch: Batch):
         from .model import Conditioning
 
+        if self.config.train_text_encoder and torch.is_grad_enabled():
+            return self.base.encode_text(batch.captions, batch.size, grad=True)    # changes every step: no cache
         conds = []
         for caption in batch.captions:
             key = (caption, batch.size)
@@ -110,34 +146,46 @@ class Run:
         return Conditioning(torch.cat([c.context for c in conds]), y)
 
     # -- one optimizer step ----------------------------------------------------------------------------------
-    def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
-        """The training loss of one batch, noise and timesteps drawn from `gen`."""
+    def loss(self, batch: Batch, gen: torch.Generator, shard: bool = True) -> torch.Tensor:
+        """The loss of one global batch, noise and timesteps drawn from `gen` for all of its rows. With `shard`
+        (training), this process computes only its rows, weighted so that the mean over processes is the batch
+        mean (in one process: the batch mean)."""
         c = self.config
-        x0 = self.latents(batch)
-        cond = self.text(batch)
-        # noise and timesteps
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        t = torch.randint(0, len(self.base.alphas_cumprod), (x0.shape[0],), generator=gen).to(x0.device)
+        n, (width, height) = len(batch.images), batch.size
+        rows, weight = self.world.rows(n) if shard else (list(range(n)), 1 / n)
+        # noise and timesteps of the whole global batch, the same in every process
+        noise = torch.randn((n, self.base.latent_channels, height // 8, width // 8), generator=gen)
+        t = torch.randint(0, len(self.base.alphas_cumprod), (n,), generator=gen)
+        mine = Batch([batch.images[i] for i in rows], [batch.captions[i] for i in rows], batch.size)
+        x0 = self.latents(mine)
+        noise, t = noise[rows].to(x0.device), t[rows].to(x0.device)
         x_t = self.base.noisy(x0, noise, t)
         # prediction (the stage's hooks act inside the UNet)
-        with autocast(c.mixed_precision, x0.device):
-            eps = self.base.predict(x_t, t, cond)
+        eps = self.model(x_t, t, mine.captions, mine.size)
         # loss per sample, optionally Min-SNR weighted
         per_sample = ((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
         if c.min_snr_gamma:
             from .model import min_snr_weight
 
             per_sample = per_sample * min_snr_weight(self.base.alphas_cumprod.to(t.device), t, c.min_snr_gamma)
-        return per_sample.mean()
+        return per_sample.sum() * weight
 
     def step(self) -> float:
+        """One optimizer step; returns the global batch's loss (the mean over processes)."""
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(c.gradient_accumulation_steps):
-            loss = self.loss(self.next_batch(), self.gen) / c.gradient_accumulation_steps
-            loss.backward()
+        self.last_global_batch = 0
+        for micro in range(c.gradient_accumulation_steps):
+            last = micro == c.gradient_accumulation_steps - 1
+            sync = self.model.no_sync() if self.world.distributed and not last else contextlib.nullcontext()
+            batch = self.next_batch()
+            with sync:
+                loss = self.loss(batch, self.gen) / c.gradient_accumulation_steps
+                loss.backward()
             total += float(loss.detach())
+            self.last_global_batch += len(batch.images)
+        total = self.world.mean(total)
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.stage.parameters(), c.max_grad_norm)
         self.optimizer.step()
@@ -149,7 +197,7 @@ class Run:
     def held_out_loss(self, batch: Batch, seed: int = 1234, repeats: int = 4) -> float:
         """Mean loss of a batch under fixed noise and timesteps (comparable before and after training)."""
         gen = torch.Generator().manual_seed(seed)
-        return sum(float(self.loss(batch, gen)) for _ in range(repeats)) / repeats
+        return sum(float(self.loss(batch, gen, shard=False)) for _ in range(repeats)) / repeats
 
     def all_images(self) -> Batch:
         """Every training image once (first dataset's size), unflipped: a batch for held_out_loss."""
@@ -161,29 +209,40 @@ class Run:
     def train(self) -> Path:
         from tqdm import tqdm
 
-        c = self.config
+        c, world = self.config, self.world
         if self.cache is not None:
             self.precache()
         if c.resume:
             self.load_state(Path(c.resume))
-        logger = CsvLog(self.out / f"{c.output_name}_log.csv", keep_until=self.progress.step)
-        start = time.monotonic()
+        batch = self.plan.datasets[0].batch_size if self.plan.datasets else c.train_batch_size
+        log.info("train-%s: %d process(es) x batch %d x accumulation %d = global batch %d", c.stage, world.size,
+                 batch, c.gradient_accumulation_steps, world.size * batch * c.gradient_accumulation_steps)
+        logger = CsvLog(self.out / f"{c.output_name}_log.csv", keep_until=self.progress.step) if world.main \
+            else contextlib.nullcontext()
+        start, first, samples = time.monotonic(), self.progress.step, 0
         with torch.inference_mode(False), torch.enable_grad(), logger, \
                 tqdm(total=c.max_train_steps, initial=self.progress.step, desc=f"train-{c.stage}",
-                     unit="step") as bar:
+                     unit="step", disable=not world.main) as bar:
             while self.progress.step < c.max_train_steps:
                 loss = self.step()
+                samples += self.last_global_batch
                 step, lr = self.progress.step, self.scheduler.get_last_lr()[0]
-                logger.write(step, loss, lr, time.monotonic() - start)
+                if world.main:
+                    logger.write(step, loss, lr, time.monotonic() - start)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
-                if c.sample_every_n_steps and step % c.sample_every_n_steps == 0:
+                if c.sample_every_n_steps and step % c.sample_every_n_steps == 0 and world.main:
                     self.sample(step)
                 if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < c.max_train_steps:
                     self.save(step, intermediate=True)
+        seconds = time.monotonic() - start
         final = self.save(self.progress.step, intermediate=False)
-        self.plot(logger.rows())
-        log.info("train-%s: %d steps; wrote %s", c.stage, self.progress.step, final)
+        peaks = world.gather(peak_rss_mib())
+        if world.main:
+            self.plot(logger.rows())
+            log.info("train-%s: %d steps in %.1f s, %.2f samples/s; peak memory %s MiB; wrote %s", c.stage,
+                     self.progress.step - first, seconds, samples / max(seconds, 1e-9),
+                     " + ".join(f"{p:.0f}" for p in peaks), final)
         return final
 
     def sample(self, step: int) -> None:
@@ -206,11 +265,15 @@ class Run:
 
     # -- files and states ------------------------------------------------------------------------------------
     def save(self, step: int, intermediate: bool) -> Path:
+        """Rank 0 writes (the trained tensors are the same in every process); the others wait for it."""
         c = self.config
         name = f"{c.output_name}-step{step:08d}" if intermediate else c.output_name
-        path = self.stage.save(self.out / f"{name}.safetensors", step)
-        if c.save_state and (intermediate or step == c.max_train_steps):
-            self.save_state(self.out / f"{name}-state")
+        path = self.out / f"{name}.safetensors"
+        if self.world.main:
+            self.stage.save(path, step)
+            if c.save_state and (intermediate or step == c.max_train_steps):
+                self.save_state(self.out / f"{name}-state")
+        self.world.barrier()
         return path
 
     def save_state(self, folder: Path) -> None:
@@ -220,7 +283,7 @@ class Run:
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "progress": {"step": p.step, "epoch": p.epoch, "order": p.order, "position": p.position},
-                 "stage": self.config.stage, "seed": self.config.seed}
+                 "stage": self.config.stage, "seed": self.config.seed, "processes": self.world.size}
         tmp = folder.with_name(folder.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp / "state.pt")
@@ -237,6 +300,9 @@ class Run:
         state = torch.load(path, weights_only=True)
         if state["stage"] != self.config.stage:
             raise ConfigError(f"--resume {folder}: a train-{state['stage']} state, this is train-{self.config.stage}")
+        if state.get("processes", 1) != self.world.size:
+            log.warning("--resume %s: saved by %d process(es), resumed by %d: the data order continues, but the "
+                        "batches are split differently", folder, state.get("processes", 1), self.world.size)
         params = self.stage.named_trainable()
         if set(params) != set(state["trainable"]):
             raise ConfigError(f"--resume {folder}: its trainable tensors do not match this run's")
@@ -293,4 +359,8 @@ class CsvLog:
 
 
 def train(config: TrainConfig) -> Path:
-    return Run(config).train()
+    run = Run(config)
+    try:
+        return run.train()
+    finally:
+        run.world.close()

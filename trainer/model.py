@@ -78,20 +78,30 @@ class Base:
         return digest.hexdigest()[:16]
 
     @property
+    def latent_channels(self) -> int:
+        return self.model.latent_format.latent_channels
+
+    @property
     def device(self) -> torch.device:
         return self.patcher.load_device
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_text(self, captions: list[str], size: tuple[int, int]) -> Conditioning:
-        """Text tokens per caption, cut at 75 tokens (the first CLIP chunk), clip skip applied."""
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """ComfyUI's text encoder module (SD1.5: CLIP-L; SDXL: CLIP-L and CLIP-G), the one the checkpoint saves."""
+        return self.clip.cond_stage_model
+
+    def encode_text(self, captions: list[str], size: tuple[int, int], grad: bool = False) -> Conditioning:
+        """Text tokens per caption, cut at 75 tokens (the first CLIP chunk), clip skip applied; with `grad`, in
+        the autograd graph (when the text encoder trains)."""
         contexts, pooled = [], []
-        for caption in captions:
-            tokens = self.clip.tokenize(caption)
-            tokens = {k: v[:1] for k, v in tokens.items()}          # 75 tokens + start/end: one chunk
-            cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
-            contexts.append(cond)
-            pooled.append(pool)
+        with torch.set_grad_enabled(grad):
+            for caption in captions:
+                tokens = self.clip.tokenize(caption)
+                tokens = {k: v[:1] for k, v in tokens.items()}          # 75 tokens + start/end: one chunk
+                cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
+                contexts.append(cond)
+                pooled.append(pool)
         context = torch.cat(contexts).to(self.device)
         y = None
         if self.family == "SDXL":
@@ -114,6 +124,61 @@ class Base:
         abar = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
         return abar.sqrt() * latents + (1 - abar).sqrt() * noise
 
+    def checkpoint_activations(self, text_encoder: bool = False) -> int:
+        """Gradient checkpointing: every ResBlock and transformer of the UNet (and every CLIP layer, with
+        `text_encoder`) keeps only its inputs in the forward pass and recomputes the rest in the backward pass.
+        Returns the number of checkpointed layers."""
+        import comfy.clip_model
+
+        u = self.unet
+        layers = [layer for block in (*u.input_blocks, *([u.middle_block] if u.middle_block is not None else []),
+                                      *u.output_blocks) for layer in block]
+        if text_encoder:
+            layers += [m for m in self.text_encoder.modules() if isinstance(m, comfy.clip_model.CLIPLayer)]
+        for layer in layers:
+            _checkpointed(layer)
+        return len(layers)
+
+    def make_text_encoder_trainable(self) -> torch.nn.Module:
+        """The text encoder, with gradients on. ComfyUI's CLIP layers add their residuals into their input in
+        place: right for inference, wrong for autograd (the LayerNorm before saved that input). Each layer's
+        forward is replaced by the same two residual adds, out of place."""
+        import types
+
+        import comfy.clip_model
+
+        for m in self.text_encoder.modules():
+            if isinstance(m, comfy.clip_model.CLIPLayer):
+                m.forward = types.MethodType(_clip_layer_forward, m)
+        self.text_encoder.requires_grad_(True)
+        return self.text_encoder
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's epsilon prediction (ComfyUI's UNetModel.forward, with any attached hooks)."""
         return self.unet(x_t, timesteps=t.float(), context=cond.context, y=cond.y, transformer_options={})
+
+
+def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
+    """comfy.clip_model.CLIPLayer.forward with out-of-place residual adds (trainable)."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def _checkpointed(module: torch.nn.Module) -> None:
+    """Route the module's forward through torch.utils.checkpoint (non-reentrant, so forward hooks such as the
+    MoLE layers' run again in the recomputation). Option dicts are copied: ComfyUI's blocks write into theirs."""
+    import torch.utils.checkpoint
+
+    if getattr(module, "_mole_checkpointed", False):
+        return
+    forward = module.forward
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    module.forward = run
+    module._mole_checkpointed = True

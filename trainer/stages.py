@@ -1,15 +1,17 @@
 """Stages choose what trains and what is written; the loop (loop.py) is shared.
 
-- Stage 1 (`finetune`): every UNet weight trains (the text encoder and VAE stay frozen, as in the authors'
-  latest command); saved as a full single-file checkpoint through ComfyUI's own checkpoint writer.
+- Stage 1 (`finetune`): every UNet weight trains, and with --train_text_encoder every text-encoder weight too
+  (the VAE stays frozen); saved as a full single-file checkpoint through ComfyUI's own checkpoint writer.
 - Stage 2 (`expert`): one LoRA of rank/alpha on kohya's target modules (SPEC.md section 2), UNet only, run as a
   one-expert MoLE at fixed scale through the `mole_ops` op; saved as a kohya LoRA (diffusers names for SD1.5, SGM
   names for SDXL, kohya metadata).
 - Stage 3 (`gates`): the base and the experts frozen, only the gates train, through the very op the nodes use;
   saved as a gate file (and optionally a pack) with the experts' names, order and hashes.
 
-A stage attaches its MoLE to the base model (keys `diffusion_model.…`) with forward hooks (`mole_ops.hooks`), exposes its trainable
-parameters and a `state_tensors()` view for checkpoints, and writes its file with `save(path, step)`.
+A stage attaches its MoLE to the base model (keys `diffusion_model.…`) with forward hooks (`mole_ops.hooks`),
+exposes its trainable parameters (`parameters()`, `param_groups()` for the optimizer, `named_trainable()` for
+states), the modules that hold them (`modules()`, what DistributedDataParallel wraps), and writes its file with
+`save(path, step)`.
 """
 from __future__ import annotations
 
@@ -48,6 +50,12 @@ class Stage:
 
     def parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.parameters()}]
+
+    def modules(self) -> list[nn.Module]:
+        return [self.mole]
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         ids = {id(p) for p in self.parameters()}
@@ -148,22 +156,39 @@ class GateStage(Stage):
 
 
 class FinetuneStage:
-    """Stage 1: fine-tune the whole UNet (no hooks: the UNet's own weights train)."""
+    """Stage 1: fine-tune the whole UNet, and the text encoder with --train_text_encoder (no hooks: the model's
+    own weights train)."""
 
     def __init__(self, base: Base, config: TrainConfig, gen: torch.Generator):
         self.base = base
         self.config = config
         base.unet.requires_grad_(True)
+        self.text_encoder = base.make_text_encoder_trainable() if config.train_text_encoder else None
         self.handles = []
 
     def detach(self) -> None:
         self.base.unet.requires_grad_(False)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(False)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.base.unet] + ([self.text_encoder] if self.text_encoder is not None else [])
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": [p for p in self.base.unet.parameters() if p.requires_grad]}]
+        if self.text_encoder is not None:
+            lr = self.config.learning_rate_te or self.config.learning_rate
+            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": lr})
+        return groups
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.base.unet.parameters() if p.requires_grad]
+        return [p for g in self.param_groups() for p in g["params"]]
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
-        return dict(self.base.unet.named_parameters())
+        out = {f"unet.{n}": p for n, p in self.base.unet.named_parameters()}
+        if self.text_encoder is not None:
+            out.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters() if p.requires_grad})
+        return out
 
     def save(self, path: Path, step: int) -> Path:
         """A full checkpoint (UNet, text encoder, VAE) in the single-file layout the stock loader reads."""
@@ -174,11 +199,27 @@ class FinetuneStage:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         comfy.sd.save_checkpoint(str(tmp), self.base.patcher, self.base.clip, self.base.vae,
-                                 metadata={"mole.stage": "1", "mole.steps": str(step),
-                                           "modelspec.architecture": "stable-diffusion-v1"
-                                           if self.base.family == "SD1.5" else "stable-diffusion-xl-v1-base"})
+                                 metadata=checkpoint_metadata(self.base, self.config, step,
+                                                              self.text_encoder is not None))
         os.replace(tmp, path)
         return path
+
+
+def checkpoint_metadata(base: Base, config: TrainConfig, step: int, text_encoder: bool) -> dict[str, str]:
+    """modelspec (Stability AI's model metadata spec, as kohya writes it) and the run's MoLE facts."""
+    import datetime
+
+    width, height = config.size
+    return {"modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "stable-diffusion-v1" if base.family == "SD1.5" else
+            "stable-diffusion-xl-v1-base",
+            "modelspec.implementation": "diffusers" if base.family == "SD1.5" else
+            "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": config.output_name,
+            "modelspec.date": datetime.date.today().isoformat(),
+            "modelspec.resolution": f"{width}x{height}",
+            "modelspec.description": f"MoLE stage 1 fine-tune of {base.path.name}, {step} steps",
+            "mole.stage": "1", "mole.steps": str(step), "mole.text_encoder_trained": str(text_encoder).lower()}
 
 
 STAGES = {"finetune": FinetuneStage, "expert": ExpertStage, "gates": GateStage}

@@ -1,0 +1,114 @@
+"""Multi-process training under torchrun (gloo on CPU): a 2-process run of stage 1 and of stage 3 ends where the
+1-process run with the same global batch and seed ends, and a killed 2-process run resumes to the same result.
+
+Tolerance: the two runs differ only in the order of floating-point sums (gradients are averaged across processes),
+so every trained tensor must agree to |a - b| <= 1e-5 and to within 1% of how far training moved it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_mole.mole_ops import safetensors_io
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch(args: list[str], processes: int) -> subprocess.Popen:
+    """`python -m trainer ...` (one process) or `torchrun --nproc_per_node=N -m trainer ...`."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    prefix = [sys.executable] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return subprocess.Popen([*prefix, "-m", "trainer", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def losses(folder: Path, name: str) -> list[float]:
+    return [float(r.split(",")[1]) for r in (folder / f"{name}_log.csv").read_text().splitlines()[1:]]
+
+
+def assert_same_training(a: dict, b: dict, start: dict, keys: list[str]) -> None:
+    assert keys, "nothing to compare"
+    for k in keys:
+        moved = float((a[k].float() - start[k].float()).abs().max())
+        diff = float((a[k].float() - b[k].float()).abs().max())
+        assert diff <= 1e-5 and diff <= 0.01 * max(moved, 1e-6), (k, diff, moved)
+
+
+@pytest.fixture(scope="module")
+def stage1(detectable, train_images, tmp_path_factory):
+    """Stage 1 for 4 steps at global batch 4: one process x batch 4, and two processes x batch 2."""
+    out = tmp_path_factory.mktemp("stage1")
+    common = ["train-base", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
+              str(train_images), "--resolution", "64", "--max_train_steps", "4", "--learning_rate", "1e-4",
+              "--output_name", "base", "--seed", "3", "--cache_latents", "--min_snr_gamma", "5"]
+    one = finish(launch(common + ["--train_batch_size", "4", "--output_dir", str(out / "one")], 1))
+    two = finish(launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "two")], 2))
+    return out, one, two
+
+
+def test_stage1_two_processes_equal_one(stage1, detectable):
+    out, one, two = stage1
+    assert "1 process(es) x batch 4 x accumulation 1 = global batch 4" in one
+    assert "2 process(es) x batch 2 x accumulation 1 = global batch 4" in two
+    assert two.count("wrote ") == 1 and "peak memory" in two and " + " in two.split("peak memory")[1]   # rank 0 logs
+    a, _, _ = safetensors_io.read(out / "one" / "base.safetensors")
+    b, _, _ = safetensors_io.read(out / "two" / "base.safetensors")
+    start, _, _ = safetensors_io.read(detectable)
+    assert a.keys() == b.keys()
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert_same_training(a, b, start, unet)
+    assert losses(out / "one", "base") == pytest.approx(losses(out / "two", "base"), rel=1e-5)
+    assert sorted(p.name for p in (out / "two").iterdir()) == ["base.safetensors", "base_log.csv", "base_loss.png"]
+
+
+@pytest.fixture(scope="module")
+def stage3(detectable, train_images, mole_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage3")
+    common = ["train-gates", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
+              str(train_images), "--resolution", "64", "--max_train_steps", "8", "--learning_rate", "1e-3",
+              "--experts", f"face={mole_files['face']}", f"hand={mole_files['hand']}", "--output_name", "g",
+              "--seed", "5", "--save_every_n_steps", "2", "--save_state", "--lr_scheduler", "cosine"]
+    return out, common
+
+
+def test_stage3_two_processes_equal_one_and_resume_after_kill(stage3):
+    out, common = stage3
+    one = launch(common + ["--train_batch_size", "4", "--output_dir", str(out / "one")], 1)
+    finish(one)
+    two = launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "two")], 2)
+    finish(two)
+    a, _, _ = safetensors_io.read(out / "one" / "g.safetensors")
+    b, _, _ = safetensors_io.read(out / "two" / "g.safetensors")
+    start, _, _ = safetensors_io.read(out / "two" / "g-step00000002.safetensors")   # how far steps 3-8 moved
+    assert a.keys() == b.keys()
+    assert_same_training(a, b, start, sorted(a))
+    assert losses(out / "one", "g") == pytest.approx(losses(out / "two", "g"), rel=1e-5)
+
+    # the same 2-process run, killed after its step-2 state, resumed by a new torchrun
+    cut = launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "cut")], 2)
+    state = out / "cut" / "g-step00000002-state"
+    deadline = time.monotonic() + 300
+    while not state.exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(cut.pid, signal.SIGKILL)
+    cut.wait()
+    assert state.exists() and not (out / "cut" / "g.safetensors").exists(), "not killed between steps 2 and 8"
+    resumed = finish(launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "cut"),
+                                      "--resume", str(state)], 2))
+    assert "resumed from" in resumed and "at step 2" in resumed
+    c, _, _ = safetensors_io.read(out / "cut" / "g.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b), "the resumed 2-process run differs from the uninterrupted one"
+    assert losses(out / "cut", "g") == losses(out / "two", "g")
