@@ -86,3 +86,17 @@ def test_gates_stage_needs_experts_and_rejects_expert_flags(paths):
         parse("gates", base_args(paths) + ["--network_dim", "4"])
     c = parse("gates", base_args(paths) + ["--experts", f"face={paths['expert']}", f"hand={paths['expert']}"])
     assert list(c.expert_paths()) == ["face", "hand"] and c.gate_variant == "official"
+
+
+def test_stage1_text_encoder_options(paths):
+    c = parse("finetune", base_args(paths) + ["--train_text_encoder", "--learning_rate_te", "1e-6",
+                                              "--gradient_checkpointing"])
+    assert c.train_text_encoder and c.learning_rate_te == 1e-6 and c.gradient_checkpointing
+    with pytest.raises(ConfigError, match="--learning_rate_te goes with --train_text_encoder"):
+        parse("finetune", base_args(paths) + ["--learning_rate_te", "1e-6"])
+    with pytest.raises(SystemExit):          # argparse: stage 1 only
+        parse("expert", base_args(paths) + ["--train_text_encoder"])
+    toml = paths["dir"] / "c.toml"
+    toml.write_text("train_text_encoder = true\n")
+    with pytest.raises(ConfigError, match="'train_text_encoder' is not used by train-gates"):
+        parse("gates", ["--config_file", str(toml)] + base_args(paths) + ["--experts", f"face={paths['expert']}"])
