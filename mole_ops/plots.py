@@ -50,7 +50,8 @@ def line_plot(series: dict[str, list[float] | np.ndarray], x=None, *, title: str
     return _rgb(fig)
 
 
-def histogram(values, *, title: str, xlabel: str, bins: int = 30, size=(640, 400), marks=()) -> np.ndarray:
+def histogram(values, *, title: str, xlabel: str, bins: int = 30, size=(640, 400), marks=(),
+              ylabel: str = "prompts") -> np.ndarray:
     """A histogram (H, W, 3) uint8, with vertical lines at `marks` (e.g. quartile edges)."""
     fig = _figure(*size)
     ax = fig.add_subplot(1, 1, 1)
@@ -59,7 +60,7 @@ def histogram(values, *, title: str, xlabel: str, bins: int = 30, size=(640, 400
         ax.axvline(m, color="#dd8452", linestyle="--", linewidth=1)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("prompts")
+    ax.set_ylabel(ylabel)
     fig.tight_layout()
     return _rgb(fig)
 

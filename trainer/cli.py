@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from . import audit, config, demo, workflows
+from . import audit, config, demo, prepare, workflows
 from ..mole_ops.errors import MoLEError
 
 TRAIN = {"train-base": ("finetune", "stage 1: fine-tune the whole UNet (a full checkpoint)"),
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     audit.add_arguments(commands.add_parser("audit", help="EMoE prompt audit: uncertainty score per prompt, "
                                             "quartiles, per-group statistics and plots",
                                             description=audit.__doc__.split("\n\n")[0]))
+    prepare.add_arguments(commands.add_parser("prepare", help="dataset preparation as in the paper: sliding-window "
+                                              "crops, caption clean-up, optional CLIP score filter, kohya metadata",
+                                              description=prepare.__doc__.split("\n\n")[0]))
     for command, (stage, text) in TRAIN.items():
         sub = commands.add_parser(command, help=text, description=text + ". Flags are kohya sd-scripts' names.")
         config.add_arguments(sub, stage)
