@@ -57,14 +57,15 @@ class World:
 
     # -- data --------------------------------------------------------------------------------------------------
     def rows(self, n: int) -> tuple[list[int], float]:
-        """This process's rows of a global batch of n, and the weight of its summed per-sample losses, chosen so
-        that the average over processes (DDP's gradient average) is the mean over the n rows. A process left
-        without rows (a last batch smaller than the world) computes row 0 at weight 0: DDP needs every process
-        in every backward."""
+        """This process's rows of a global batch of n, and the factor f of its loss sum(per-sample losses) / n * f,
+        chosen so that the average over processes (DDP's gradient average) is the mean over the n rows: f is the
+        number of processes (1 in a single process: exactly the batch mean). A process left without rows (a
+        last batch smaller than the world) computes row 0 with f = 0: DDP needs every process in every
+        backward."""
         mine = list(range(self.rank, n, self.size))
         if not mine:
             return [0], 0.0
-        return mine, self.size / n
+        return mine, float(self.size)
 
     # -- collectives ---------------------------------------------------------------------------------------------
     def mean(self, value: float) -> float:

@@ -152,7 +152,7 @@ class Run:
         mean (in one process: the batch mean)."""
         c = self.config
         n, (width, height) = len(batch.images), batch.size
-        rows, weight = self.world.rows(n) if shard else (list(range(n)), 1 / n)
+        rows, factor = self.world.rows(n) if shard else (list(range(n)), 1.0)
         # noise and timesteps of the whole global batch, the same in every process
         noise = torch.randn((n, self.base.latent_channels, height // 8, width // 8), generator=gen)
         t = torch.randint(0, len(self.base.alphas_cumprod), (n,), generator=gen)
@@ -168,7 +168,7 @@ class Run:
             from .model import min_snr_weight
 
             per_sample = per_sample * min_snr_weight(self.base.alphas_cumprod.to(t.device), t, c.min_snr_gamma)
-        return per_sample.sum() * weight
+        return per_sample.sum() / n * factor
 
     def step(self) -> float:
         """One optimizer step; returns the global batch's loss (the mean over processes)."""

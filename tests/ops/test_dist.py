@@ -12,10 +12,10 @@ def test_rows_cover_the_batch_and_average_to_its_mean(n, size):
     losses = torch.rand(n, dtype=torch.float64)
     covered, averaged = [], 0.0
     for rank in range(size):
-        rows, weight = World(rank, size).rows(n)
-        if weight:
+        rows, factor = World(rank, size).rows(n)
+        if factor:
             covered += rows
-        averaged += float(losses[rows].sum()) * weight / size
+        averaged += float(losses[rows].sum()) / n * factor / size
     assert sorted(covered) == list(range(n))
     assert averaged == pytest.approx(float(losses.mean()))
 
