@@ -54,8 +54,11 @@ class Objective(torch.nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, captions: list[str], size: tuple[int, int]):
         run = self.__dict__["run"]
-        cond = run.text(Batch([], captions, size))
-        with autocast(run.config.mixed_precision, x_t.device):
+        precision = run.config.mixed_precision
+        # a frozen text encoder's (cached) encodings are computed in full precision; a training one autocasts
+        with autocast(precision if run.config.train_text_encoder else "no", x_t.device):
+            cond = run.text(Batch([], captions, size))
+        with autocast(precision, x_t.device):
             return run.base.predict(x_t, t, cond)
 
 

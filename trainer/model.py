@@ -142,7 +142,9 @@ class Base:
     def make_text_encoder_trainable(self) -> torch.nn.Module:
         """The text encoder, with gradients on. ComfyUI's CLIP layers add their residuals into their input in
         place: right for inference, wrong for autograd (the LayerNorm before saved that input). Each layer's
-        forward is replaced by the same two residual adds, out of place."""
+        forward is replaced by the same two residual adds, out of place. Tensors the diffusion model never sees
+        stay frozen: CLIP's logit scale and CLIP-L's text projection (no pooled output of CLIP-L is used; an SD1.5
+        file does not even hold them, and ComfyUI leaves them unset and drops them on saving)."""
         import types
 
         import comfy.clip_model
@@ -150,7 +152,8 @@ class Base:
         for m in self.text_encoder.modules():
             if isinstance(m, comfy.clip_model.CLIPLayer):
                 m.forward = types.MethodType(_clip_layer_forward, m)
-        self.text_encoder.requires_grad_(True)
+        for name, p in self.text_encoder.named_parameters():
+            p.requires_grad_(not (name.endswith("logit_scale") or name == "clip_l.transformer.text_projection.weight"))
         return self.text_encoder
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

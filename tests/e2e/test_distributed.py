@@ -112,3 +112,19 @@ def test_stage3_two_processes_equal_one_and_resume_after_kill(stage3):
     c, _, _ = safetensors_io.read(out / "cut" / "g.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b), "the resumed 2-process run differs from the uninterrupted one"
     assert losses(out / "cut", "g") == losses(out / "two", "g")
+
+
+def test_stage2_two_processes_equal_one(detectable, train_images, tmp_path):
+    """Stage 2 as well, with gradient accumulation (2 micro-batches, gradients synchronised on the last)."""
+    common = ["train-expert", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
+              str(train_images), "--resolution", "64", "--max_train_steps", "3", "--learning_rate", "1e-3",
+              "--network_dim", "4", "--output_name", "e", "--seed", "9", "--gradient_accumulation_steps", "2"]
+    finish(launch(common + ["--train_batch_size", "2", "--output_dir", str(tmp_path / "one")], 1))
+    finish(launch(common + ["--train_batch_size", "1", "--output_dir", str(tmp_path / "two")], 2))
+    a, _, _ = safetensors_io.read(tmp_path / "one" / "e.safetensors")
+    b, _, _ = safetensors_io.read(tmp_path / "two" / "e.safetensors")
+    start = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in a.items()}   # up starts at zero
+    ups = [k for k in a if "lora_up" in k]
+    assert_same_training(a, b, start, ups)
+    assert all(torch.equal(a[k], b[k]) or float((a[k] - b[k]).abs().max()) <= 1e-5 for k in a)
+    assert losses(tmp_path / "one", "e") == pytest.approx(losses(tmp_path / "two", "e"), rel=1e-5)
