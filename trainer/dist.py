@@ -98,7 +98,9 @@ class World:
         return DistributedDataParallel(module, device_ids=devices, find_unused_parameters=unused_parameters)
 
     def close(self) -> None:
+        """Leave the group once every process is done with it (call after DistributedDataParallel is gone)."""
         if self.distributed and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

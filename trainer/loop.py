@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import logging
 import os
 import time
@@ -366,4 +367,8 @@ def train(config: TrainConfig) -> Path:
     try:
         return run.train()
     finally:
-        run.world.close()
+        world = run.world
+        run.model = None                  # DistributedDataParallel lets go of the group before the group ends
+        del run
+        gc.collect()
+        world.close()

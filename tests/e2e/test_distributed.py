@@ -56,11 +56,11 @@ def stage1(detectable, train_images, tmp_path_factory):
               "--output_name", "base", "--seed", "3", "--cache_latents", "--min_snr_gamma", "5"]
     one = finish(launch(common + ["--train_batch_size", "4", "--output_dir", str(out / "one")], 1))
     two = finish(launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "two")], 2))
-    return out, one, two
+    return out, one, two, common
 
 
 def test_stage1_two_processes_equal_one(stage1, detectable):
-    out, one, two = stage1
+    out, one, two, _ = stage1
     assert "1 process(es) x batch 4 x accumulation 1 = global batch 4" in one
     assert "2 process(es) x batch 2 x accumulation 1 = global batch 4" in two
     assert two.count("wrote ") == 1 and "peak memory" in two and " + " in two.split("peak memory")[1]   # rank 0 logs
@@ -72,6 +72,31 @@ def test_stage1_two_processes_equal_one(stage1, detectable):
     assert_same_training(a, b, start, unet)
     assert losses(out / "one", "base") == pytest.approx(losses(out / "two", "base"), rel=1e-5)
     assert sorted(p.name for p in (out / "two").iterdir()) == ["base.safetensors", "base_log.csv", "base_loss.png"]
+
+
+def kill_after(process: subprocess.Popen, state: Path, final: Path) -> None:
+    """SIGKILL the whole launch (torchrun and its workers) as soon as `state` exists."""
+    deadline = time.monotonic() + 300
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert state.exists() and not final.exists(), "not killed between the state and the end"
+
+
+def test_stage1_two_processes_killed_and_resumed(stage1):
+    """The 2-process stage-1 run, killed after its step-2 state and resumed by a new torchrun, ends bitwise where
+    the uninterrupted 2-process run ended (the whole UNet and the optimizer state are in the state)."""
+    out, _, _, common = stage1
+    args = common + ["--train_batch_size", "2", "--output_dir", str(out / "cut"), "--save_every_n_steps", "2",
+                     "--save_state"]
+    state = out / "cut" / "base-step00000002-state"
+    kill_after(launch(args, 2), state, out / "cut" / "base.safetensors")
+    resumed = finish(launch(args + ["--resume", str(state)], 2))
+    assert "at step 2" in resumed
+    a, _, _ = safetensors_io.read(out / "two" / "base.safetensors")
+    b, _, _ = safetensors_io.read(out / "cut" / "base.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +125,7 @@ def test_stage3_two_processes_equal_one_and_resume_after_kill(stage3):
     # the same 2-process run, killed after its step-2 state, resumed by a new torchrun
     cut = launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "cut")], 2)
     state = out / "cut" / "g-step00000002-state"
-    deadline = time.monotonic() + 300
-    while not state.exists() and cut.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(cut.pid, signal.SIGKILL)
-    cut.wait()
-    assert state.exists() and not (out / "cut" / "g.safetensors").exists(), "not killed between steps 2 and 8"
+    kill_after(cut, state, out / "cut" / "g.safetensors")
     resumed = finish(launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "cut"),
                                       "--resume", str(state)], 2))
     assert "resumed from" in resumed and "at step 2" in resumed
