@@ -16,9 +16,14 @@ gives every expert's hidden block, the local-gate logits and the global-gate log
 is linear in X before its sigmoid, so it folds into W1 exactly: official v_i = c_i * down_i.T @ up_i.T @ w_i.T
 (mean_n(X @ v_i) = w_i . mean_n(R_i)), paper v_i = Wg_i. Then the hidden blocks are scaled per token and one
 matmul with U = [s_0 c_0 up_0, ..., s_{N-1} c_{N-1} up_{N-1}] is accumulated straight into F(X).
+
+Compute dtype: the activation's, except bf16/fp16 activations on a CPU without native units for them (no
+AVX512-BF16/AMX-BF16, no AVX512-FP16/AMX-FP16). There those matmuls are emulated and several times slower than
+fp32, so the expert path runs in fp32 and its sum is added to the half-precision F(X) (more exact, too).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -30,6 +35,10 @@ from .errors import MoLEError
 MODES = ("both", "local", "global", "none")
 VARIANTS = ("official", "paper")
 PAD_TO = 16  # bf16 matmuls are much faster when the output width is a multiple of 16
+# Gate factors below this are set to 0: their terms are below any float's resolution, and sigmoid of a strongly
+# negative logit is a denormal float, which x86 CPUs compute ~10x slower (it made the up projection of a closed
+# gate cost more than the whole layer).
+TINY = 1e-20
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,25 @@ class GateSettings:
 
     def key(self, order: tuple[str, ...]) -> tuple:
         return (self.mode, tuple(self.strength(n) for n in order))
+
+
+@functools.cache
+def _native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix units for the half type (else oneDNN emulates it)."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return True                       # unknown: keep the activation's dtype
+    names = ("avx512_bf16", "amx_bf16") if dtype == torch.bfloat16 else ("avx512_fp16", "amx_fp16")
+    return any(bool(caps.get(n)) for n in names)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls of activation x run in (see the module docstring). Under CPU autocast the
+    activation's dtype is kept (autocast would cast the matmuls back anyway)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu"):
+        return x.dtype
+    return x.dtype if _native_half(x.dtype) else torch.float32
 
 
 class LoRA(nn.Module):
@@ -166,15 +194,18 @@ class MoLELayer(nn.Module):
         alone on that row: the batched ensemble pass of EMoE).
         Without active experts y is returned unchanged (bit-exact).
         """
-        f = self.fused(settings, x.device, x.dtype)
+        dtype = compute_dtype(x)
+        f = self.fused(settings, x.device, dtype)
         if f is None:
             return y
         conv = x.ndim == 4
         if not conv and x.ndim != 3:
             raise MoLEError(f"MoLE layer input must be (B, n, d) or (B, C, H, W), got {tuple(x.shape)}")
         b = x.shape[0]
-        if conv:  # 1x1 conv: the H*W positions are the tokens; work token-major like a Linear
-            x = x.permute(0, 2, 3, 1).reshape(b, -1, self.d_in)
+        if conv:  # 1x1 conv: the H*W positions are the tokens; work token-major like a Linear (one copy)
+            x = x.to(dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, -1, self.d_in)
+        else:
+            x = x.to(dtype)
         h = torch.matmul(x, f.w1.T)                                     # (B, n, K)
         hidden = h.narrow(2, 0, f.rank_total)
         coef, local_gate, global_gate = None, None, None
@@ -188,9 +219,10 @@ class MoLELayer(nn.Module):
             coef = global_gate[:, None] if coef is None else coef * global_gate[:, None]
         if rows is not None:
             active = [i for i, n in enumerate(self.order) if settings.strength(n) != 0.0]
-            per_row = rows.to(device=x.device, dtype=x.dtype)[:, active][:, None]      # (B, 1, N)
+            per_row = rows.to(device=x.device, dtype=dtype)[:, active][:, None]        # (B, 1, N)
             coef = per_row if coef is None else coef * per_row
         if coef is not None:
+            coef = torch.where(coef.abs() < TINY, 0.0, coef)
             hidden = self._scale_blocks(hidden, coef, f)
         if record is not None:
             record(local_gate, global_gate, [n for n in self.order if settings.strength(n) != 0.0])
@@ -198,9 +230,13 @@ class MoLELayer(nn.Module):
         inplace = not (torch.is_grad_enabled() and (y.requires_grad or h2.requires_grad))
         if conv:
             delta = torch.mm(h2, f.up.T).view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2)
-            return y.add_(delta) if inplace else y + delta
+            return y.add_(delta) if inplace else y + delta.to(y.dtype)
         y2 = y.reshape(-1, self.d_out)
-        out = y2.addmm_(h2, f.up.T) if inplace else torch.addmm(y2, h2, f.up.T)
+        if dtype != y.dtype:                 # fp32 experts on a half-precision layer: sum, then round once
+            delta = torch.mm(h2, f.up.T)
+            out = y2.add_(delta) if inplace else y2 + delta.to(y.dtype)
+        else:
+            out = y2.addmm_(h2, f.up.T) if inplace else torch.addmm(y2, h2, f.up.T)
         return out.view(y.shape)
 
     @staticmethod

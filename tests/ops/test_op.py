@@ -170,3 +170,48 @@ def test_bad_settings_and_shapes_are_refused():
         LoRA(torch.zeros(2, 4), torch.zeros(4, 3), 1.0)
     with pytest.raises(MoLEError, match="does not match experts"):
         MoLELayer({"face": LoRA(torch.zeros(2, 4), torch.zeros(4, 2), 1.0)}, ("hand",))
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("conv", [False, True])
+def test_half_precision_activations_on_cpu(monkeypatch, native, conv):
+    """bf16 activations: on a CPU without bf16 matrix units the experts run in fp32 (weights cached in fp32) and
+    the sum is rounded once into the bf16 output; with such units they run in bf16. Either way the output is
+    bf16 and matches the reference within bf16 precision."""
+    from comfyui_mole.mole_ops import ops
+
+    monkeypatch.setattr(ops, "_native_half", lambda dtype: native)
+    layer = make_layer(32, 24, [8, 4], "official", dtype=torch.float32).requires_grad_(False)
+    x, y = inputs(layer, conv, (4, 6))
+    settings = GateSettings("both")
+    expected = naive(layer, x, y, settings)
+    with torch.inference_mode():
+        got = layer(x.bfloat16(), y.bfloat16(), settings)
+    assert got.dtype == torch.bfloat16
+    (_, _, dtype), = layer._cache
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=5e-2)
+    if not native:     # fp32 experts: the only bf16 roundings are the inputs' and the output's
+        exact = naive(layer, x.bfloat16().float(), y.bfloat16().float(), settings).bfloat16()
+        assert (got.float() - exact.float()).abs().max() <= 2 * (exact.float().abs().max() * 2 ** -8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        assert ops.compute_dtype(x.bfloat16()) == torch.bfloat16         # autocast decides inside autocast
+
+
+def test_closed_gates_send_no_denormals_into_the_up_projection(monkeypatch):
+    """sigmoid(-90) is a denormal float (x86 computes those ~10x slower): such gate factors become exactly 0."""
+    layer = make_layer(16, 12, [4, 6], "official", dtype=torch.float32).requires_grad_(False)
+    with torch.no_grad():
+        layer.local_gate.bias[0] = -90.0
+        layer.local_gate.weight[0] = 0.0
+    seen = []
+    original = MoLELayer._scale_blocks
+    monkeypatch.setattr(MoLELayer, "_scale_blocks", staticmethod(
+        lambda hidden, coef, f: seen.append(coef) or original(hidden, coef, f)))
+    x, y = inputs(layer, False, (2, 3))
+    with torch.inference_mode():
+        got = layer(x, y.clone(), GateSettings("both"))
+    coef = seen[0]
+    assert torch.all(coef[..., 0] == 0) and torch.all(coef[..., 1] > 0)
+    assert not torch.any((coef != 0) & (coef.abs() < torch.finfo(torch.float32).tiny))
+    torch.testing.assert_close(got, naive(layer, x, y, GateSettings("both")), rtol=1e-5, atol=1e-5)
