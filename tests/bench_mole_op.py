@@ -35,7 +35,7 @@ spec.loader.exec_module(pkg)
 from comfyui_mole.mole_ops.hooks import HookState, attach  # noqa: E402
 from comfyui_mole.mole_ops.layout import SD15  # noqa: E402
 from comfyui_mole.mole_ops.mixture import build  # noqa: E402
-from comfyui_mole.mole_ops.ops import GateSettings  # noqa: E402
+from comfyui_mole.mole_ops.ops import GateSettings, compute_dtype  # noqa: E402
 from comfyui_mole.mole_ops.trace import COND, UNCOND, GateTrace  # noqa: E402
 from comfyui_mole.trainer.host import use_comfy  # noqa: E402
 
@@ -130,7 +130,7 @@ def mole_flops(root, mole, settings, call) -> int:
         def hook(module, args, out):
             nonlocal total
             x = args[0]
-            f = layer.fused(settings, x.device, x.dtype)
+            f = layer.fused(settings, x.device, compute_dtype(x))
             tokens = x.numel() // layer.d_in
             total += 2 * tokens * (f.w1.shape[0] * layer.d_in + f.rank_total * layer.d_out)
         return hook
