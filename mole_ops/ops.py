@@ -73,9 +73,16 @@ def _native_half(dtype: torch.dtype) -> bool:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the expert matmuls of activation x run in (see the module docstring). Under CPU autocast the
     activation's dtype is kept (autocast would cast the matmuls back anyway)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu"):
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or _cpu_autocast():
         return x.dtype
     return x.dtype if _native_half(x.dtype) else torch.float32
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:                     # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 class LoRA(nn.Module):
