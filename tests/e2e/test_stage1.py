@@ -7,22 +7,11 @@ import pytest
 import torch
 
 from comfyui_mole.mole_ops import safetensors_io
-from comfyui_mole.trainer.config import TrainConfig, validate
+from trainer_utils import make_config, run
 
 
-def config(detectable, images, out, **kw) -> TrainConfig:
-    kw = {"output_name": "base", "train_batch_size": 4, "learning_rate": 1e-4, "cache_latents": True,
-          "resolution": "64", **kw}
-    c = TrainConfig(stage="finetune", pretrained_model_name_or_path=str(detectable), train_data_dir=str(images),
-                    output_dir=str(out), **kw)
-    validate(c)
-    return c
-
-
-def run(c):
-    from comfyui_mole.trainer.loop import Run
-
-    return Run(c)
+def config(detectable, images, out, **kw):
+    return make_config(detectable, images, out, "finetune", **{"output_name": "base", "learning_rate": 1e-4, **kw})
 
 
 @pytest.fixture(scope="module")

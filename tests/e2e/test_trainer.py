@@ -19,22 +19,9 @@ from comfyui_mole.mole_ops import expert_file, gate_file, safetensors_io
 from comfyui_mole.mole_ops.hooks import attach
 from comfyui_mole.trainer.config import TrainConfig, validate
 from comfyui_mole.trainer.host import comfyui_path
+from trainer_utils import make_config, run
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_config(detectable, images, out, stage, **kw) -> TrainConfig:
-    kw = {"output_name": stage, "train_batch_size": 4, "learning_rate": 1e-3, "cache_latents": True, **kw}
-    c = TrainConfig(stage=stage, pretrained_model_name_or_path=str(detectable), train_data_dir=str(images),
-                    resolution="64", output_dir=str(out), **kw)
-    validate(c)
-    return c
-
-
-def run(config):
-    from comfyui_mole.trainer.loop import Run
-
-    return Run(config)
 
 
 @pytest.fixture(scope="module")
