@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
@@ -121,6 +121,13 @@ def make_mole(unet_root, dtype):
     return mole
 
 
+def attention_flops_on_cpu() -> dict:
+    """FlopCounterMode counts nothing for the CPU kernel of scaled_dot_product_attention (ComfyUI's attention on
+    a CPU): count it like the GPU kernels, 4 * B * heads * n_q * n_kv * head_dim."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None else {op: lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
 def mole_flops(root, mole, settings, call) -> int:
     """2 * tokens * (K * d_in + R * d_out) summed over the MoLE layers of one call (K = fused first-matmul rows)."""
     total = 0
@@ -186,7 +193,7 @@ def bench(model, dtype, size, reps):
     flops = {}
     for name, fn in variants.items():
         fn()  # warm-up (and builds the fused cache)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=attention_flops_on_cpu()) as counter:
             fn()
         flops[name] = counter.get_total_flops()
     # FlopCounterMode does not see the in-place addmm_ our op accumulates with: count our matmuls from shapes.
