@@ -149,39 +149,62 @@ class MoLELayer(nn.Module):
         return torch.cat(rows), torch.cat(bias)
 
     def fused(self, settings: GateSettings, device, dtype) -> "_Fused | None":
-        """Stacked weights for these settings, cast to (device, dtype); cached unless a parameter trains."""
-        cache_key = (settings.key(self.order), device, dtype)
-        hit = self._cache.get(cache_key)
-        if hit is not None:
-            return hit
+        """Stacked weights for these settings, cast to (device, dtype).
+
+        Nothing trains: the gates are folded into the first matmul and everything is cached. Gates train on
+        frozen experts (stage 3): the expert stacks are cached and the gate rows, a few per expert, are their own
+        matmul, so backward computes no weight gradient for the experts' rows and nothing large is copied per
+        call. Experts train: everything is rebuilt per call (folded)."""
         active = [i for i, n in enumerate(self.order) if settings.strength(n) != 0.0]
         if not active:
             return None
+        experts_train = any(p.requires_grad for p in self.experts.parameters())
+        gates_train = any(p.requires_grad for m in (self.local_gate, self.global_gate) for p in m.parameters())
+        separate = gates_train and not experts_train
+        cache_key = (settings.key(self.order), device, dtype)
+        hit = self._cache.get(cache_key) if not gates_train and not experts_train else None
+        if hit is not None:
+            return hit
         names = [self.order[i] for i in active]
         local = settings.mode in ("both", "local")
         glob = settings.mode in ("both", "global")
-        rows = [self.experts[n].down for n in names]
-        ranks = [self.experts[n].rank for n in names]
+        stacks = self._cache.get(cache_key + ("experts",)) if separate else None
+        if stacks is None:
+            stacks = self._expert_stacks(settings, names, device, dtype)
+            if separate:
+                self._cache[cache_key + ("experts",)] = stacks
+        down, up, ranks = stacks
+        rows, global_b = [], None
         if local:
             rows.append(self.local_gate.weight[active])
         if glob:
             v, global_b = self.global_vectors(active)
             rows.append(v)
-        width = sum(r.shape[0] for r in rows)
-        if local or glob:
-            pad = -width % PAD_TO
-            if pad:
-                rows.append(rows[0].new_zeros(pad, self.d_in))
-        w1 = torch.cat(rows).to(device=device, dtype=dtype)
-        up = torch.cat([self.experts[n].up * (self.experts[n].scale * settings.strength(n)) for n in names], dim=1)
+        gate_rows = torch.cat(rows).to(device=device, dtype=dtype) if rows else None
+        if separate:
+            w1, gate_w = down, gate_rows
+        elif gate_rows is not None:
+            pad = -(down.shape[0] + gate_rows.shape[0]) % PAD_TO
+            w1 = torch.cat([down, gate_rows] + ([down.new_zeros(pad, self.d_in)] if pad else []))
+            gate_w = None
+        else:
+            w1, gate_w = down, None
         f = _Fused(
-            w1=w1, up=up.to(device=device, dtype=dtype), ranks=ranks, rank_total=sum(ranks), n=len(names),
+            w1=w1, up=up, ranks=ranks, rank_total=sum(ranks), n=len(names), gate_w=gate_w,
             local_b=self.local_gate.bias[active].to(device=device, dtype=dtype) if local else None,
             global_b=global_b.to(device=device, dtype=dtype) if glob else None,
             ranks_t=torch.tensor(ranks, device=device))
-        if not any(p.requires_grad for p in self.parameters()):
+        if not gates_train and not experts_train:
+            for key in [k for k in self._cache if k[-1] == "experts"]:   # training is over: drop its stacks
+                del self._cache[key]
             self._cache[cache_key] = f
         return f
+
+    def _expert_stacks(self, settings, names, device, dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """[down_0; down_1; ...] (R, d_in) and [s_0 c_0 up_0, ...] (d_out, R) in (device, dtype), and the ranks."""
+        down = torch.cat([self.experts[n].down for n in names]).to(device=device, dtype=dtype)
+        up = torch.cat([self.experts[n].up * (self.experts[n].scale * settings.strength(n)) for n in names], dim=1)
+        return down, up.to(device=device, dtype=dtype), [self.experts[n].rank for n in names]
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -215,14 +238,15 @@ class MoLELayer(nn.Module):
             x = x.to(dtype)
         h = torch.matmul(x, f.w1.T)                                     # (B, n, K)
         hidden = h.narrow(2, 0, f.rank_total)
+        # gate logits: folded into h after the hidden blocks, or their own small matmul (gates training)
+        logits, col = (h, f.rank_total) if f.gate_w is None else (torch.matmul(x, f.gate_w.T), 0)
         coef, local_gate, global_gate = None, None, None
-        col = f.rank_total
         if f.local_b is not None:
-            local_gate = torch.sigmoid(h.narrow(2, col, f.n) + f.local_b)                  # (B, n, N)
+            local_gate = torch.sigmoid(logits.narrow(2, col, f.n) + f.local_b)             # (B, n, N)
             coef = local_gate
             col += f.n
         if f.global_b is not None:
-            global_gate = torch.sigmoid(h.narrow(2, col, f.n).mean(dim=1) + f.global_b)   # (B, N)
+            global_gate = torch.sigmoid(logits.narrow(2, col, f.n).mean(dim=1) + f.global_b)  # (B, N)
             coef = global_gate[:, None] if coef is None else coef * global_gate[:, None]
         if rows is not None:
             active = [i for i, n in enumerate(self.order) if settings.strength(n) != 0.0]
@@ -264,3 +288,4 @@ class _Fused:
     local_b: torch.Tensor | None
     global_b: torch.Tensor | None
     ranks_t: torch.Tensor
+    gate_w: torch.Tensor | None = None          # gate rows of their own matmul (gates training), else folded in w1

@@ -127,7 +127,9 @@ def test_stage3_file_in_apply_mole_samples_what_the_trainer_samples(gates, exper
     finally:
         r.stage.handles = attach(r.base.model, r.stage.mole, r.stage.state)
     assert (trainer_image - base_image).abs().max() > 1e-3
-    torch.testing.assert_close(node_image, trainer_image, rtol=0, atol=1e-5)
+    # same math, other float order: while gates train, their logits are a matmul of their own and the official
+    # global gate comes from the pooled hidden blocks (a frozen model folds both into the experts' matmul)
+    torch.testing.assert_close(node_image, trainer_image, rtol=0, atol=1e-4)
 
 
 def _cli(args, **popen):

@@ -68,12 +68,26 @@ def inputs(layer, conv, shape, batch=3, seed=1):
 
 
 CASES = list(itertools.product([False, True], [(4, 4), (3, 5)], [1, 2, 3, 4], ["official", "paper"], MODES))
+# the three ways fused() stacks the weights: all folded and cached (nothing trains), cached expert stacks with
+# the gates as their own matmul (stage 3), all folded and rebuilt per call (an expert trains)
+TRAINING = ("nothing", "gates", "experts")
 
 
+def set_training(layer, training):
+    layer.requires_grad_(False)
+    if training == "gates":
+        for m in (layer.local_gate, layer.global_gate):
+            m.requires_grad_(True)
+    elif training == "experts":
+        layer.experts.requires_grad_(True)
+
+
+@pytest.mark.parametrize("training", TRAINING)
 @pytest.mark.parametrize("conv,shape,n_experts,variant,mode", CASES)
-def test_fused_equals_naive_fp32(conv, shape, n_experts, variant, mode):
+def test_fused_equals_naive_fp32(conv, shape, n_experts, variant, mode, training):
     ranks = [4, 8, 3, 16][:n_experts]
     layer = make_layer(24, 20, ranks, variant, dtype=torch.float32)
+    set_training(layer, training)
     settings = GateSettings(mode, {"hand": 0.7} if n_experts > 1 else {})
     x, y = inputs(layer, conv, shape)
     with torch.no_grad():
@@ -81,6 +95,7 @@ def test_fused_equals_naive_fp32(conv, shape, n_experts, variant, mode):
         got = layer(x, y.clone(), settings)
     assert not torch.allclose(expected, y, atol=1e-3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert any(key[-1] == "experts" for key in layer._cache) == (training == "gates")
 
 
 def test_fused_equals_naive_with_grad_enabled_and_cached_repeat():
@@ -94,7 +109,7 @@ def test_fused_equals_naive_with_grad_enabled_and_cached_repeat():
         first = layer(x, y.clone(), settings)
         second = layer(x, y.clone(), settings)
     torch.testing.assert_close(first, expected)
-    assert torch.equal(first, second) and len(layer._cache) == 1
+    assert torch.equal(first, second) and len(layer._cache) == 1   # the training-time expert stacks are dropped
 
 
 def test_all_experts_off_returns_base_exactly():
