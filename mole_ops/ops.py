@@ -17,6 +17,11 @@ is linear in X before its sigmoid, so it folds into W1 exactly: official v_i = c
 (mean_n(X @ v_i) = w_i . mean_n(R_i)), paper v_i = Wg_i. Then the hidden blocks are scaled per token and one
 matmul with U = [s_0 c_0 up_0, ..., s_{N-1} c_{N-1} up_{N-1}] is accumulated straight into F(X).
 
+Frozen experts on a layer narrower than their summed ranks (SD1.5's 320-wide layers, two rank-256 experts) run dense
+instead: W1 holds s_i c_i up_i down_i (d_out x d_in) per expert, and the gated sum of the N output blocks is the
+delta, no second matmul (dense_pays decides). While gates train on frozen experts, the gate rows are a matmul of
+their own, so backward computes no weight gradient for the experts' rows.
+
 Compute dtype: the activation's, except bf16/fp16 activations on a CPU without native units for them (no
 AVX512-BF16/AMX-BF16, no AVX512-FP16/AMX-FP16). There those matmuls are emulated and several times slower than
 fp32, so the expert path runs in fp32 and its sum is added to the half-precision F(X) (more exact, too).
@@ -57,6 +62,14 @@ class GateSettings:
 
     def key(self, order: tuple[str, ...]) -> tuple:
         return (self.mode, tuple(self.strength(n) for n in order))
+
+
+def dense_pays(d_in: int, d_out: int, n: int, rank_total: int) -> bool:
+    """Whether frozen experts are cheaper as n dense (d_out, d_in) matrices than as low-rank pairs: per token the
+    dense first matmul costs n d_out d_in multiply-adds plus the gated sum of n output blocks (counted as 16 each,
+    it is memory-bound), the low-rank pair R (d_in + d_out). True on SD1.5's 320-wide layers with two rank-256
+    experts (205k + 10k < 328k), false on the 640- and 1280-wide ones."""
+    return n * d_out * (d_in + 16) < rank_total * (d_in + d_out)
 
 
 @functools.cache
@@ -170,7 +183,7 @@ class MoLELayer(nn.Module):
         glob = settings.mode in ("both", "global")
         stacks = self._cache.get(cache_key + ("experts",)) if separate else None
         if stacks is None:
-            stacks = self._expert_stacks(settings, names, device, dtype)
+            stacks = self._expert_stacks(settings, names, device, dtype, frozen=not experts_train)
             if separate:
                 self._cache[cache_key + ("experts",)] = stacks
         down, up, ranks = stacks
@@ -200,11 +213,18 @@ class MoLELayer(nn.Module):
             self._cache[cache_key] = f
         return f
 
-    def _expert_stacks(self, settings, names, device, dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """[down_0; down_1; ...] (R, d_in) and [s_0 c_0 up_0, ...] (d_out, R) in (device, dtype), and the ranks."""
-        down = torch.cat([self.experts[n].down for n in names]).to(device=device, dtype=dtype)
-        up = torch.cat([self.experts[n].up * (self.experts[n].scale * settings.strength(n)) for n in names], dim=1)
-        return down, up.to(device=device, dtype=dtype), [self.experts[n].rank for n in names]
+    def _expert_stacks(self, settings, names, device, dtype, frozen: bool):
+        """(first, up, widths): low rank [down_0; down_1; ...] (R, d_in), [s_0 c_0 up_0, ...] (d_out, R) and the
+        ranks; or, for frozen experts on a layer where that is cheaper, dense [s_0 c_0 up_0 down_0; ...]
+        (N d_out, d_in), no up, and widths d_out (see dense_pays)."""
+        experts = [self.experts[n] for n in names]
+        ranks = [e.rank for e in experts]
+        if frozen and dense_pays(self.d_in, self.d_out, len(names), sum(ranks)):
+            dense = torch.cat([(e.up * (e.scale * settings.strength(n))) @ e.down for n, e in zip(names, experts)])
+            return dense.to(device=device, dtype=dtype), None, [self.d_out] * len(names)
+        down = torch.cat([e.down for e in experts]).to(device=device, dtype=dtype)
+        up = torch.cat([e.up * (e.scale * settings.strength(n)) for n, e in zip(names, experts)], dim=1)
+        return down, up.to(device=device, dtype=dtype), ranks
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -254,21 +274,34 @@ class MoLELayer(nn.Module):
             coef = per_row if coef is None else coef * per_row
         if coef is not None:
             coef = torch.where(coef.abs() < TINY, 0.0, coef)
-            hidden = self._scale_blocks(hidden, coef, f)
         if record is not None:
             record(local_gate, global_gate, [n for n in self.order if settings.strength(n) != 0.0])
-        h2 = hidden.reshape(-1, f.rank_total)
-        inplace = not (torch.is_grad_enabled() and (y.requires_grad or h2.requires_grad))
+        inplace = not (torch.is_grad_enabled() and (y.requires_grad or hidden.requires_grad))
+        if f.up is None:                     # dense experts: the gated sum of the output blocks is the delta
+            delta = self._sum_blocks(hidden, coef, f).reshape(-1, self.d_out)
+        else:
+            h2 = (hidden if coef is None else self._scale_blocks(hidden, coef, f)).reshape(-1, f.rank_total)
+            delta = None if not conv and dtype == y.dtype else torch.mm(h2, f.up.T)
         if conv:
-            delta = torch.mm(h2, f.up.T).view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2)
+            delta = delta.view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2)
             return y.add_(delta) if inplace else y + delta.to(y.dtype)
         y2 = y.reshape(-1, self.d_out)
-        if dtype != y.dtype:                 # fp32 experts on a half-precision layer: sum, then round once
-            delta = torch.mm(h2, f.up.T)
+        if delta is not None:                # fp32 experts on a half-precision layer: sum, then round once
             out = y2.add_(delta) if inplace else y2 + delta.to(y.dtype)
         else:
             out = y2.addmm_(h2, f.up.T) if inplace else torch.addmm(y2, h2, f.up.T)
         return out.view(y.shape)
+
+    @staticmethod
+    def _sum_blocks(hidden: torch.Tensor, coef: torch.Tensor | None, f: "_Fused") -> torch.Tensor:
+        """sum_i coef[..., i] * block_i of hidden (B, n, N d_out): the dense experts' gated output (B, n, d_out)."""
+        blocks = hidden.unflatten(2, (f.n, -1))
+        if coef is None:
+            return blocks.sum(2)
+        delta = blocks[:, :, 0] * coef[:, :, 0:1]
+        for i in range(1, f.n):
+            delta = delta.addcmul_(blocks[:, :, i], coef[:, :, i:i + 1])
+        return delta
 
     @staticmethod
     def _scale_blocks(hidden: torch.Tensor, coef: torch.Tensor, f: "_Fused") -> torch.Tensor:

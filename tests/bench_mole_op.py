@@ -129,7 +129,8 @@ def attention_flops_on_cpu() -> dict:
 
 
 def mole_flops(root, mole, settings, call) -> int:
-    """2 * tokens * (K * d_in + R * d_out) summed over the MoLE layers of one call (K = fused first-matmul rows)."""
+    """2 * tokens * (K * d_in + R * d_out) summed over the MoLE layers of one call (K = fused first-matmul rows;
+    no R * d_out term on layers whose frozen experts run dense)."""
     total = 0
     modules = dict(root.named_modules())
 
@@ -139,7 +140,8 @@ def mole_flops(root, mole, settings, call) -> int:
             x = args[0]
             f = layer.fused(settings, x.device, compute_dtype(x))
             tokens = x.numel() // layer.d_in
-            total += 2 * tokens * (f.w1.shape[0] * layer.d_in + f.rank_total * layer.d_out)
+            up = 0 if f.up is None else f.rank_total * layer.d_out     # dense experts: no up projection
+            total += 2 * tokens * (f.w1.shape[0] * layer.d_in + up)
         return hook
 
     handles = [modules[k].register_forward_hook(count(layer)) for k, layer in mole.items()]
@@ -237,7 +239,7 @@ def main() -> None:
         row += f"{med['authors'] / med['mole']:>13.2f}x"
         print(row, flush=True)
         cache = sum(t.numel() * t.element_size() for layer in mole.layers.values()
-                    for f in layer._cache.values() for t in (f.w1, f.up))
+                    for f in layer._cache.values() for t in (f.w1, f.up) if t is not None)
         print(f"{'':11}fused weights cached: {cache / 2**20:.0f} MiB; process peak RSS so far "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
     print("time ratios are wall-clock medians over base; 'F' = counted FLOP ratio over base")

@@ -82,12 +82,19 @@ def set_training(layer, training):
         layer.experts.requires_grad_(True)
 
 
+# low-rank experts run as down/up pairs; frozen experts whose ranks exceed the layer's width (SD1.5's 320-wide
+# layers at rank 256) run as dense matrices (dense_pays)
+RANKS = {"low": [4, 8, 3, 16], "dense": [40, 48, 36, 64]}
+
+
+@pytest.mark.parametrize("ranks", RANKS)
 @pytest.mark.parametrize("training", TRAINING)
 @pytest.mark.parametrize("conv,shape,n_experts,variant,mode", CASES)
-def test_fused_equals_naive_fp32(conv, shape, n_experts, variant, mode, training):
-    ranks = [4, 8, 3, 16][:n_experts]
-    layer = make_layer(24, 20, ranks, variant, dtype=torch.float32)
+def test_fused_equals_naive_fp32(conv, shape, n_experts, variant, mode, training, ranks):
+    layer = make_layer(24, 20, RANKS[ranks][:n_experts], variant, dtype=torch.float32)
     set_training(layer, training)
+    dense = ranks == "dense" and training != "experts"
+    assert (layer.fused(GateSettings(mode), "cpu", torch.float32).up is None) == dense
     settings = GateSettings(mode, {"hand": 0.7} if n_experts > 1 else {})
     x, y = inputs(layer, conv, shape)
     with torch.no_grad():
@@ -150,15 +157,18 @@ def test_batch_rows_are_pooled_separately():
     torch.testing.assert_close(whole[1:2], row)
 
 
+@pytest.mark.parametrize("ranks", [[2, 3], [10, 12]])          # low-rank and dense experts
+@pytest.mark.parametrize("conv", [True, False])
 @pytest.mark.parametrize("variant", ["official", "paper"])
-def test_gradients_reach_gates_only_and_match_numerics(variant):
-    layer = make_layer(6, 5, [2, 3], variant)
+def test_gradients_reach_gates_only_and_match_numerics(variant, conv, ranks):
+    layer = make_layer(6, 5, ranks, variant)
     layer.experts.requires_grad_(False)
-    x, y = inputs(layer, True, (2, 3), batch=2)
+    assert (layer.fused(GateSettings("both"), "cpu", torch.float64).up is None) == (ranks[0] == 10)
+    x, y = inputs(layer, conv, (2, 3), batch=2)
     gates = [p for n, p in layer.named_parameters() if p.requires_grad]
     assert gates and all(not n.startswith("experts") for n, p in layer.named_parameters() if p.requires_grad)
 
-    def loss(*params):
+    def loss(x, *params):     # the gates' gradient and the input's (what earlier layers' gates train through)
         saved = [p.detach().clone() for p in gates]
         names = [n for n, p in layer.named_parameters() if p.requires_grad]
         out = torch.func.functional_call(layer, dict(zip(names, params)), (x, y.clone(), GateSettings("both")))
@@ -166,7 +176,8 @@ def test_gradients_reach_gates_only_and_match_numerics(variant):
             assert torch.equal(p, v)
         return out
 
-    assert torch.autograd.gradcheck(loss, tuple(p.detach().clone().requires_grad_(True) for p in gates))
+    assert torch.autograd.gradcheck(loss, (x.clone().requires_grad_(True),)
+                                    + tuple(p.detach().clone().requires_grad_(True) for p in gates))
     out = layer(x, y.clone(), GateSettings("both"))
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
