@@ -9,12 +9,15 @@ Two rank-256 experts on all 192 layers. Variants, timed interleaved, medians rep
   peft      two unmerged LoRAs without gates (separate down/up per adapter, added to the output)
 FLOP ratios are counted with torch's FlopCounterMode on the same calls.
 
-    make bench            (or: .venv/bin/python tests/bench_mole_op.py --reps 5)
+    make bench            (or: .venv/bin/python tests/bench_mole_op.py --reps 5 --min-seconds 20)
+Each config runs at least --reps interleaved repetitions and enough of them for --min-seconds of base calls (this
+machine's speed drifts by 20% between minutes; a 2 s call needs about 10 repetitions for a steady median).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import resource
 import statistics
 import sys
@@ -151,7 +154,7 @@ def mole_flops(root, mole, settings, call) -> int:
     return total
 
 
-def bench(model, dtype, size, reps):
+def bench(model, dtype, size, reps, min_seconds):
     root, unet = model.model, model.model.diffusion_model
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size, size, generator=gen).to(dtype)
@@ -200,6 +203,9 @@ def bench(model, dtype, size, reps):
         flops[name] = counter.get_total_flops()
     # FlopCounterMode does not see the in-place addmm_ our op accumulates with: count our matmuls from shapes.
     flops["mole"] = flops["+trace"] = flops["base"] + mole_flops(root, mole, state.settings, call)
+    start = time.perf_counter()
+    call()
+    reps = max(reps, math.ceil(min_seconds / (time.perf_counter() - start)))
     times = {name: [] for name in variants}
     for _ in range(reps):
         for name, fn in variants.items():
@@ -207,12 +213,13 @@ def bench(model, dtype, size, reps):
             fn()
             times[name].append(time.perf_counter() - start)
     med = {n: statistics.median(v) for n, v in times.items()}
-    return med, flops, mole
+    return med, flops, mole, reps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=20.0)
     parser.add_argument("--configs", default="fp32:32,bf16:32,bf16:64")
     args = parser.parse_args()
     use_comfy(cpu=True)
@@ -221,7 +228,7 @@ def main() -> None:
     torch.manual_seed(0)
     models = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 2, two rank-256 experts x 192 layers, "
-          f"medians of {args.reps} interleaved repetitions")
+          f"medians of at least {args.reps} interleaved repetitions and {args.min_seconds:g} s of base calls")
     header = f"{'config':<11}{'base s':>8}" + "".join(f"{n:>16}" for n in ("mole", "+trace", "authors", "peft"))
     print(header + f"{'FLOP mole/base':>16}{'trace ovh':>11}{'authors/mole':>14}")
     for cfg in args.configs.split(","):
@@ -230,7 +237,7 @@ def main() -> None:
         if dtype not in models:
             models.clear()
             models[dtype] = full_sd15(seed=0, dtype=dtype)
-        med, flops, mole = bench(models[dtype], dtype, int(size), args.reps)
+        med, flops, mole, reps = bench(models[dtype], dtype, int(size), args.reps, args.min_seconds)
         base = med["base"]
         row = f"{dtype_name} {size}x{size}".ljust(11) + f"{base:>8.3f}"
         for n in ("mole", "+trace", "authors", "peft"):
@@ -240,7 +247,7 @@ def main() -> None:
         print(row, flush=True)
         cache = sum(t.numel() * t.element_size() for layer in mole.layers.values()
                     for f in layer._cache.values() for t in (f.w1, f.up) if t is not None)
-        print(f"{'':11}fused weights cached: {cache / 2**20:.0f} MiB; process peak RSS so far "
+        print(f"{'':11}{reps} repetitions; fused weights cached: {cache / 2**20:.0f} MiB; process peak RSS so far "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
     print("time ratios are wall-clock medians over base; 'F' = counted FLOP ratio over base")
 
