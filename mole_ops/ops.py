@@ -286,7 +286,7 @@ class MoLELayer(nn.Module):
             delta = delta.view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2)
             return y.add_(delta) if inplace else y + delta.to(y.dtype)
         y2 = y.reshape(-1, self.d_out)
-        if delta is not None:                # fp32 experts on a half-precision layer: sum, then round once
+        if delta is not None:                # dense experts, or fp32 experts on a half-precision layer (round once)
             out = y2.add_(delta) if inplace else y2 + delta.to(y.dtype)
         else:
             out = y2.addmm_(h2, f.up.T) if inplace else torch.addmm(y2, h2, f.up.T)
