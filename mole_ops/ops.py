@@ -280,7 +280,7 @@ class MoLELayer(nn.Module):
         if f.up is None:                     # dense experts: the gated sum of the output blocks is the delta
             delta = self._sum_blocks(hidden, coef, f).reshape(-1, self.d_out)
         else:
-            h2 = (hidden if coef is None else self._scale_blocks(hidden, coef, f)).reshape(-1, f.rank_total)
+            h2 = (hidden if coef is None else self._scale_blocks(hidden, coef, f, inplace)).reshape(-1, f.rank_total)
             delta = None if not conv and dtype == y.dtype else torch.mm(h2, f.up.T)
         if conv:
             delta = delta.view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2)
@@ -304,11 +304,14 @@ class MoLELayer(nn.Module):
         return delta
 
     @staticmethod
-    def _scale_blocks(hidden: torch.Tensor, coef: torch.Tensor, f: "_Fused") -> torch.Tensor:
-        """hidden (B, n, R) with expert i's r_i columns times coef[..., i]; coef (B, n or 1, N)."""
+    def _scale_blocks(hidden: torch.Tensor, coef: torch.Tensor, f: "_Fused", inplace: bool) -> torch.Tensor:
+        """hidden (B, n, R) with expert i's r_i columns times coef[..., i]; coef (B, n or 1, N). In place (on the
+        first matmul's output, no new buffer) when nothing needs gradients."""
         if len(set(f.ranks)) == 1:  # equal ranks: a broadcast view, no index tensor
-            return (hidden.unflatten(2, (f.n, f.ranks[0])) * coef.unsqueeze(3)).flatten(2)
-        return hidden * torch.repeat_interleave(coef, f.ranks_t, dim=2, output_size=f.rank_total)
+            blocks, c = hidden.unflatten(2, (f.n, f.ranks[0])), coef.unsqueeze(3)
+            return blocks.mul_(c).flatten(2) if inplace else (blocks * c).flatten(2)
+        c = torch.repeat_interleave(coef, f.ranks_t, dim=2, output_size=f.rank_total)
+        return hidden.mul_(c) if inplace else hidden * c
 
 
 @dataclass

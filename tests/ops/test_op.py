@@ -233,7 +233,7 @@ def test_closed_gates_send_no_denormals_into_the_up_projection(monkeypatch):
     seen = []
     original = MoLELayer._scale_blocks
     monkeypatch.setattr(MoLELayer, "_scale_blocks", staticmethod(
-        lambda hidden, coef, f: seen.append(coef) or original(hidden, coef, f)))
+        lambda hidden, coef, *rest: seen.append(coef) or original(hidden, coef, *rest)))
     x, y = inputs(layer, False, (2, 3))
     with torch.inference_mode():
         got = layer(x, y.clone(), GateSettings("both"))
