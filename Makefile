@@ -19,7 +19,7 @@ test: host
 test-all: host
 	$(VENV)/bin/pytest -q --runslow $(PYTEST_ARGS)
 
-# Speed of the gated-expert op on the full-size SD1.5 UNet (prints a table; about 25 minutes on 2 cores),
+# Speed of the gated-expert op on the full-size SD1.5 UNet (prints a table; about 30 minutes on 2 cores),
 # then trainer throughput and peak memory on the detectable checkpoint (about 30 s), stage 1 in 1 and 2 processes
 # (about 1 minute), then the cost of an EMoE score next to a 20-step generation (about 2 minutes).
 bench: host
