@@ -11,6 +11,11 @@ repetition:
   peft      two unmerged LoRAs without gates (separate down/up per adapter, added to the output)
 FLOP ratios are counted with torch's FlopCounterMode on the same calls (attention included, see
 attention_flops_on_cpu); the authors' and peft's are the low-rank count, ours is lower where experts run dense.
+Below each row: the recorder's own time (summed inside GateTrace's methods) as a share of a traced call, which is
+steadier than the +trace/mole ratio on a noisy machine; and how far the +trace and authors outputs are from ours
+(max abs difference over the max abs change the experts make to the base output). In fp32 that checks that the
+variants compute the same thing; in bf16 it is rounding (on a CPU without bf16 units ours runs the experts in fp32
+and rounds once, the authors' structure rounds every step in bf16).
 
     make bench            (or: .venv/bin/python tests/bench_mole_op.py --reps 5 --min-seconds 20)
 Each config runs at least --reps interleaved repetitions and enough of them for --min-seconds of base calls (this
@@ -125,7 +130,37 @@ def make_mole(unet_root, dtype):
                fake_expert("hand", shapes, rank=256, alpha=128, seed=2)]
     mole = build(experts, fake_gates(experts), SD15)
     mole.requires_grad_(False)
+    # A trained expert changes a layer's weight by a small fraction; random rank-256 factors change it by several
+    # times the weight itself, and 192 such layers in a row make the UNet's output chaotic (a 1e-6 change of the
+    # input moves it by more than its own size). Scale each expert's delta to 10% of the layer weight's spread, so
+    # the variants' outputs can be compared (the timing does not depend on it).
+    with torch.no_grad():
+        for key, layer in mole.items():
+            spread = modules[key].weight.float().std()
+            for e in layer.experts.values():
+                e.up.mul_(0.1 * spread / ((e.up @ e.down) * e.scale).std())
     return mole
+
+
+class TimedTrace(GateTrace):
+    """The gate trace, with the time spent inside its methods summed (the recorder's own share of a call)."""
+
+    seconds = 0.0
+
+    def begin_call(self, *args):
+        start = time.perf_counter()
+        super().begin_call(*args)
+        self.seconds += time.perf_counter() - start
+
+    def record(self, *args):
+        start = time.perf_counter()
+        super().record(*args)
+        self.seconds += time.perf_counter() - start
+
+    def end_call(self):
+        start = time.perf_counter()
+        super().end_call()
+        self.seconds += time.perf_counter() - start
 
 
 def attention_flops_on_cpu() -> dict:
@@ -165,7 +200,7 @@ def bench(model, dtype, size, reps, min_seconds):
     t = torch.tensor([500.0, 500.0])
     ctx = torch.randn(2, 77, 768, generator=gen).to(dtype)
     mole = make_mole(root, dtype)
-    trace = GateTrace(mole.order)
+    trace = TimedTrace(mole.order)
 
     def call():
         with torch.inference_mode():
@@ -199,9 +234,9 @@ def bench(model, dtype, size, reps, min_seconds):
     variants["authors"] = with_hooks(lambda: attach_modules(root, authors))
     variants["peft"] = with_hooks(lambda: attach_modules(root, peft))
 
-    flops = {}
+    flops, outputs = {}, {}
     for name, fn in variants.items():
-        fn()  # warm-up (and builds the fused cache)
+        outputs[name] = fn().float()  # warm-up (and builds the fused cache)
         with FlopCounterMode(display=False, custom_mapping=attention_flops_on_cpu()) as counter:
             fn()
         flops[name] = counter.get_total_flops()
@@ -212,12 +247,19 @@ def bench(model, dtype, size, reps, min_seconds):
     reps = max(reps, math.ceil(min_seconds / (time.perf_counter() - start)))
     times = {name: [] for name in variants}
     names = list(variants)
+    recorder = []
     for rep in range(reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:   # each variant takes every position
+            trace.seconds = 0.0
             start = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - start)
-    return times, flops, mole, reps
+            if name == "+trace":
+                recorder.append(trace.seconds / times[name][-1])
+    # how far ours and the authors' structure agree, against how far the experts move the output
+    effect = (outputs["mole"] - outputs["base"]).abs().max().item()
+    agreement = {n: (outputs[n] - outputs["mole"]).abs().max().item() / effect for n in ("+trace", "authors")}
+    return times, flops, mole, reps, statistics.median(recorder), agreement
 
 
 def paired(times: dict, a: str, b: str) -> float:
@@ -246,7 +288,8 @@ def main() -> None:
         if dtype not in models:
             models.clear()
             models[dtype] = full_sd15(seed=0, dtype=dtype)
-        times, flops, mole, reps = bench(models[dtype], dtype, int(size), args.reps, args.min_seconds)
+        times, flops, mole, reps, recorder, agreement = bench(models[dtype], dtype, int(size), args.reps,
+                                                               args.min_seconds)
         row = f"{dtype_name} {size}x{size}".ljust(11) + f"{statistics.median(times['base']):>8.3f}"
         for n in ("mole", "+trace", "authors", "peft"):
             row += f"{paired(times, n, 'base'):>9.2f}x{flops[n] / flops['base']:>5.2f}F"
@@ -257,6 +300,9 @@ def main() -> None:
                     for f in layer._cache.values() for t in (f.w1, f.up) if t is not None)
         print(f"{'':11}{reps} repetitions; fused weights cached: {cache / 2**20:.0f} MiB; process peak RSS so far "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+        print(f"{'':11}recorder's own time: {recorder * 100:.2f}% of a traced call; outputs differ from ours by "
+              f"{agreement['+trace']:.1e} (+trace), {agreement['authors']:.1e} (authors) of the experts' effect",
+              flush=True)
     print("time ratios: medians over repetitions of the ratio within one repetition; 'F' = counted FLOP ratio "
           "over base; authors/mole > 1: ours is faster")
 
