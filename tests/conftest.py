@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +72,21 @@ def full(comfy):
     from comfyui_mole.trainer.tiny_models import full_sd15
 
     return full_sd15(seed=0)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """Makes temporary folders (module_tmp("name")) that are removed when the test module ends: training runs
+    write checkpoints of hundreds of MB each, and the disk must hold the whole suite."""
+    made = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +175,8 @@ def sdxl_server(comfy, tmp_path_factory):
     base = prepare_base_dir(tmp_path_factory.mktemp("comfy_sdxl"), {"checkpoints": [checkpoint], "mole": list(mole.values())})
     with ComfyServer(base) as srv:
         yield srv
-    checkpoint.unlink()
+    for folder in (models, base):   # the checkpoint is hard-linked into both
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

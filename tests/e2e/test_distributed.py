@@ -53,9 +53,9 @@ def assert_same_training(a: dict, b: dict, start: dict, keys: list[str]) -> None
 
 
 @pytest.fixture(scope="module")
-def stage1(detectable, train_images, tmp_path_factory):
+def stage1(detectable, train_images, module_tmp):
     """Stage 1 for 4 steps at global batch 4: one process x batch 4, and two processes x batch 2."""
-    out = tmp_path_factory.mktemp("stage1")
+    out = module_tmp("stage1")
     common = ["train-base", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
               str(train_images), "--resolution", "64", "--max_train_steps", "4", "--learning_rate", "1e-4",
               "--output_name", "base", "--seed", "3", "--cache_latents", "--min_snr_gamma", "5"]
@@ -105,8 +105,8 @@ def test_stage1_two_processes_killed_and_resumed(stage1):
 
 
 @pytest.fixture(scope="module")
-def stage3(detectable, train_images, mole_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage3")
+def stage3(detectable, train_images, mole_files, module_tmp):
+    out = module_tmp("stage3")
     common = ["train-gates", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
               str(train_images), "--resolution", "64", "--max_train_steps", "8", "--learning_rate", "1e-3",
               "--experts", f"face={mole_files['face']}", f"hand={mole_files['hand']}", "--output_name", "g",

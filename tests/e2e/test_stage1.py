@@ -15,8 +15,8 @@ def config(detectable, images, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def trained(comfy, detectable, train_images, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1_out")
+def trained(comfy, detectable, train_images, module_tmp):
+    out = module_tmp("stage1_out")
     r = run(config(detectable, train_images, out, max_train_steps=12, train_text_encoder=True,
                    learning_rate_te=1e-5, gradient_checkpointing=True, min_snr_gamma=5.0))
     r.precache()

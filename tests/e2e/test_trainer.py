@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def experts(comfy, detectable, train_images, tmp_path_factory):
+def experts(comfy, detectable, train_images, module_tmp):
     """Two experts trained for a few steps (stage 2), and the held-out losses of the face run."""
-    out = tmp_path_factory.mktemp("experts")
+    out = module_tmp("experts")
     losses = {}
     for name, steps in (("face", 30), ("hand", 10)):
         r = run(make_config(detectable, train_images, out, "expert", output_name=name, expert_name=name,
@@ -73,8 +73,8 @@ def test_stage2_file_loads_in_stock_lora_loader_and_our_nodes(experts, detectabl
 
 
 @pytest.fixture(scope="module")
-def gates(experts, detectable, train_images, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gates")
+def gates(experts, detectable, train_images, module_tmp):
+    out = module_tmp("gates")
     config = make_config(detectable, train_images, out, "gates", max_train_steps=30, learning_rate=1e-2,
                          experts=[f"face={experts['face']}", f"hand={experts['hand']}"], save_pack=True,
                          output_name="gates")
