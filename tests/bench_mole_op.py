@@ -12,7 +12,9 @@ repetition:
 FLOP ratios are counted with torch's FlopCounterMode on the same calls (attention included, see
 attention_flops_on_cpu); the authors' and peft's are the low-rank count, ours is lower where experts run dense.
 Below each row: the recorder's own time (summed inside GateTrace's methods) as a share of a traced call, which is
-steadier than the +trace/mole ratio on a noisy machine; and how far the +trace and authors outputs are from ours
+steadier than the +trace/mole ratio on a noisy machine; the cost each variant adds to the base call, and the
+ratio of the authors' to ours (authors/mole can never exceed authors/base: on a CPU where a bf16 base call is
+slow, that bound is low, and the added costs compare the expert structures themselves); and how far the +trace and authors outputs are from ours
 (max abs difference over the max abs change the experts make to the base output). In fp32 that checks that the
 variants compute the same thing; in bf16 it is rounding (on a CPU without bf16 units ours runs the experts in fp32
 and rounds once, the authors' structure rounds every step in bf16).
@@ -267,6 +269,11 @@ def paired(times: dict, a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
+def extra(times: dict, a: str, b: str) -> float:
+    """Median over repetitions of (a - base) / (b - base): how much more a adds to the base call than b does."""
+    return statistics.median((x - z) / (y - z) for x, y, z in zip(times[a], times[b], times["base"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
@@ -300,6 +307,10 @@ def main() -> None:
                     for f in layer._cache.values() for t in (f.w1, f.up) if t is not None)
         print(f"{'':11}{reps} repetitions; fused weights cached: {cache / 2**20:.0f} MiB; process peak RSS so far "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+        print(f"{'':11}cost added to the base call: authors' {paired(times, 'authors', 'base') - 1:.2f}, ours "
+              f"{paired(times, 'mole', 'base') - 1:.2f} of a base call: the authors' adds "
+              f"{extra(times, 'authors', 'mole'):.1f}x what ours adds (authors/mole is bounded by authors/base)",
+              flush=True)
         print(f"{'':11}recorder's own time: {recorder * 100:.2f}% of a traced call; outputs differ from ours by "
               f"{agreement['+trace']:.1e} (+trace), {agreement['authors']:.1e} (authors) of the experts' effect",
               flush=True)
