@@ -21,6 +21,15 @@ from comfyui_mole.mole_ops import safetensors_io
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def launcher_temp(module_tmp):
+    """torchrun leaves a torchelastic_* folder in the temp folder for each launch (more when killed): point the
+    launched processes' temp folder into this module's, which is removed with it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(module_tmp("launcher_tmp")))
+        yield
+
+
 def launch(args: list[str], processes: int) -> subprocess.Popen:
     """`python -m trainer ...` (one process) or `torchrun --nproc_per_node=N -m trainer ...`."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
