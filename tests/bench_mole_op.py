@@ -14,10 +14,10 @@ attention_flops_on_cpu); the authors' and peft's are the low-rank count, ours is
 Below each row: the recorder's own time (summed inside GateTrace's methods) as a share of a traced call, which is
 steadier than the +trace/mole ratio on a noisy machine; the cost each variant adds to the base call, and the
 ratio of the authors' to ours (authors/mole can never exceed authors/base: on a CPU where a bf16 base call is
-slow, that bound is low, and the added costs compare the expert structures themselves); and how far the +trace and authors outputs are from ours
-(max abs difference over the max abs change the experts make to the base output). In fp32 that checks that the
-variants compute the same thing; in bf16 it is rounding (on a CPU without bf16 units ours runs the experts in fp32
-and rounds once, the authors' structure rounds every step in bf16).
+slow, that bound is low, and the added costs compare the expert structures themselves); and how far the +trace
+and authors outputs are from ours (max abs difference over the max abs change the experts make to the base
+output). In fp32 that checks that the variants compute the same thing; in bf16 it is rounding (on a CPU without
+bf16 units ours runs the experts in fp32 and rounds once, the authors' structure rounds every step in bf16).
 
     make bench            (or: .venv/bin/python tests/bench_mole_op.py --reps 5 --min-seconds 20)
 Each config runs at least --reps interleaved repetitions and enough of them for --min-seconds of base calls (this
@@ -149,20 +149,19 @@ class TimedTrace(GateTrace):
 
     seconds = 0.0
 
-    def begin_call(self, *args):
+    def _timed(self, method, *args):
         start = time.perf_counter()
-        super().begin_call(*args)
+        method(*args)
         self.seconds += time.perf_counter() - start
+
+    def begin_call(self, *args):
+        self._timed(super().begin_call, *args)
 
     def record(self, *args):
-        start = time.perf_counter()
-        super().record(*args)
-        self.seconds += time.perf_counter() - start
+        self._timed(super().record, *args)
 
     def end_call(self):
-        start = time.perf_counter()
-        super().end_call()
-        self.seconds += time.perf_counter() - start
+        self._timed(super().end_call)
 
 
 def attention_flops_on_cpu() -> dict:
