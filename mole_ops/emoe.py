@@ -94,3 +94,36 @@ def member_rows(members: int, batch: int, n_experts: int, columns: list[int]) ->
     for m, col in enumerate(columns):
         rows[m * batch:(m + 1) * batch, col] = 1.0
     return rows
+
+
+@dataclass(frozen=True)
+class MemberBatch:
+    """One batched pass over expert members: the batch is repeated once per expert, and copy m runs expert m
+    alone (at fixed scale). `rows` is the per-row expert selection for the op, `repeat` makes the batched input,
+    `split` turns the batched output (members * batch, ...) into (members, batch, ...)."""
+
+    members: int
+    batch: int
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return member_rows(self.members, self.batch, self.members, list(range(self.members)))
+
+    def repeat(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat(self.members, *([1] * (t.ndim - 1)))
+
+    def split(self, batched: torch.Tensor) -> torch.Tensor:
+        return batched.unflatten(0, (self.members, self.batch))
+
+
+def first_step_features(model, positive, noise: torch.Tensor, seed: int) -> torch.Tensor:
+    """The capture point's output at the first model call of a 1-step euler run of ComfyUI's own sampler, CFG 1
+    (conditional rows only): how every EMoE member is scored. `model` is a ModelPatcher; this needs a ComfyUI in
+    the process (imported here, on call, so that mole_ops itself stays host-free)."""
+    import comfy.sample
+
+    def run():
+        with torch.inference_mode():
+            comfy.sample.sample(model, noise, 1, 1.0, "euler", "normal", positive, positive, torch.zeros_like(noise),
+                                disable_pbar=True, seed=seed)
+    return first_call_features(model.model.diffusion_model, run)

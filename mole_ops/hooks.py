@@ -6,6 +6,7 @@ settings and the optional trace recorder, and may be changed between calls (sche
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,3 +67,15 @@ def attach(root: nn.Module, mole: MoLE, state: HookState) -> list[RemovableHandl
     """Register one forward hook per MoLE layer on root's modules (paths = layer keys); returns the handles."""
     return [module.register_forward_hook(_hook(key, mole.layer(key), state))
             for key, module in check_modules(root, mole).items()]
+
+
+@contextmanager
+def attached(root: nn.Module, mole: MoLE | None, state: HookState):
+    """`attach` for the length of a `with` block; the hooks are removed however the block ends. With mole None,
+    nothing is attached (the base alone)."""
+    handles = attach(root, mole, state) if mole is not None else []
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()

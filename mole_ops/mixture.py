@@ -110,8 +110,12 @@ class MoLE(nn.Module):
     def items(self):
         return ((k, self.layer(k)) for k in self.keys)
 
-    def gate_parameters(self):
+    def gate_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if ".experts." not in n]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Every expert's down and up weights, layer by layer in column order."""
+        return [p for layer in self.layers.values() for e in layer.experts.values() for p in (e.down, e.up)]
 
     def clear_cache(self) -> None:
         for layer in self.layers.values():
@@ -131,9 +135,18 @@ class MoLE(nn.Module):
         return GateFile(self.variant, self.order, layers, expert_info(experts), base_model)
 
 
+TRAINABLE = (None, "experts", "gates")
+
+
 def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNetLayout | None = None,
-          variant: str | None = None, dtype: torch.dtype = torch.float32) -> MoLE:
-    """Experts (frozen) and gates as modules. Without gates, fresh gates with PyTorch's default init."""
+          variant: str | None = None, dtype: torch.dtype = torch.float32, trainable: str | None = None) -> MoLE:
+    """Experts and gates as modules. Without gates, fresh gates with PyTorch's default init.
+
+    Frozen unless `trainable` names what trains ("experts": stage 2, "gates": stage 3): a frozen MoLE is what
+    inference runs, and the op picks its fused, cached path from requires_grad, so no caller sets it by hand.
+    """
+    if trainable not in TRAINABLE:
+        raise MismatchError(f"trainable={trainable!r} is not one of {TRAINABLE}")
     if gates is not None:
         report = check_gates(gates, experts, layout)
         report.raise_if_errors(f"gate file {gates.path or '(in memory)'} does not fit the experts")
@@ -162,7 +175,11 @@ def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNet
         if key in gate_by_key:
             _load_gate(layer, gate_by_key[key])
         layers[key] = layer
-    return MoLE(layers, keys, order, variant, layout)
+    mole = MoLE(layers, keys, order, variant, layout).requires_grad_(False)
+    for p in (mole.expert_parameters() if trainable == "experts" else
+              mole.gate_parameters() if trainable == "gates" else []):
+        p.requires_grad_(True)
+    return mole
 
 
 @torch.no_grad()

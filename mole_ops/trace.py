@@ -29,8 +29,13 @@ def token_grid(n: int, height: int, width: int) -> tuple[int, int]:
 
 
 class GateTrace:
-    def __init__(self, experts: tuple[str, ...]):
+    """The recorder. A `fork()` records on its own and passes every call on to the trace it was forked from, so
+    the original sees the runs of all its forks while forks never see each other's (a ModelPatcher clone gets a
+    fork: the trace output of Apply MoLE still shows runs of models made from it)."""
+
+    def __init__(self, experts: tuple[str, ...], parent: "GateTrace | None" = None):
         self.experts = tuple(experts)
+        self.parent = parent
         self.local: dict[tuple[int, int], torch.Tensor] = {}    # (step, kind) -> (rows, N, H, W) sum
         self.local_n: dict[tuple[int, int], int] = {}
         self.glob: dict[tuple[int, int], torch.Tensor] = {}     # (step, kind) -> (rows, N) sum
@@ -38,6 +43,9 @@ class GateTrace:
         self.latent_hw: tuple[int, int] | None = None
         self._call = None
         self._last_step: int | None = None
+
+    def fork(self) -> "GateTrace":
+        return GateTrace(self.experts, parent=self)
 
     def clear(self) -> None:
         for store in (self.local, self.local_n, self.glob, self.glob_n):
@@ -52,9 +60,13 @@ class GateTrace:
         self._last_step = step
         self.latent_hw = tuple(latent_hw)
         self._call = {"step": step, "rows": list(row_kinds), "local": {}, "glob": None, "layers": 0, "glayers": 0}
+        if self.parent is not None:
+            self.parent.begin_call(step, latent_hw, row_kinds)
 
     def record(self, layer_key: str, local: torch.Tensor | None, glob: torch.Tensor | None, names) -> None:
         """local (B, n, N_active) or None, glob (B, N_active) or None, names: the active experts' names."""
+        if self.parent is not None:
+            self.parent.record(layer_key, local, glob, names)
         call = self._call
         if call is None:
             return
@@ -75,6 +87,8 @@ class GateTrace:
             call["glayers"] += 1
 
     def end_call(self) -> None:
+        if self.parent is not None:
+            self.parent.end_call()
         call, self._call = self._call, None
         if call is None:
             return

@@ -13,10 +13,9 @@ from ..mole_ops.mixture import build
 from ..mole_ops.ops import MODES, GateSettings
 from ..mole_ops.trace import GateTrace
 from .files import expert_files, full_path
-from .loaders import Experts, Gates
 from .patch import MoLEPatch, apply_mole
+from .types import Experts, Gates, Trace
 
-Trace = io.Custom("MOLE_TRACE")
 log = logging.getLogger("mole")
 
 
@@ -60,7 +59,6 @@ class ApplyMoLE(io.ComfyNode):
             raise MismatchError(f"gate mode {mode!r} needs gates: connect Load MoLE Gates, or use mode 'none'")
         warn_other_base(model, experts, gates)
         mole = build(list(experts), gates, model_layout(model))
-        mole.requires_grad_(False)
         strengths = dict(zip(mole.order, (strength_1, strength_2, strength_3)))
         trace = GateTrace(mole.order) if record_trace else None
         patch = MoLEPatch(mole, GateSettings(mode, strengths), start_percent, end_percent, trace)
@@ -72,17 +70,16 @@ class ExpertFixedScale(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MoLE_ExpertFixedScale", display_name="MoLE Expert at Fixed Scale", category="MoLE",
-            description="One expert at one scale, no gate: the paper's low-rank refinement (Fig. 1).",
+            description="One expert at one strength, no gate: the paper's low-rank refinement (Fig. 1).",
             inputs=[io.Model.Input("model", tooltip="The model to refine."),
                     io.Combo.Input("expert", options=expert_files(), tooltip="A kohya LoRA expert file."),
-                    io.Float.Input("scale", default=1.0, min=-4.0, max=4.0, step=0.05,
-                                   tooltip="Multiplier on top of the file's alpha/rank.")],
+                    io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                                   tooltip="Multiplier on top of the file's own scale (alpha/rank).")],
             outputs=[io.Model.Output(display_name="model")])
 
     @classmethod
-    def execute(cls, model, expert, scale) -> io.NodeOutput:
+    def execute(cls, model, expert, strength) -> io.NodeOutput:
         loaded = expert_file.load(full_path(expert), "expert")
         warn_other_base(model, [loaded])
         mole = build([loaded], None, model_layout(model))
-        mole.requires_grad_(False)
-        return io.NodeOutput(apply_mole(model, MoLEPatch(mole, GateSettings("none", {"expert": scale}))))
+        return io.NodeOutput(apply_mole(model, MoLEPatch(mole, GateSettings("none", {"expert": strength}))))

@@ -7,9 +7,8 @@ from ..mole_ops import expert_file, pack_file
 from ..mole_ops import gate_file as gate_format
 from ..mole_ops.errors import MismatchError
 from .files import NONE, expert_files, full_path, mole_files
+from .types import Experts, Gates
 
-Experts = io.Custom("MOLE_EXPERTS")
-Gates = io.Custom("MOLE_GATES")
 SLOTS = (("face", True), ("hand", False), ("feet", False))
 
 

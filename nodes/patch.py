@@ -1,21 +1,26 @@
-"""The one place that touches ModelPatcher: attach a MoLE to a clone of a MODEL.
+"""The one place that touches ModelPatcher: attach a MoLE (or an EMoE early estimate) to a clone of a MODEL.
 
-Three things under one key ("mole"): the attachment (the MoLE patch, which owns the tensors), the injection
-(forward hooks registered in `inject`, removed in `eject`; modules are resolved from `patcher.model` then, never
-captured earlier) and a DIFFUSION_MODEL wrapper that gives the hooks their per-call context (the patch of the
-patcher that is sampling, the step, cond/uncond rows). The hooks read that context from a ContextVar rather than
-from what `inject` saw: ComfyUI may reuse one loaded model for two clones whose injections have the same key, and
-two Apply MoLE nodes on one base must not leak into each other.
+Under one key ("mole"; "mole_emoe" for the estimate) a clone gets:
+- the attachment, which owns the tensors (`MoLEPatch`, or `EarlyEstimate`);
+- the injection: forward hooks registered in `inject` and removed in `eject`, resolved from `patcher.model` then,
+  never captured earlier; one set of hooks per module tree however many clones inject;
+- an OUTER_SAMPLE wrapper, which marks the start of a sampling run and names the patcher being sampled, and a
+  DIFFUSION_MODEL wrapper, which gives the hooks their per-call context (that patcher's own attachment, the step,
+  the cond/uncond rows).
+The hooks read that context from ContextVars rather than from what `inject` saw: ComfyUI may reuse one loaded
+model for two clones whose injections have the same key, and two Apply MoLE nodes on one base must not leak into
+each other. Wrappers look their attachment up on the patcher that is sampling, so a clone's own attachment (see
+`MoLEPatch.on_model_patcher_clone`) is the one that acts.
 """
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
-from ..mole_ops.emoe import capture, capture_module, disagreement, member_rows
+from ..mole_ops.emoe import MemberBatch, capture, capture_module, disagreement
 from ..mole_ops.hooks import check_modules, run_layer
 from ..mole_ops.mixture import MoLE
 from ..mole_ops.ops import GateSettings
@@ -34,6 +39,25 @@ class MoLEPatch:
     trace: GateTrace | None = None
     rows: torch.Tensor | None = None    # per-row expert multipliers (EMoE's batched expert members)
 
+    def on_model_patcher_clone(self) -> "MoLEPatch":
+        """ModelPatcher.clone() calls this: the clone records into a fork of the trace (its runs also reach the
+        trace Apply MoLE returned, and clones never see each other's runs); the tensors are shared, not copied."""
+        return replace(self, trace=self.trace.fork() if self.trace is not None else None)
+
+
+@dataclass
+class EarlyEstimate:
+    """EMoE during a normal generation: at its first step, the conditional rows run once more as one batched pass,
+    one copy per expert member (`patch` carries the experts at fixed scale; each copy runs one of them), and the
+    disagreement at the capture point is kept in `result` (replaced by every new generation). Clones share it:
+    the Report node reads the estimate it was given, whichever clone of the model generated."""
+
+    patch: MoLEPatch
+    members: int
+    kind: str
+    result: object = None
+    pending: bool = False      # a sampling run started and its estimate is not computed yet
+
 
 @dataclass
 class _Call:
@@ -42,6 +66,7 @@ class _Call:
     pinned: bool = False     # an EMoE estimate pass: an inner Apply MoLE wrapper must not replace it
 
 
+_sampling: contextvars.ContextVar[object | None] = contextvars.ContextVar("mole_sampling", default=None)
 _current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("mole_call", default=None)
 _injected: dict[int, tuple[int, list]] = {}   # id(model) -> (injection count, hook handles)
 
@@ -56,15 +81,19 @@ def _hook(key: str):
     return hook
 
 
+def _mole_of(patcher) -> MoLE:
+    patch = patcher.get_attachment(KEY) or patcher.get_attachment(EMOE_KEY).patch
+    return patch.mole
+
+
 def _inject(patcher) -> None:
     """Hooks on every expert-capable layer of the model, once per module tree however many clones inject:
     they dispatch to the patch of whichever clone is sampling."""
     count, handles = _injected.get(id(patcher.model), (0, []))
     if count == 0:
-        patch = patcher.get_attachment(KEY) or patcher.get_attachment(EMOE_KEY).patch
         modules = dict(patcher.model.named_modules())
         handles = [modules[key].register_forward_hook(_hook(key))
-                   for key in patch.mole.layout.layer_keys if key in modules]
+                   for key in _mole_of(patcher).layout.layer_keys if key in modules]
     _injected[id(patcher.model)] = (count + 1, handles)
 
 
@@ -89,98 +118,105 @@ def schedule_position(transformer_options: dict) -> tuple[int, float]:
     return step, step / max(last, 1)
 
 
-def _wrapper(patch: MoLEPatch):
-    def wrapper(executor, x, *args, **kwargs):
-        outer = _current.get()
-        if outer is not None and outer.pinned:     # inside an EMoE estimate pass: it decides what runs
-            return executor(x, *args, **kwargs)
-        transformer_options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
-        step, position = schedule_position(transformer_options)
-        active = patch.start_percent <= position <= patch.end_percent
-        trace = patch.trace if active else None
-        if trace is not None:
-            chunks = transformer_options.get("cond_or_uncond") or [0]
-            per = x.shape[0] // len(chunks)
-            trace.begin_call(step, tuple(x.shape[-2:]), [k for k in chunks for _ in range(per)])
-        token = _current.set(_Call(patch, active))
-        try:
-            return executor(x, *args, **kwargs)
-        finally:
-            _current.reset(token)
-            if trace is not None:
-                trace.end_call()
-    return wrapper
+def _sampling_run(executor, *args, **kwargs):
+    """OUTER_SAMPLE: one sampling run of the guider's model; its attachments act in the calls below. A new run
+    of an early-estimate model owes a new estimate."""
+    patcher = getattr(executor.class_obj, "model_patcher", None)      # a CFGGuider or a guider derived from it
+    estimate = patcher.get_attachment(EMOE_KEY) if patcher is not None else None
+    if estimate is not None:
+        estimate.pending = True
+    token = _sampling.set(patcher)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _sampling.reset(token)
 
 
-def apply_mole(model, patch: MoLEPatch):
-    """A clone of `model` (a ModelPatcher) with the MoLE patch attached; `model` itself is unchanged."""
-    check_modules(model.model, patch.mole)  # fail at node time, not in the middle of sampling
-    clone = model.clone()
-    clone.set_attachments(KEY, patch)
-    clone.set_injections(KEY, [PatcherInjection(inject=_inject, eject=_eject)])
-    clone.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)  # a MoLE applied again replaces the first
-    clone.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, _wrapper(patch))
-    return clone
-
-
-@dataclass
-class EarlyEstimate:
-    """EMoE during a normal generation: at its first step, the conditional rows run once more as one batched pass,
-    one copy per expert member (`patch` carries the experts at fixed scale; each copy runs one of them), and the
-    disagreement at the capture point is kept in `result` (replaced by every new generation)."""
-
-    patch: MoLEPatch
-    members: int
-    kind: str
-    result: object = None
-    _run: int | None = None
-    _last_step: int | None = None
-    _pending: bool = False
-
-
-def _estimate_pass(estimate: EarlyEstimate, executor, x, args, options, chunks):
-    """The conditional rows once more, repeated per member, each copy with one expert; the disagreement."""
+def _row_kinds(x: torch.Tensor, transformer_options: dict) -> list[int]:
+    chunks = transformer_options.get("cond_or_uncond") or [0]
     per = x.shape[0] // len(chunks)
-    rows = torch.cat([torch.arange(i * per, (i + 1) * per) for i, k in enumerate(chunks) if k == 0])
-    m = estimate.members
+    return [k for k in chunks for _ in range(per)]
+
+
+def _mole_call(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
+    """DIFFUSION_MODEL: one UNet call with the sampled patcher's MoLE patch, active inside its schedule range."""
+    transformer_options = transformer_options if transformer_options is not None else {}
+    args = (x, timesteps, context, y, control, transformer_options)
+    outer, patcher = _current.get(), _sampling.get()
+    patch = patcher.get_attachment(KEY) if patcher is not None else None
+    if (outer is not None and outer.pinned) or patch is None:   # an estimate pass decides; or not our run
+        return executor(*args, **kwargs)
+    step, position = schedule_position(transformer_options)
+    active = patch.start_percent <= position <= patch.end_percent
+    trace = patch.trace if active else None
+    if trace is not None:
+        trace.begin_call(step, tuple(x.shape[-2:]), _row_kinds(x, transformer_options))
+    token = _current.set(_Call(patch, active))
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _current.reset(token)
+        if trace is not None:
+            trace.end_call()
+
+
+def _estimate_call(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None,
+                   **kwargs):
+    """DIFFUSION_MODEL: the first call of a run that holds conditional rows computes the early estimate first."""
+    transformer_options = transformer_options if transformer_options is not None else {}
+    patcher = _sampling.get()
+    estimate = patcher.get_attachment(EMOE_KEY) if patcher is not None else None
+    if estimate is not None and estimate.pending and 0 in (transformer_options.get("cond_or_uncond") or [0]):
+        estimate.pending = False
+        estimate.result = _estimate_pass(estimate, executor, x, timesteps, context, y, control, transformer_options,
+                                         kwargs)
+    return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
+def _estimate_pass(estimate: EarlyEstimate, executor, x, timesteps, context, y, control, options, kwargs):
+    """The conditional rows once more, repeated per member, each copy with one expert; the disagreement. Every
+    per-row input goes along (timesteps, text, y, ControlNet residuals, extra conditions)."""
+    kinds = _row_kinds(x, options)
+    rows = torch.tensor([i for i, k in enumerate(kinds) if k == 0])
+    members = MemberBatch(estimate.members, len(rows))
 
     def take(t):
-        return None if t is None else t[rows].repeat(m, *([1] * (t.ndim - 1)))
-    timesteps, context, y = (args + (None,) * 3)[:3]
-    patch = MoLEPatch(estimate.patch.mole, estimate.patch.settings, rows=member_rows(m, len(rows), m, list(range(m))))
+        if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == x.shape[0]:
+            return members.repeat(t[rows.to(t.device)])
+        return t
+
+    if control is not None:
+        control = {name: [take(t) for t in outputs] for name, outputs in control.items()}
+    patch = MoLEPatch(estimate.patch.mole, estimate.patch.settings, rows=members.rows)
     _, point = capture_module(executor.class_obj)
     token = _current.set(_Call(patch, True, pinned=True))
     try:
         with capture(point, []) as seen:
-            executor(take(x), take(timesteps), take(context), take(y), None,
-                     {**options, "cond_or_uncond": [0] * m})
+            executor(take(x), take(timesteps), take(context), take(y), control,
+                     {**options, "cond_or_uncond": [0] * estimate.members}, **{k: take(v) for k, v in kwargs.items()})
     finally:
         _current.reset(token)
-    return disagreement(seen[0].unflatten(0, (m, len(rows))), estimate.kind)
+    return disagreement(members.split(seen[0]), estimate.kind)
 
 
-def _emoe_wrapper(estimate: EarlyEstimate):
-    def wrapper(executor, x, *args, **kwargs):
-        options = args[4] if len(args) > 4 else kwargs.get("transformer_options", {})
-        step, _ = schedule_position(options)
-        run = id(options.get("sample_sigmas"))
-        if step == 0 and (estimate._last_step != 0 or estimate._run != run):
-            estimate._pending = True          # a new generation started
-        estimate._last_step, estimate._run = step, run
-        chunks = options.get("cond_or_uncond") or [0]
-        if estimate._pending and step == 0 and 0 in chunks:
-            estimate._pending = False
-            estimate.result = _estimate_pass(estimate, executor, x, args, options, chunks)
-        return executor(x, *args, **kwargs)
-    return wrapper
+def _attach(model, key: str, attachment, mole: MoLE, call_wrapper):
+    """A clone of `model` with `attachment` under `key`: the attachment, the hooks' injection, and the two
+    wrappers. Fails at node time (not in the middle of sampling) when the MoLE does not fit the model."""
+    check_modules(model.model, mole)
+    clone = model.clone()
+    clone.set_attachments(key, attachment)
+    clone.set_injections(key, [PatcherInjection(inject=_inject, eject=_eject)])
+    for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, _sampling_run), (WrappersMP.DIFFUSION_MODEL, call_wrapper)):
+        clone.remove_wrappers_with_key(kind, key)     # attached again under the same key: replaces the first
+        clone.add_wrapper_with_key(kind, key, wrapper)
+    return clone
+
+
+def apply_mole(model, patch: MoLEPatch):
+    """A clone of `model` (a ModelPatcher) with the MoLE patch attached; `model` itself is unchanged."""
+    return _attach(model, KEY, patch, patch.mole, _mole_call)
 
 
 def attach_early_estimate(model, estimate: EarlyEstimate):
-    """A clone of `model` that computes `estimate` during the first step of its next generation."""
-    check_modules(model.model, estimate.patch.mole)
-    clone = model.clone()
-    clone.set_attachments(EMOE_KEY, estimate)
-    clone.set_injections(EMOE_KEY, [PatcherInjection(inject=_inject, eject=_eject)])
-    clone.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, EMOE_KEY)
-    clone.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, EMOE_KEY, _emoe_wrapper(estimate))
-    return clone
+    """A clone of `model` that computes `estimate` during the first step of each of its generations."""
+    return _attach(model, EMOE_KEY, estimate, estimate.patch.mole, _estimate_call)

@@ -12,18 +12,16 @@ import comfy.sample
 import torch
 from comfy_api.latest import io
 
-from ..mole_ops.emoe import DISAGREEMENT, EPISTEMIC, disagreement, first_call_features, member_rows
+from ..mole_ops.emoe import DISAGREEMENT, EPISTEMIC, MemberBatch, disagreement, first_step_features
 from ..mole_ops.errors import MismatchError
 from ..mole_ops.mixture import build
 from ..mole_ops.ops import GateSettings
 from ..mole_ops.viz import heat
 from .apply import model_layout
-from .loaders import Experts
 from .patch import EarlyEstimate, MoLEPatch, apply_mole, attach_early_estimate
+from .types import Ensemble, Estimate, Experts
 
 log = logging.getLogger("mole")
-Ensemble = io.Custom("EMOE_ENSEMBLE")
-Estimate = io.Custom("EMOE_ESTIMATE")
 
 
 @dataclass
@@ -43,26 +41,16 @@ class ExpertEnsemble:
     kind: str = DISAGREEMENT
 
 
-def first_step_features(model, positive, noise: torch.Tensor, seed: int) -> torch.Tensor:
-    """The capture point's output at the first model call of a 1-step euler run (CFG 1: conditional rows)."""
-    def run():
-        with torch.inference_mode():
-            comfy.sample.sample(model, noise, 1, 1.0, "euler", "normal", positive, positive, torch.zeros_like(noise),
-                                disable_pbar=True, seed=seed)
-    return first_call_features(model.model.diffusion_model, run)
-
-
 def score(ensemble, positive, latent: torch.Tensor, seed: int):
     noise = comfy.sample.prepare_noise(latent, seed)
     if isinstance(ensemble, ModelEnsemble):
         features = torch.stack([first_step_features(m, positive, noise, seed) for m in ensemble.models])
     else:
         mole = build(list(ensemble.experts), None, model_layout(ensemble.model))
-        mole.requires_grad_(False)
-        m, b = len(mole.order), noise.shape[0]
-        patch = MoLEPatch(mole, GateSettings("none"), rows=member_rows(m, b, m, list(range(m))))
-        batched = first_step_features(apply_mole(ensemble.model, patch), positive, noise.repeat(m, 1, 1, 1), seed)
-        features = batched.unflatten(0, (m, b))
+        members = MemberBatch(len(mole.order), noise.shape[0])
+        patch = MoLEPatch(mole, GateSettings("none"), rows=members.rows)
+        features = members.split(first_step_features(apply_mole(ensemble.model, patch), positive,
+                                                     members.repeat(noise), seed))
     return disagreement(features, ensemble.kind)
 
 
@@ -155,7 +143,6 @@ class EarlyEstimateModel(io.ComfyNode):
             raise MismatchError("the early estimate runs expert members inside the generating model; for an "
                                 "ensemble of separate models use MoLE Uncertainty Score")
         mole = build(list(ensemble.experts), None, model_layout(model))
-        mole.requires_grad_(False)
         estimate = EarlyEstimate(MoLEPatch(mole, GateSettings("none")), len(mole.order), ensemble.kind)
         return io.NodeOutput(attach_early_estimate(model, estimate), estimate)
 

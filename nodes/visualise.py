@@ -16,7 +16,7 @@ from ..mole_ops.errors import MoLEError
 from ..mole_ops.plots import gate_curves
 from ..mole_ops.trace import COND, UNCOND
 from ..mole_ops.viz import gate_map_grid, labelled_grid, overlay
-from .apply import Trace
+from .types import Trace
 
 KINDS = {"cond": COND, "uncond": UNCOND}
 

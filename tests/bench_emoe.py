@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
-    from comfyui_mole.trainer.host import use_comfy
+    from comfyui_mole.trainer.harness.host import use_comfy
 
     use_comfy()
     import torch
@@ -41,7 +41,7 @@ def main() -> None:
     from comfyui_mole.mole_ops.ops import GateSettings
     from comfyui_mole.nodes.patch import EarlyEstimate, MoLEPatch, attach_early_estimate
     from comfyui_mole.nodes.uncertainty import ExpertEnsemble, score
-    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint, write_stand_in_files
+    from comfyui_mole.trainer.harness.tiny_models import write_detectable_checkpoint, write_stand_in_files
 
     roles = ("face", "hand", "feet", "body")
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +68,7 @@ def main() -> None:
         from comfyui_mole.mole_ops.mixture import build
         from comfyui_mole.nodes.apply import model_layout
 
-        mole = build(list(experts), None, model_layout(model)).requires_grad_(False)
+        mole = build(list(experts), None, model_layout(model))
         estimate = EarlyEstimate(MoLEPatch(mole, GateSettings("none")), len(roles), DISAGREEMENT)
         generate(attach_early_estimate(model, estimate))
         assert estimate.result is not None

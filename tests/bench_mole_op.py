@@ -51,7 +51,7 @@ from comfyui_mole.mole_ops.layout import SD15  # noqa: E402
 from comfyui_mole.mole_ops.mixture import build  # noqa: E402
 from comfyui_mole.mole_ops.ops import GateSettings, compute_dtype  # noqa: E402
 from comfyui_mole.mole_ops.trace import COND, UNCOND, GateTrace  # noqa: E402
-from comfyui_mole.trainer.host import use_comfy  # noqa: E402
+from comfyui_mole.trainer.harness.host import use_comfy  # noqa: E402
 
 
 class AuthorsLayer(nn.Module):
@@ -131,7 +131,6 @@ def make_mole(unet_root, dtype):
     experts = [fake_expert("face", shapes, rank=256, alpha=64, seed=1),
                fake_expert("hand", shapes, rank=256, alpha=128, seed=2)]
     mole = build(experts, fake_gates(experts), SD15)
-    mole.requires_grad_(False)
     # A trained expert changes a layer's weight by a small fraction; random rank-256 factors change it by several
     # times the weight itself, and 192 such layers in a row make the UNet's output chaotic (a 1e-6 change of the
     # input moves it by more than its own size). Scale each expert's delta to 10% of the layer weight's spread, so
@@ -280,7 +279,7 @@ def main() -> None:
     parser.add_argument("--configs", default="fp32:32,bf16:32,bf16:64")
     args = parser.parse_args()
     use_comfy(cpu=True)
-    from comfyui_mole.trainer.tiny_models import full_sd15
+    from comfyui_mole.trainer.harness.tiny_models import full_sd15
 
     torch.manual_seed(0)
     models = {}

@@ -54,10 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        from comfyui_mole.trainer.host import use_comfy
+        from comfyui_mole.trainer.harness.host import use_comfy
 
         use_comfy()
-        from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint
+        from comfyui_mole.trainer.harness.tiny_models import write_detectable_checkpoint
 
         write_detectable_checkpoint(work / "base.safetensors")
         make_inputs(work, args.size, n=2 * args.batch)

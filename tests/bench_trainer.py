@@ -43,8 +43,8 @@ def make_inputs(folder: Path, size: int, n: int = 16) -> Path:
 def one_mode(args) -> dict:
     import torch
 
-    from comfyui_mole.trainer.config import TrainConfig, validate
-    from comfyui_mole.trainer.loop import Run
+    from comfyui_mole.trainer.training.config import TrainConfig, validate
+    from comfyui_mole.trainer.training.loop import Run
 
     work = Path(args.work)
     common = dict(pretrained_model_name_or_path=str(work / "base.safetensors"), train_data_dir=str(work / "images"),
@@ -63,7 +63,7 @@ def one_mode(args) -> dict:
 
         def step():
             batch = run.next_batch()
-            x0, cond = run.latents(batch), run.text(batch)
+            x0, cond = run.latents(batch), run.text(batch.captions, batch.size)
             noise = torch.randn(x0.shape, generator=run.gen)
             t = torch.randint(0, 1000, (x0.shape[0],), generator=run.gen)
             x_t = run.base.noisy(x0, noise, t).requires_grad_(True)
@@ -92,10 +92,10 @@ def one_mode(args) -> dict:
 
 
 def prepare(work: Path, args) -> None:
-    from comfyui_mole.trainer.host import use_comfy
+    from comfyui_mole.trainer.harness.host import use_comfy
 
     use_comfy()
-    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint, write_stand_in_files
+    from comfyui_mole.trainer.harness.tiny_models import write_detectable_checkpoint, write_stand_in_files
 
     write_detectable_checkpoint(work / "base.safetensors")
     write_stand_in_files("SD15", {"face": work / "face.safetensors", "hand": work / "hand.safetensors",

@@ -26,7 +26,7 @@ if "comfyui_mole" not in sys.modules:
     _spec.loader.exec_module(_package)
 
 
-from comfyui_mole.trainer.workflows import SD15 as WORKFLOW_FILES  # noqa: E402  (after the package exists)
+from comfyui_mole.trainer.harness.workflows import SD15 as WORKFLOW_FILES  # noqa: E402  (after the package exists)
 
 
 def pytest_addoption(parser):
@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfy():
     """ComfyUI importable in this process (CPU, PyTorch attention); returns its folder."""
-    from comfyui_mole.trainer.host import use_comfy
+    from comfyui_mole.trainer.harness.host import use_comfy
 
     return use_comfy()
 
@@ -53,7 +53,7 @@ def comfy():
 @pytest.fixture
 def tiny(comfy):
     """ModelPatcher around a ~1M-parameter SD1.5-architecture model with explicitly initialised weights."""
-    from comfyui_mole.trainer.tiny_models import tiny_sd15
+    from comfyui_mole.trainer.harness.tiny_models import tiny_sd15
 
     return tiny_sd15(seed=0)
 
@@ -61,7 +61,7 @@ def tiny(comfy):
 @pytest.fixture(scope="session")
 def tiny_sdxl(comfy):
     """ModelPatcher around a tiny-width model with SDXL's block layout. Clone before patching."""
-    from comfyui_mole.trainer.tiny_models import tiny_sdxl
+    from comfyui_mole.trainer.harness.tiny_models import tiny_sdxl
 
     return tiny_sdxl(seed=0)
 
@@ -69,7 +69,7 @@ def tiny_sdxl(comfy):
 @pytest.fixture(scope="session")
 def full(comfy):
     """ModelPatcher around the full-size SD1.5 UNet with random weights (use only in tests marked slow)."""
-    from comfyui_mole.trainer.tiny_models import full_sd15
+    from comfyui_mole.trainer.harness.tiny_models import full_sd15
 
     return full_sd15(seed=0)
 
@@ -100,7 +100,7 @@ def detectable(comfy, models_dir) -> Path:
     """The smallest checkpoint the stock CheckpointLoaderSimple detects as SD1.5, written once per session
     into models_dir/checkpoints and registered with folder_paths."""
     import folder_paths
-    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint
+    from comfyui_mole.trainer.harness.tiny_models import write_detectable_checkpoint
 
     path = write_detectable_checkpoint(models_dir / "checkpoints" / "mole-detectable-sd15.safetensors", seed=0)
     folder_paths.add_model_folder_path("checkpoints", str(path.parent))
@@ -114,7 +114,7 @@ def mole_files(detectable, models_dir) -> dict[str, Path]:
     from mole_fakes import fake_expert, fake_gates
 
     from comfyui_mole.mole_ops import expert_file, gate_file, pack_file
-    from comfyui_mole.trainer.tiny_models import layer_shapes, write_stand_in_files
+    from comfyui_mole.trainer.harness.tiny_models import layer_shapes, write_stand_in_files
 
     folder = models_dir / "mole"
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,9 +164,9 @@ def _link(src: Path, dst: Path) -> Path:
 def sdxl_server(comfy, tmp_path_factory):
     """A second real server with the detectable SDXL checkpoint (1.9 GB, ~20 s to write; full-size CLIP-G) and
     generated SDXL experts and gates under the names the SDXL workflow expects."""
-    from comfyui_mole.trainer.comfy_server import ComfyServer, prepare_base_dir
-    from comfyui_mole.trainer.tiny_models import write_detectable_checkpoint, write_stand_in_files
-    from comfyui_mole.trainer.workflows import SDXL
+    from comfyui_mole.trainer.harness.comfy_server import ComfyServer, prepare_base_dir
+    from comfyui_mole.trainer.harness.tiny_models import write_detectable_checkpoint, write_stand_in_files
+    from comfyui_mole.trainer.harness.workflows import SDXL
 
     models = tmp_path_factory.mktemp("sdxl_models")
     checkpoint = write_detectable_checkpoint(models / SDXL["checkpoint"], seed=0, family="SDXL")
@@ -183,9 +183,9 @@ def sdxl_server(comfy, tmp_path_factory):
 def server(detectable, mole_files, tmp_path_factory):
     """The real ComfyUI server (main.py --cpu) on a free loopback port, with this package in custom_nodes and
     the detectable checkpoint in models/checkpoints. Stopped by PID at the end of the session."""
-    from comfyui_mole.trainer.comfy_server import ComfyServer, prepare_base_dir
+    from comfyui_mole.trainer.harness.comfy_server import ComfyServer, prepare_base_dir
 
-    from comfyui_mole.trainer.workflows import COMMUNITY_LORAS
+    from comfyui_mole.trainer.harness.workflows import COMMUNITY_LORAS
 
     checkpoint = _link(detectable, detectable.parent / WORKFLOW_FILES["checkpoint"])
     loras = [_link(mole_files[role], mole_files[role].parent.parent / "loras" / name)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..mole_ops.emoe import DISAGREEMENT, EPISTEMIC, disagreement, first_call_features, member_rows
+from ..mole_ops.emoe import DISAGREEMENT, EPISTEMIC, MemberBatch, disagreement, first_step_features
 from ..mole_ops.errors import MoLEError
 from ..mole_ops.plots import bars, histogram, save_png
-from .config import ConfigError
+from .training.config import ConfigError
 
 log = logging.getLogger("mole.audit")
 FIELDS = ["index", "prompt", "group", "quality", "score"]
@@ -70,7 +70,7 @@ class Scorer:
         import comfy.sd
         import comfy.utils
 
-        from .model import Base
+        from .training.model import Base
 
         self.base = Base(args.pretrained_model_name_or_path)
         self.size = args.resolution
@@ -83,7 +83,7 @@ class Scorer:
             from ..mole_ops.mixture import build
 
             loaded = [expert_file.load(p, n) for n, p in (e.split("=", 1) for e in args.experts)]
-            self.experts = build(loaded, None, self.base.layout).requires_grad_(False)
+            self.experts = build(loaded, None, self.base.layout)
             self.kind = DISAGREEMENT
             return
         self.kind = EPISTEMIC
@@ -98,20 +98,11 @@ class Scorer:
         if len(self.members) < 4:
             log.warning("an ensemble of %d members gives a noisy estimate; the paper used 4", len(self.members))
 
-    def _features(self, model, positive, noise):
-        import comfy.sample
-
-        def run():
-            with torch.inference_mode():
-                comfy.sample.sample(model, noise, 1, 1.0, "euler", "normal", positive, positive,
-                                    torch.zeros_like(noise), disable_pbar=True, seed=self.seed)
-        return first_call_features(model.model.diffusion_model, run)
-
     def scores(self, prompts: list[str]) -> list[float]:
         """Scores of several prompts; member by member (switching members re-patches weights: do it rarely)."""
         import comfy.sample
 
-        from ..mole_ops.hooks import HookState, attach
+        from ..mole_ops.hooks import HookState, attached
         from ..mole_ops.ops import GateSettings
 
         positives = []
@@ -120,18 +111,14 @@ class Scorer:
             positives.append([[cond, {"pooled_output": pooled}]])
         noise = comfy.sample.prepare_noise(torch.zeros(1, 4, self.size // 8, self.size // 8), self.seed)
         if self.experts is None:
-            features = torch.stack([torch.stack([self._features(m, p, noise) for p in positives])
+            features = torch.stack([torch.stack([first_step_features(m, p, noise, self.seed) for p in positives])
                                     for m in self.members])                          # (M, P, 1, C, H, W)
         else:
-            m = len(self.experts.order)
-            state = HookState(GateSettings("none"), rows=member_rows(m, 1, m, list(range(m))))
-            handles = attach(self.base.model, self.experts, state)
-            try:
-                features = torch.stack([self._features(self.base.patcher, p, noise.repeat(m, 1, 1, 1))
-                                        for p in positives], dim=1).unsqueeze(2)           # (M, P, 1, C, H, W)
-            finally:
-                for h in handles:
-                    h.remove()
+            members = MemberBatch(len(self.experts.order), 1)
+            with attached(self.base.model, self.experts, HookState(GateSettings("none"), rows=members.rows)):
+                features = torch.stack([members.split(first_step_features(self.base.patcher, p,
+                                                                          members.repeat(noise), self.seed))
+                                        for p in positives], dim=1)                  # (M, P, 1, C, H, W)
         return [float(disagreement(features[:, i], self.kind).score[0]) for i in range(len(prompts))]
 
 
@@ -166,7 +153,7 @@ def summarise(rows: list[dict]) -> dict:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .host import use_comfy
+    from .harness.host import use_comfy
 
     prompts = read_prompts(args.prompts)
     out = args.output_dir

@@ -1,50 +1,89 @@
-"""Command line of the offline pipelines: `python -m trainer <command> ...` (or the `mole-train` script)."""
+"""Command line of the offline pipelines: `python -m trainer <command> ...` (or the `mole-train` script).
+
+Dispatch is lazy: the top-level parser knows each command's name and summary, and only the chosen command's
+module is imported (a training run never imports the demo, the test harness or the audit; nothing imports
+ComfyUI before a command runs).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
-from . import audit, config, demo, prepare, workflows
 from ..mole_ops.errors import MoLEError
 
-TRAIN = {"train-base": ("finetune", "stage 1: fine-tune the whole UNet (a full checkpoint)"),
-         "train-expert": ("expert", "stage 2: train one LoRA expert (a kohya LoRA file)"),
-         "train-gates": ("gates", "stage 3: train the gates of frozen experts (a gate file, optionally a pack)")}
+
+@dataclass(frozen=True)
+class Command:
+    module: str                 # relative to this package; it has add_arguments(parser) and sets `run`
+    summary: str
+    stage: str | None = None    # the training commands: add_arguments(parser, stage), run by the loop
+
+
+COMMANDS = {
+    "demo": Command("demo.pipeline", "the whole MoLE pipeline in a synthetic world on this machine, with a report"),
+    "workflows": Command("harness.workflows", "rewrite workflows/ (UI format and API twins) from the node "
+                         "definitions of a real ComfyUI"),
+    "audit": Command("audit", "EMoE prompt audit: uncertainty score per prompt, quartiles, per-group statistics "
+                     "and plots"),
+    "prepare": Command("training.prepare", "dataset preparation as in the paper: sliding-window crops, caption "
+                       "clean-up, optional CLIP score filter, kohya metadata"),
+}
+
+
+def commands() -> dict[str, Command]:
+    """Every command; the training stages come from their one registry (training/stages.py)."""
+    from .training.stages import STAGES
+
+    stages = {s.command: Command("training.config", s.summary, s.name) for s in STAGES.values()}
+    return {**COMMANDS, **stages}
 
 
 def _train(stage: str):
     def run(args: argparse.Namespace) -> int:
-        from .loop import train
+        from .training import config
+        from .training.loop import train
 
         train(config.from_args(args, stage))
         return 0
     return run
 
 
+def _configure(parser: argparse.ArgumentParser, command: Command) -> None:
+    module = importlib.import_module(f".{command.module}", __package__)
+    if command.stage is None:
+        parser.description = (module.__doc__ or command.summary).split("\n\n")[0]
+        module.add_arguments(parser)
+    else:
+        parser.description = command.summary + ". Flags are kohya sd-scripts' names."
+        module.add_arguments(parser, command.stage)
+        parser.set_defaults(run=_train(command.stage))
+
+
+def _chosen(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of `python -m trainer` and of the `mole-train` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or os.path.basename(sys.argv[0]) or "mole-train"
     parser = argparse.ArgumentParser(prog=prog, description="ComfyUI-MoLE offline pipelines")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(commands.add_parser("demo", help=demo.__doc__.splitlines()[0]))
-    workflows.add_arguments(commands.add_parser("workflows", help="rewrite workflows/ (UI format and API twins) "
-                                                "from the node definitions of a real ComfyUI"))
-    audit.add_arguments(commands.add_parser("audit", help="EMoE prompt audit: uncertainty score per prompt, "
-                                            "quartiles, per-group statistics and plots",
-                                            description=audit.__doc__.split("\n\n")[0]))
-    prepare.add_arguments(commands.add_parser("prepare", help="dataset preparation as in the paper: sliding-window "
-                                              "crops, caption clean-up, optional CLIP score filter, kohya metadata",
-                                              description=prepare.__doc__.split("\n\n")[0]))
-    for command, (stage, text) in TRAIN.items():
-        sub = commands.add_parser(command, help=text, description=text + ". Flags are kohya sd-scripts' names.")
-        config.add_arguments(sub, stage)
-        sub.set_defaults(run=_train(stage))
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    chosen = _chosen(argv)
+    for name, command in commands().items():
+        sub = subparsers.add_parser(name, help=command.summary)
+        if name == chosen:
+            _configure(sub, command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args)
     except MoLEError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one clear line; a server's failure names its log instead of printing its tail
+        summary = getattr(e, "summary", None)
+        print(f"error: {summary() if summary else e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from comfyui_mole.trainer.workflows import FOLDER, WORKFLOWS
+from comfyui_mole.trainer.harness.workflows import FOLDER, WORKFLOWS
 
 from workflow_utils import shrink_ui
 

@@ -89,11 +89,21 @@ def test_stage1_two_processes_equal_one(stage1, detectable):
 
 
 def kill_after(process: subprocess.Popen, state: Path, final: Path) -> None:
-    """SIGKILL the whole launch (torchrun and its workers) as soon as `state` exists."""
+    """SIGKILL the whole launch (torchrun and its workers) as soon as `state` exists. torchrun starts its workers
+    in sessions of their own, so they are killed one by one: a surviving worker waits forever in a collective."""
+    import psutil
+
     deadline = time.monotonic() + 300
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    workers = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGKILL)
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(workers, timeout=30)
     process.wait()
     assert state.exists() and not final.exists(), "not killed between the state and the end"
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_mole.trainer.comfy_server import ServerError
-from comfyui_mole.trainer.graphs import txt2img
+from comfyui_mole.trainer.harness.comfy_server import ServerError
+from comfyui_mole.trainer.harness.workflows import txt2img
 
 
 def mole_graph(checkpoint, experts=("test_face.safetensors", "test_hand.safetensors"), gates="test_gates.safetensors",
@@ -103,7 +103,7 @@ def test_three_file_set_and_fixed_scale_expert(server, detectable):
 
     fixed = txt2img(detectable.name, "a person waving", seed=5, width=64, height=96, prefix="e2e_fixed")
     fixed["10"] = {"class_type": "MoLE_ExpertFixedScale", "inputs": {
-        "model": ["1", 0], "expert": "test_face.safetensors", "scale": 1.0}}
+        "model": ["1", 0], "expert": "test_face.safetensors", "strength": 1.0}}
     fixed["5"]["inputs"]["model"] = ["10", 0]
     base = pixels(server, server.run(txt2img(detectable.name, "a person waving", seed=5, width=64, height=96,
                                              prefix="e2e_fixed_base")))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from comfyui_mole.trainer.host import comfyui_path
+from comfyui_mole.trainer.harness.host import comfyui_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

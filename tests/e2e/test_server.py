@@ -1,8 +1,8 @@
 """The real ComfyUI server with this package in custom_nodes (the end-to-end ring)."""
 from PIL import Image
 
-from comfyui_mole.trainer.comfy_server import PACKAGE_DIR_NAME
-from comfyui_mole.trainer.graphs import txt2img
+from comfyui_mole.trainer.harness.comfy_server import PACKAGE_DIR_NAME
+from comfyui_mole.trainer.harness.workflows import txt2img
 
 
 def test_package_imports_and_registers_every_node(server, comfy):
@@ -33,7 +33,7 @@ def test_txt2img_through_the_api_saves_a_png(server, detectable):
 def test_invalid_graph_is_refused_and_server_keeps_serving(server):
     import pytest
 
-    from comfyui_mole.trainer.comfy_server import ServerError
+    from comfyui_mole.trainer.harness.comfy_server import ServerError
 
     with pytest.raises(ServerError, match="400"):
         server.queue({"1": {"class_type": "NoSuchNode", "inputs": {}}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfyui_mole.mole_ops import safetensors_io
-from trainer_utils import make_config, run
+from trainer_utils import held_out, make_config, run
 
 
 def config(detectable, images, out, **kw):
@@ -20,9 +20,9 @@ def trained(comfy, detectable, train_images, module_tmp):
     r = run(config(detectable, train_images, out, max_train_steps=12, train_text_encoder=True,
                    learning_rate_te=1e-5, gradient_checkpointing=True, min_snr_gamma=5.0))
     r.precache()
-    before = r.held_out_loss(r.all_images())
+    before = held_out(r)
     r.train()
-    after = r.held_out_loss(r.all_images())
+    after = held_out(r)
     r.stage.detach()
     return out / "base.safetensors", before, after
 
@@ -81,7 +81,7 @@ def test_gradient_checkpointing_gives_the_same_step(comfy, detectable, train_ima
 
 def test_text_encoder_gradient_matches_a_finite_difference(comfy, detectable):
     """ComfyUI's CLIP layers add in place; the trainable forward must give true gradients."""
-    from comfyui_mole.trainer.model import Base
+    from comfyui_mole.trainer.training.model import Base
 
     base = Base(detectable)
     weight = dict(base.make_text_encoder_trainable().named_parameters())[

@@ -17,9 +17,9 @@ import torch
 
 from comfyui_mole.mole_ops import expert_file, gate_file, safetensors_io
 from comfyui_mole.mole_ops.hooks import attach
-from comfyui_mole.trainer.config import TrainConfig, validate
-from comfyui_mole.trainer.host import comfyui_path
-from trainer_utils import make_config, run
+from comfyui_mole.trainer.training.config import TrainConfig, validate
+from comfyui_mole.trainer.harness.host import comfyui_path
+from trainer_utils import held_out, make_config, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,9 +33,9 @@ def experts(comfy, detectable, train_images, module_tmp):
         r = run(make_config(detectable, train_images, out, "expert", output_name=name, expert_name=name,
                             network_dim=4, network_alpha=4.0, max_train_steps=steps, seed=len(name)))
         r.precache()
-        before = r.held_out_loss(r.all_images())
+        before = held_out(r)
         r.train()
-        losses[name] = (before, r.held_out_loss(r.all_images()))
+        losses[name] = (before, held_out(r))
         r.stage.detach()
     return {"face": out / "face.safetensors", "hand": out / "hand.safetensors", "losses": losses, "dir": out}
 
@@ -60,7 +60,7 @@ def test_stage2_file_loads_in_stock_lora_loader_and_our_nodes(experts, detectabl
     import comfy.utils
 
     from comfyui_mole.mole_ops.mixture import build
-    from comfyui_mole.trainer.model import Base
+    from comfyui_mole.trainer.training.model import Base
 
     base = Base(detectable)
     lora = comfy.utils.load_torch_file(str(experts["face"]), safe_load=True)
@@ -83,10 +83,9 @@ def gates(experts, detectable, train_images, module_tmp):
     unet_before = {k: v.clone() for k, v in r.base.unet.state_dict().items()}
     experts_before = {n: p.clone() for n, p in r.stage.mole.named_parameters() if ".experts." in n}
     gates_before = {n: p.detach().clone() for n, p in r.stage.named_trainable().items()}
-    held = r.all_images()
-    before = r.held_out_loss(held)
+    before = held_out(r)
     r.train()
-    return types.SimpleNamespace(run=r, out=out, before=before, after=r.held_out_loss(held), unet=unet_before,
+    return types.SimpleNamespace(run=r, out=out, before=before, after=held_out(r), unet=unet_before,
                                  experts=experts_before, gates=gates_before)
 
 
@@ -110,7 +109,7 @@ def test_stage3_file_in_apply_mole_samples_what_the_trainer_samples(gates, exper
     """The gate file loaded the way Apply MoLE loads it gives the same image as the trainer's own model."""
     from comfyui_mole.mole_ops.mixture import build
     from comfyui_mole.nodes.patch import MoLEPatch, apply_mole
-    from comfyui_mole.trainer.samples import SamplePrompt, generate
+    from comfyui_mole.trainer.training.samples import SamplePrompt, generate
 
     r = gates.run
     item = SamplePrompt("a red circle on a blue background", "blurry", 64, 64, seed=3, cfg=5.0, steps=4)
@@ -119,7 +118,6 @@ def test_stage3_file_in_apply_mole_samples_what_the_trainer_samples(gates, exper
     try:
         loaded = [expert_file.load(experts["face"], "face"), expert_file.load(experts["hand"], "hand")]
         mole = build(loaded, gate_file.load(gates.out / "gates.safetensors"), r.base.layout)
-        mole.requires_grad_(False)
         patched = apply_mole(r.base.patcher, MoLEPatch(mole))
         node_image = generate(types.SimpleNamespace(patcher=patched, clip=r.base.clip, vae=r.base.vae,
                                                     family=r.base.family), item)
@@ -165,6 +163,57 @@ def test_killed_run_resumed_ends_bitwise_equal(detectable, train_images, tmp_pat
     whole_log = (tmp_path / "whole" / "e_log.csv").read_text().splitlines()
     cut_log = (tmp_path / "cut" / "e_log.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in whole_log] == [r.split(",")[:3] for r in cut_log]
+
+
+# Runs the trainer's CLI with os.replace made fatal for a state file: the process dies after the new state was
+# written and fsynced, just before it would replace the old one.
+_DIE_BEFORE_STATE_RENAME = """
+import os, runpy, signal, sys
+rename = os.replace
+def replace(src, dst):
+    if str(dst).endswith("state.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst)
+os.replace = replace
+sys.argv = ["trainer", *sys.argv[1:]]
+runpy.run_module("trainer", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_run_killed_while_saving_its_state_keeps_the_previous_one(detectable, train_images, tmp_path):
+    out = tmp_path / "out"
+    common = ["train-expert", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
+              str(train_images), "--resolution", "64", "--train_batch_size", "2", "--learning_rate", "1e-3",
+              "--network_dim", "4", "--save_every_n_steps", "2", "--save_state", "--output_name", "e", "--seed", "3",
+              "--output_dir", str(out)]
+    first = _cli(common + ["--max_train_steps", "4"])
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    final = out / "e-state"
+    old = (final / "state.pt").read_bytes()
+
+    # again from step 2: the final save meets e-state, and the process dies before the new file replaces the old
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    dying = subprocess.run([sys.executable, "-c", _DIE_BEFORE_STATE_RENAME, *common, "--max_train_steps", "4",
+                            "--resume", str(out / "e-step00000002-state")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert dying.returncode == -signal.SIGKILL, dying.stdout[-2000:] + dying.stderr[-2000:]
+    assert (out / "e-state.tmp" / "state.pt").stat().st_size > 0          # the new state was written in full
+    assert (final / "state.pt").read_bytes() == old                         # the old one is untouched
+
+    resumed = _cli(common + ["--max_train_steps", "6", "--resume", str(final)])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "at step 4" in output and not (out / "e-state.tmp").exists()
+    assert torch.load(final / "state.pt", weights_only=True)["progress"]["step"] == 6
+
+
+def test_cli_reports_host_and_server_errors_in_one_line(tmp_path):
+    env = dict(os.environ, COMFYUI_PATH=str(tmp_path / "nowhere"))
+    done = subprocess.run([sys.executable, "-m", "trainer", "workflows", "--output_dir", str(tmp_path / "wf")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: no ComfyUI at {tmp_path / 'nowhere'}: run `make host` "
+                                                "(or set COMFYUI_PATH to a ComfyUI folder)"]
 
 
 def test_kohya_options_run_together(detectable, train_images, tmp_path):

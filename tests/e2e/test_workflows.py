@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from comfyui_mole.mole_ops import safetensors_io
-from comfyui_mole.trainer.workflows import ABLATION, FOLDER, WORKFLOWS, load_api, render
+from comfyui_mole.trainer.harness.workflows import ABLATION, FOLDER, WORKFLOWS, load_api, render
 
 W, H, STEPS = 64, 96, 4
 
@@ -30,7 +30,7 @@ def _node(api: dict, title: str) -> str:
 
 def _base_image(server, api: dict, seed: int) -> np.ndarray:
     """The same graph with Apply MoLE removed (KSampler fed by the checkpoint), for comparison."""
-    from comfyui_mole.trainer.graphs import txt2img
+    from comfyui_mole.trainer.harness.workflows import txt2img
 
     ckpt = api[_node(api, "Load stage-1 checkpoint")]["inputs"]["ckpt_name"]
     sampler = next(v["inputs"] for v in api.values() if v["class_type"] == "KSampler")

@@ -1,5 +1,5 @@
 """Helpers of the trainer tests: a validated training config on the detectable checkpoint, and a Run."""
-from comfyui_mole.trainer.config import TrainConfig, validate
+from comfyui_mole.trainer.training.config import TrainConfig, validate
 
 
 def make_config(detectable, images, out, stage, **kw) -> TrainConfig:
@@ -11,6 +11,16 @@ def make_config(detectable, images, out, stage, **kw) -> TrainConfig:
 
 
 def run(config):
-    from comfyui_mole.trainer.loop import Run
+    from comfyui_mole.trainer.training.loop import Run
 
     return Run(config)
+
+
+def held_out(r, seed: int = 1234) -> float:
+    """The held-out loss (training/evaluation.py) of a run's training pictures, each once, at the dataset's size:
+    comparable before and after `r.train()`."""
+    from comfyui_mole.trainer.training.evaluation import held_out_loss
+
+    d = r.plan.datasets[0]
+    pictures = {path: caption for path, caption, _ in d.items}
+    return held_out_loss(r.base, list(pictures.items()), seed, size=d.resolution)

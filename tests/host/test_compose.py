@@ -6,7 +6,7 @@ import torch
 from comfyui_mole.mole_ops.fingerprint import METADATA_KEY, check_base, fingerprint
 from comfyui_mole.mole_ops.trace import COND, UNCOND, GateTrace
 from mole_fakes import make_mole
-from host_utils import attach, sample
+from host_utils import attach, conditioning, sample, with_controlnet
 
 TARGET = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 
@@ -14,7 +14,6 @@ TARGET = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weigh
 @pytest.fixture
 def mole(tiny):
     built, _ = make_mole(tiny)
-    built.requires_grad_(False)
     return built
 
 
@@ -68,29 +67,10 @@ def test_low_vram_streaming_gives_the_full_load_image(tiny, mole, monkeypatch):
     assert (full - sample(tiny)).abs().max() > 1e-4
 
 
-def tiny_controlnet(model):
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-
-    from comfyui_mole.trainer.tiny_models import init_parameters
-
-    config = {k: v for k, v in model.model.model_config.unet_config.items() if k not in ("out_channels",)}
-    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
-    control = init_parameters(comfy.cldm.cldm.ControlNet(**config), seed=11)
-    return comfy.controlnet.ControlNet(control, load_device=torch.device("cpu"))
-
-
 def test_controlnet_and_model_function_wrappers_still_run(tiny, mole):
     import nodes
 
-    control = tiny_controlnet(tiny)
-    hint = torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(2))
-    gen = torch.Generator().manual_seed(1)
-    positive = [[torch.randn(1, 7, 64, generator=gen), {}]]
-    negative = [[torch.zeros(1, 7, 64), {}]]
-    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0,
-                                                                          0.0, 1.0)
+    positive, negative = with_controlnet(tiny, *conditioning())
     calls = []
 
     def wrapper(apply_model, args):

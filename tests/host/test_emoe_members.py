@@ -9,7 +9,6 @@ from mole_fakes import make_mole
 
 def test_batched_expert_members_equal_separate_passes(tiny):
     mole, _ = make_mole(tiny, n=3)
-    mole.requires_grad_(False)
     unet = tiny.model.diffusion_model
     _, point = capture_module(unet)
     gen = torch.Generator().manual_seed(0)

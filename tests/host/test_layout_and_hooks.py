@@ -6,7 +6,7 @@ from comfyui_mole.mole_ops.hooks import HookState, attach
 from comfyui_mole.mole_ops.layout import SD15, SDXL, UNetLayout
 from mole_fakes import make_mole
 from comfyui_mole.mole_ops.ops import GateSettings
-from comfyui_mole.trainer import tiny_models
+from comfyui_mole.trainer.harness import tiny_models
 
 
 def sd15_structure(comfy):

@@ -11,7 +11,6 @@ from mole_fakes import make_mole
 @pytest.fixture
 def mole(tiny):
     built, _ = make_mole(tiny)
-    built.requires_grad_(False)
     return built
 
 
@@ -67,3 +66,25 @@ def test_a_stock_weight_patch_keeps_working_with_mole(tiny, mole):
     assert (only_lora - base).abs().max() > 1e-4
     assert (both - only_mole).abs().max() > 1e-4 and (both - only_lora).abs().max() > 1e-4
     assert torch.equal(sample(tiny), base)
+
+
+def test_clones_record_into_traces_of_their_own(tiny, mole):
+    """ModelPatcher clones of a traced model get forks of its trace: each clone's runs stay in its own trace (and
+    reach the original, which Apply MoLE returned), never in a sibling's; a clone's own patch is the one that acts."""
+    from comfyui_mole.nodes.patch import KEY, MoLEPatch, apply_mole
+
+    trace = GateTrace(mole.order)
+    applied = apply_mole(tiny, MoLEPatch(mole, trace=trace))
+    a, b = applied.clone(), applied.clone()
+    ta, tb = a.get_attachment(KEY).trace, b.get_attachment(KEY).trace
+    assert len({id(trace), id(ta), id(tb)}) == 3
+    assert a.get_attachment(KEY).mole is b.get_attachment(KEY).mole is mole        # tensors shared, not copied
+    sample(a, steps=3)
+    assert ta.steps() == [0, 1, 2] and not tb.local and trace.steps() == [0, 1, 2]
+    sample(b, steps=2)
+    assert tb.steps() == [0, 1] and ta.steps() == [0, 1, 2] and trace.steps() == [0, 1]
+    torch.testing.assert_close(tb.local_maps(COND), trace.local_maps(COND), rtol=0, atol=0)
+    b.get_attachment(KEY).settings = GateSettings("none")
+    assert a.get_attachment(KEY).settings.mode == "both"
+    assert not torch.equal(sample(a), sample(b))
+    assert torch.equal(sample(a), sample(applied))

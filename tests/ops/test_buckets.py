@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_mole.trainer.buckets import BucketSettings, assign, bucket_sizes
-from comfyui_mole.trainer.config import ConfigError, TrainConfig
-from comfyui_mole.trainer.data import BatchPlan, datasets_from_config
+from comfyui_mole.trainer.training.buckets import BucketSettings, assign, bucket_sizes
+from comfyui_mole.trainer.training.config import ConfigError, TrainConfig
+from comfyui_mole.trainer.training.data import BatchPlan, datasets_from_config
 
 
 def test_bucket_sizes_fit_the_area_and_the_steps():

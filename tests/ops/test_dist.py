@@ -3,8 +3,8 @@ the mean over the global batch, also for a last batch smaller than the world."""
 import pytest
 import torch
 
-from comfyui_mole.trainer.data import BatchPlan, Dataset, Subset
-from comfyui_mole.trainer.dist import World
+from comfyui_mole.trainer.training.data import BatchPlan, Dataset, Subset
+from comfyui_mole.trainer.training.dist import World
 
 
 @pytest.mark.parametrize("n,size", [(4, 2), (3, 2), (1, 2), (5, 3), (7, 1)])

@@ -6,9 +6,9 @@ import json
 import pytest
 from PIL import Image
 
-from comfyui_mole.trainer import prepare
-from comfyui_mole.trainer.config import ConfigError
-from comfyui_mole.trainer.data import Subset, scan_subset
+from comfyui_mole.trainer.training import prepare
+from comfyui_mole.trainer.training.config import ConfigError
+from comfyui_mole.trainer.training.data import Subset, scan_subset
 
 
 @pytest.mark.parametrize("raw,clean", [

@@ -3,8 +3,8 @@ import argparse
 
 import pytest
 
-from comfyui_mole.trainer import config as cfg
-from comfyui_mole.trainer.config import ConfigError
+from comfyui_mole.trainer.training import config as cfg
+from comfyui_mole.trainer.training.config import ConfigError
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_mole.trainer.config import ConfigError, TrainConfig
-from comfyui_mole.trainer.data import (BatchPlan, LatentCache, Subset, datasets_from_config, image_key, load_image,
+from comfyui_mole.trainer.training.config import ConfigError, TrainConfig
+from comfyui_mole.trainer.training.data import (BatchPlan, LatentCache, Subset, datasets_from_config, image_key, load_image,
                                        process_caption, read_metadata)
 
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from comfyui_mole.trainer.config import TrainConfig
-from comfyui_mole.trainer.model import ddpm_alphas_cumprod, min_snr_weight
-from comfyui_mole.trainer.optim import make_scheduler
+from comfyui_mole.trainer.training.config import TrainConfig
+from comfyui_mole.trainer.training.model import ddpm_alphas_cumprod, min_snr_weight
+from comfyui_mole.trainer.training.optim import make_scheduler
 
 
 def test_scaled_linear_schedule():

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from comfyui_mole.trainer.evidence import auc, cell_labels
-from comfyui_mole.trainer.world import BACKGROUNDS, closeup, load_masks, scene, write_world
+from comfyui_mole.trainer.demo.evidence import auc, cell_labels
+from comfyui_mole.trainer.demo.world import BACKGROUNDS, closeup, load_masks, scene, write_world
 
 
 def nearest(colour, table):
@@ -45,8 +45,8 @@ def test_closeups(part):
 
 
 def test_write_world_writes_kohya_sets_and_reuses_them(tmp_path):
-    from comfyui_mole.trainer.config import TrainConfig
-    from comfyui_mole.trainer.data import datasets_from_config
+    from comfyui_mole.trainer.training.config import TrainConfig
+    from comfyui_mole.trainer.training.data import datasets_from_config
 
     paths = write_world(tmp_path, seed=1, train=6, closeups=4, heldout=3, batch_size=2)
     stamp = (paths["scenes"] / "scenes_0000.png").stat().st_mtime_ns

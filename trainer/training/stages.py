@@ -21,21 +21,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..mole_ops import expert_file, gate_file, pack_file
-from ..mole_ops.errors import MismatchError
-from ..mole_ops.expert_file import ExpertFile, LoRAWeights
-from ..mole_ops.fingerprint import METADATA_KEY
-from ..mole_ops.hooks import HookState, attach
-from ..mole_ops.layout import PREFIX, kohya_name
-from ..mole_ops.mixture import build
-from ..mole_ops.ops import GateSettings
+from ...mole_ops import expert_file, gate_file, pack_file
+from ...mole_ops.errors import MismatchError
+from ...mole_ops.expert_file import ExpertFile, LoRAWeights
+from ...mole_ops.fingerprint import METADATA_KEY
+from ...mole_ops.hooks import HookState, attach
+from ...mole_ops.layout import PREFIX, kohya_name
+from ...mole_ops.mixture import build
+from ...mole_ops.ops import GateSettings
 from .config import TrainConfig
 from .model import Base
 
 
 class Stage:
-    """Common part: a MoLE attached to base.unet by hooks, with the settings the forward uses."""
+    """Common part: a MoLE attached to base.unet by hooks, with the settings the forward uses. Every stage class
+    names itself (`name`, the value of TrainConfig.stage), its command and a one-line summary; `STAGES` below is
+    the one registry the configuration, the CLI and the loop read."""
 
+    name: str
+    command: str
+    summary: str
     mole: nn.Module
 
     def __init__(self, base: Base, settings: GateSettings):
@@ -89,20 +94,19 @@ def fresh_expert(base: Base, name: str, rank: int, alpha: float, gen: torch.Gene
 class ExpertStage(Stage):
     """Stage 2: train one LoRA expert."""
 
+    name, command, summary = "expert", "train-expert", "stage 2: train one LoRA expert (a kohya LoRA file)"
+
     def __init__(self, base: Base, config: TrainConfig, gen: torch.Generator):
         if config.network_weights:
             self.expert = expert_file.load(config.network_weights, config.expert_name)
         else:
             self.expert = fresh_expert(base, config.expert_name, config.network_dim, config.network_alpha, gen)
         self.config = config
-        self.mole = build([self.expert], None, base.layout)
-        self.mole.requires_grad_(False)
-        for p in self.parameters():
-            p.requires_grad_(True)
+        self.mole = build([self.expert], None, base.layout, trainable="experts")
         super().__init__(base, GateSettings("none"))
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.mole.layers.values() for e in layer.experts.values() for p in (e.down, e.up)]
+        return self.mole.expert_parameters()
 
     def current(self) -> ExpertFile:
         layers = {}
@@ -123,6 +127,9 @@ class ExpertStage(Stage):
 class GateStage(Stage):
     """Stage 3: train the gates of frozen experts."""
 
+    name, command = "gates", "train-gates"
+    summary = "stage 3: train the gates of frozen experts (a gate file, optionally a pack)"
+
     def __init__(self, base: Base, config: TrainConfig, gen: torch.Generator):
         self.experts = [expert_file.load(path, name) for name, path in config.expert_paths().items()]
         gates = gate_file.load(config.gate_weights) if config.gate_weights else None
@@ -130,12 +137,9 @@ class GateStage(Stage):
             # fresh gates with PyTorch's default init, drawn from the training generator (reproducible)
             with torch.random.fork_rng():
                 torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
-                self.mole = build(self.experts, None, base.layout, variant=config.gate_variant)
+                self.mole = build(self.experts, None, base.layout, variant=config.gate_variant, trainable="gates")
         else:
-            self.mole = build(self.experts, gates, base.layout)         # the file brings its variant
-        self.mole.requires_grad_(False)
-        for p in self.parameters():
-            p.requires_grad_(True)
+            self.mole = build(self.experts, gates, base.layout, trainable="gates")   # the file brings its variant
         bases = {e.metadata.get(METADATA_KEY) for e in self.experts} - {None, ""}
         if bases and bases != {base.fingerprint}:
             raise MismatchError(f"the experts were trained on another base ({sorted(bases)}) than "
@@ -158,6 +162,9 @@ class GateStage(Stage):
 class FinetuneStage:
     """Stage 1: fine-tune the whole UNet, and the text encoder with --train_text_encoder (no hooks: the model's
     own weights train)."""
+
+    name, command = "finetune", "train-base"
+    summary = "stage 1: fine-tune the whole UNet (a full checkpoint)"
 
     def __init__(self, base: Base, config: TrainConfig, gen: torch.Generator):
         self.base = base
@@ -222,4 +229,4 @@ def checkpoint_metadata(base: Base, config: TrainConfig, step: int, text_encoder
             "mole.stage": "1", "mole.steps": str(step), "mole.text_encoder_trained": str(text_encoder).lower()}
 
 
-STAGES = {"finetune": FinetuneStage, "expert": ExpertStage, "gates": GateStage}
+STAGES = {stage.name: stage for stage in (FinetuneStage, ExpertStage, GateStage)}

@@ -22,8 +22,8 @@ def train_taesd(images: list[Path], size: int, steps: int = 300, batch: int = 8,
     import comfy.taesd.taesd
     from tqdm import tqdm
 
-    from .data import load_image
-    from .tiny_models import init_parameters
+    from ..training.data import load_image
+    from ..harness.tiny_models import init_parameters
 
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.stack([load_image(p, (size, size)) for p in images]).movedim(-1, 1) * 2 - 1   # (N, 3, H, W)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..mole_ops import safetensors_io
-from ..mole_ops.errors import MoLEError
+from ...mole_ops import safetensors_io
+from ...mole_ops.errors import MoLEError
 from .buckets import BucketSettings, assign, bucket_sizes, summary
 from .config import ConfigError, TrainConfig, parse_resolution
 

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..mole_ops.atomic import replacing, write_text
+from ...mole_ops.atomic import replacing, write_text
 from .config import ConfigError
 from .data import IMAGE_EXTENSIONS, read_metadata
 
@@ -263,7 +263,7 @@ def write_report(args: argparse.Namespace, report: Report) -> None:
         lines += [f"| crop | {r} | {n} |" for r, n in report.dropped_crops.most_common()]
         lines.append("")
     if report.scores:
-        from ..mole_ops.plots import histogram, save_png
+        from ...mole_ops.plots import histogram, save_png
 
         s = _stats(report.scores)
         marks = (args.clip_threshold,) if args.clip_threshold is not None else ()

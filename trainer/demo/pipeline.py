@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .host import REPO_ROOT, use_comfy
-from .workflows import SD15, load_api
+from ..harness.host import REPO_ROOT, use_comfy
+from ..harness.workflows import SD15, load_api
 
 log = logging.getLogger("mole.demo")
 
@@ -62,8 +62,8 @@ def _train(stage: str, out: Path, name: str, base: Path, **options) -> Path:
     """Run one trainer stage unless its file exists; returns the file."""
     import comfy.model_management
 
-    from .config import TrainConfig, validate
-    from .loop import Run
+    from ..training.config import TrainConfig, validate
+    from ..training.loop import Run
 
     target = out / f"{name}.safetensors"
     if target.exists():
@@ -84,7 +84,7 @@ def _train(stage: str, out: Path, name: str, base: Path, **options) -> Path:
 
 
 def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str, Path]:
-    from .tiny_models import write_detectable_checkpoint
+    from ..harness.tiny_models import write_detectable_checkpoint
     from .vae import train_taesd
 
     models = out / "models"
@@ -116,7 +116,7 @@ def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str,
 
 
 def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: Path) -> list[Path]:
-    from .comfy_server import ComfyServer, prepare_base_dir
+    from ..harness.comfy_server import ComfyServer, prepare_base_dir
 
     base = prepare_base_dir(out / "comfy", {"checkpoints": [models["stage1"]],
                                             "mole": [models["face"], models["hand"], models["gates"]]})

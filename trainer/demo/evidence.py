@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..mole_ops.hooks import HookState, attach
-from ..mole_ops.mixture import build
-from ..mole_ops.ops import GateSettings
-from ..mole_ops.trace import COND, GateTrace
-from .data import load_image
+from ...mole_ops.hooks import HookState, attached
+from ...mole_ops.mixture import build
+from ...mole_ops.ops import GateSettings
+from ...mole_ops.trace import COND, GateTrace
+from ..training.data import load_image
+from ..training.evaluation import batches, held_out_loss, image_size
 from .world import load_masks
 
 TIMESTEPS = (800, 500, 200)
@@ -60,22 +61,16 @@ class Sample:
     masks: dict
 
 
-def _batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 @torch.no_grad()
 def gate_maps(base, mole, samples: list[Sample], seed: int, batch: int = 8, settings=None):
     """Per sample: local maps (T, N, h, w) and global gates (T, N) at the TIMESTEPS, fixed noise per sample."""
     trace_state = HookState(settings or GateSettings("both"))
-    handles = attach(base.model, mole, trace_state)
     local, glob = [], []
-    try:
-        for group in _batches(samples, batch):
-            pixels = torch.stack([load_image(s.image, _size(s.image)) for s in group])
+    with attached(base.model, mole, trace_state):
+        for group in batches(samples, batch):
+            pixels = torch.stack([load_image(s.image, image_size(s.image)) for s in group])
             x0 = base.encode_images(pixels)
-            cond = base.encode_text([s.caption for s in group], _size(group[0].image))
+            cond = base.encode_text([s.caption for s in group], image_size(group[0].image))
             gen = torch.Generator().manual_seed(seed)
             trace = GateTrace(mole.order)
             trace_state.trace = trace
@@ -87,17 +82,7 @@ def gate_maps(base, mole, samples: list[Sample], seed: int, batch: int = 8, sett
                 trace.end_call()
             local.append(trace.local_maps(COND).transpose(0, 1))      # (B, T, N, h, w)
             glob.append(trace.global_curve(COND).transpose(0, 1))     # (B, T, N)
-    finally:
-        for h in handles:
-            h.remove()
     return torch.cat(local).numpy(), torch.cat(glob).numpy()
-
-
-def _size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size
 
 
 def local_gate_report(maps: np.ndarray, samples: list[Sample], order: tuple[str, ...]) -> dict:
@@ -123,28 +108,10 @@ def local_gate_report(maps: np.ndarray, samples: list[Sample], order: tuple[str,
     return out
 
 
-@torch.no_grad()
-def heldout_loss(base, samples: list[Sample], seed: int, settings: GateSettings | None = None, mole=None,
-                 repeats: int = 4, batch: int = 8) -> float:
-    """Mean eps-MSE over samples x `repeats` fixed (noise, t) draws; MoLE attached with `settings` if given."""
-    handles = attach(base.model, mole, HookState(settings)) if mole is not None else []
-    total, count = 0.0, 0
-    try:
-        for group in _batches(samples, batch):
-            size = _size(group[0].image)
-            x0 = base.encode_images(torch.stack([load_image(s.image, size) for s in group]))
-            cond = base.encode_text([s.caption for s in group], size)
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(repeats):
-                noise = torch.randn(x0.shape, generator=gen)
-                t = torch.randint(0, 1000, (len(group),), generator=gen)
-                eps = base.predict(base.noisy(x0, noise, t), t, cond)
-                total += float(((eps - noise) ** 2).mean(dim=(1, 2, 3)).sum())
-                count += len(group)
-    finally:
-        for h in handles:
-            h.remove()
-    return total / count
+def heldout_loss(base, samples: list[Sample], seed: int, settings: GateSettings | None = None, mole=None) -> float:
+    """The held-out denoising loss (training/evaluation.py) of the scenes, with MoLE attached under `settings`."""
+    with attached(base.model, mole, HookState(settings)):
+        return held_out_loss(base, [(s.image, s.caption) for s in samples], seed)
 
 
 def samples_of(folder: Path, limit: int | None = None) -> list[Sample]:
@@ -156,7 +123,7 @@ def measure(tiny_base: Path, stage1: Path, experts: list, gates, world: dict, se
     """Every figure of the report (see the module docstring)."""
     import comfy.model_management
 
-    from .model import Base
+    from ..training.model import Base
 
     scenes = samples_of(world["heldout_scenes"], limit)
     faces, hands = samples_of(world["heldout_faces"], limit), samples_of(world["heldout_hands"], limit)
@@ -166,10 +133,10 @@ def measure(tiny_base: Path, stage1: Path, experts: list, gates, world: dict, se
     del base0
     comfy.model_management.unload_all_models()
     base = Base(stage1)
-    trained = build(experts, gates, base.layout).requires_grad_(False)
+    trained = build(experts, gates, base.layout)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        untrained = build(experts, None, base.layout).requires_grad_(False)
+        untrained = build(experts, None, base.layout)
     loss = results["loss"]
     loss["+ stage 1"] = heldout_loss(base, scenes, seed)
     loss["+ experts, fixed scale (no gates)"] = heldout_loss(base, scenes, seed, GateSettings("none"), trained)

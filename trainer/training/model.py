@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..mole_ops.errors import MoLEError
-from ..mole_ops.fingerprint import fingerprint
-from ..mole_ops.layout import UNetLayout
+from ...mole_ops.errors import MoLEError
+from ...mole_ops.fingerprint import fingerprint
+from ...mole_ops.layout import UNetLayout
 
 FAMILIES = {"SD15": "SD1.5", "SDXL": "SDXL"}
 

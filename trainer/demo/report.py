@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..mole_ops.plots import save_png
-from ..mole_ops.viz import overlay
+from ...mole_ops.plots import save_png
+from ...mole_ops.viz import overlay
 
 
 def _fmt(x: float) -> str:
@@ -28,7 +28,7 @@ def evidence(results: Path, models: dict[str, Path], world: dict, seed: int) -> 
     cache = results / "evidence.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    from ..mole_ops import expert_file, gate_file
+    from ...mole_ops import expert_file, gate_file
     from .evidence import measure
 
     experts = [expert_file.load(models[r], r) for r in ("face", "hand")]
@@ -41,7 +41,7 @@ def evidence(results: Path, models: dict[str, Path], world: dict, seed: int) -> 
 
 def _example_figure(path: Path, example: dict) -> None:
     """Held-out scenes with the face expert's and the hand expert's mean local-gate map laid over them."""
-    from .data import load_image
+    from ..training.data import load_image
 
     rows = []
     for image, maps in zip(example["images"], example["maps"]):

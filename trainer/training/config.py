@@ -12,22 +12,26 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..mole_ops.errors import FormatError, MoLEError
-from ..mole_ops.expert_file import check_role_name as _check_role_name
-from ..mole_ops.ops import VARIANTS
+from ...mole_ops.errors import FormatError, MoLEError
+from ...mole_ops.expert_file import check_role_name as _check_role_name
+from ...mole_ops.ops import VARIANTS
 
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OPTIMIZERS = ("AdamW", "Lion", "AdamW8bit")
 PRECISIONS = ("no", "fp16", "bf16")
-STAGES = ("finetune", "expert", "gates")
 
 
 class ConfigError(MoLEError):
     """A training argument is unknown, malformed or contradicts another one."""
 
 
-def _opt(help: str, default=None, stages=STAGES, choices=None, nargs=None):
+def _opt(help: str, default=None, stages=None, choices=None, nargs=None):
+    """A field with its help text and the stages (names in training/stages.py) that use it; None = every stage."""
     return field(default=default, metadata={"help": help, "stages": stages, "choices": choices, "nargs": nargs})
+
+
+def uses(f, stage: str) -> bool:
+    return f.metadata["stages"] is None or stage in f.metadata["stages"]
 
 
 @dataclass
@@ -101,6 +105,11 @@ class TrainConfig:
     def size(self) -> tuple[int, int]:
         return parse_resolution(self.resolution, "--resolution")
 
+    @property
+    def latents_cached(self) -> bool:
+        """--cache_latents_to_disk implies --cache_latents (as in kohya)."""
+        return bool(self.cache_latents or self.cache_latents_to_disk)
+
     def expert_paths(self) -> dict[str, Path]:
         out = {}
         for item in self.experts or []:
@@ -155,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     """Every option of `stage` as a kohya-style flag; defaults are applied later (see `from_args`)."""
     parser.add_argument("--config_file", help="TOML file with any of these options (the command line wins)")
     for name, f in _fields().items():
-        if stage not in f.metadata["stages"]:
+        if not uses(f, stage):
             continue
         kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
         if f.type == "bool":
@@ -194,17 +203,17 @@ def from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
         for key, value in toml.items():
             if key not in known:
                 raise ConfigError(f"{path}: unknown option {key!r} (see --help for the options)")
-            if stage not in known[key].metadata["stages"]:
+            if not uses(known[key], stage):
                 raise ConfigError(f"{path}: option {key!r} is not used by train-{stage}")
             values[key] = _check_type(key, value, known[key], str(path))
     values.update({k: v for k, v in vars(args).items() if k in known})
     config = TrainConfig(stage=stage, **values)
-    validate(config, given=set(values))
+    validate(config)
     return config
 
 
-def validate(c: TrainConfig, given: set[str] = frozenset()) -> None:
-    """Contradictions and missing inputs, found before any model is loaded."""
+def validate(c: TrainConfig) -> None:
+    """Contradictions and missing inputs, found before any model is loaded. Changes nothing."""
     def need(name: str, why: str = "") -> None:
         if getattr(c, name) in (None, "", []):
             raise ConfigError(f"--{name} is required{why}")
@@ -214,8 +223,10 @@ def validate(c: TrainConfig, given: set[str] = frozenset()) -> None:
         if value and not Path(value).exists():
             raise ConfigError(f"--{name} {value}: no such file or folder")
 
+    from .stages import STAGES
+
     if c.stage not in STAGES:
-        raise ConfigError(f"stage {c.stage!r} is not one of {STAGES}")
+        raise ConfigError(f"stage {c.stage!r} is not one of {tuple(STAGES)}")
     for name in ("pretrained_model_name_or_path", "output_dir", "output_name"):
         need(name)
     if bool(c.dataset_config) == bool(c.train_data_dir):
@@ -225,7 +236,7 @@ def validate(c: TrainConfig, given: set[str] = frozenset()) -> None:
     for name in ("pretrained_model_name_or_path", "dataset_config", "train_data_dir", "in_json", "resume",
                  "sample_prompts", "network_weights", "gate_weights"):
         exists(name)
-    c.size  # noqa: B018  (validates --resolution)
+    parse_resolution(c.resolution, "--resolution")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(c, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(c, name)}")
@@ -245,8 +256,6 @@ def validate(c: TrainConfig, given: set[str] = frozenset()) -> None:
         raise ConfigError("--save_every_n_steps must be at least 1")
     if bool(c.sample_prompts) != bool(c.sample_every_n_steps):
         raise ConfigError("--sample_prompts and --sample_every_n_steps go together")
-    if c.cache_latents_to_disk:
-        c.cache_latents = True
     _check_device_options(c)
     if c.stage == "finetune":
         if c.learning_rate_te is not None and not c.train_text_encoder:

@@ -14,53 +14,41 @@ Under torchrun every process runs this same loop on the same global batches and 
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import logging
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..mole_ops.plots import line_plot, save_png
-from .config import ConfigError, TrainConfig
+from ..harness.host import use_comfy
+from . import state
+from .config import TrainConfig
 from .data import Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image
 from .dist import World, peak_rss_mib
-from .host import use_comfy
+from .logbook import Logbook
 from .optim import make_optimizer, make_scheduler
 
 log = logging.getLogger("mole.trainer")
 
 
-@dataclass
-class Progress:
-    """Where the run is: optimizer steps done, and the position in the current epoch's batch order."""
-
-    step: int = 0
-    epoch: int = 0
-    order: list = field(default_factory=list)
-    position: int = 0
-
-
 class Objective(torch.nn.Module):
     """What DistributedDataParallel wraps: the modules holding every trainable tensor, and as forward the
-    stage's prediction (text encoding included, so a training text encoder's gradients are synchronised too)."""
+    stage's prediction (text encoding included, so a training text encoder's gradients are synchronised too).
+    `encode` and `predict` are plain callables: the frozen rest of the model is not DDP's business."""
 
-    def __init__(self, run: "Run"):
+    def __init__(self, trainable: list[torch.nn.Module], encode, predict, precision: str, text_encoder_trains: bool):
         super().__init__()
-        self.trainable = torch.nn.ModuleList(run.stage.modules())
-        self.__dict__["run"] = run                      # not a submodule: the frozen rest is not DDP's business
+        self.trainable = torch.nn.ModuleList(trainable)
+        self.encode, self.predict = encode, predict
+        self.precision, self.text_encoder_trains = precision, text_encoder_trains
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, captions: list[str], size: tuple[int, int]):
-        run = self.__dict__["run"]
-        precision = run.config.mixed_precision
         # a frozen text encoder's (cached) encodings are computed in full precision; a training one autocasts
-        with autocast(precision if run.config.train_text_encoder else "no", x_t.device):
-            cond = run.text(Batch([], captions, size))
-        with autocast(precision, x_t.device):
-            return run.base.predict(x_t, t, cond)
+        with autocast(self.precision if self.text_encoder_trains else "no", x_t.device):
+            cond = self.encode(captions, size)
+        with autocast(self.precision, x_t.device):
+            return self.predict(x_t, t, cond)
 
 
 class Run:
@@ -84,15 +72,16 @@ class Run:
         if config.gradient_checkpointing:
             n = self.base.checkpoint_activations(text_encoder=bool(config.train_text_encoder))
             log.info("gradient checkpointing: %d layers", n)
-        self.objective = Objective(self)
-        self.model = self.world.wrap(self.objective, unused_parameters=bool(config.train_text_encoder))
+        objective = Objective(self.stage.modules(), self.text, self.base.predict, config.mixed_precision,
+                              bool(config.train_text_encoder))
+        self.model = self.world.wrap(objective, unused_parameters=bool(config.train_text_encoder))
         self.optimizer = make_optimizer(config, self.stage.param_groups())
         self.scheduler = make_scheduler(config, self.optimizer)
         self.plan = BatchPlan(self.datasets, processes=self.world.size)
         self.cache = LatentCache(self.out / "latent_cache" if config.cache_latents_to_disk else None) \
-            if config.cache_latents else None
-        self.text_cache: dict[str, object] = {}
-        self.progress = Progress()
+            if config.latents_cached else None
+        self.text_cache: dict[tuple, object] = {}
+        self.progress = state.Progress()
 
     # -- data ------------------------------------------------------------------------------------------------
     def next_batch(self) -> Batch:
@@ -135,28 +124,28 @@ class Run:
                     self.cache.memory.setdefault(key, latent)
         log.info("latents cached: %d encoded, %d reused", self.cache.misses, self.cache.hits)
 
-    def text(self, batch: Batch):
+    def text(self, captions: list[str], size: tuple[int, int]):
         from .model import Conditioning
 
         if self.config.train_text_encoder and torch.is_grad_enabled():
-            return self.base.encode_text(batch.captions, batch.size, grad=True)    # changes every step: no cache
+            return self.base.encode_text(captions, size, grad=True)    # changes every step: no cache
         conds = []
-        for caption in batch.captions:
-            key = (caption, batch.size)
+        for caption in captions:
+            key = (caption, size)
             if key not in self.text_cache:
-                self.text_cache[key] = self.base.encode_text([caption], batch.size)
+                self.text_cache[key] = self.base.encode_text([caption], size)
             conds.append(self.text_cache[key])
         y = torch.cat([c.y for c in conds]) if conds[0].y is not None else None
         return Conditioning(torch.cat([c.context for c in conds]), y)
 
     # -- one optimizer step ----------------------------------------------------------------------------------
-    def loss(self, batch: Batch, gen: torch.Generator, shard: bool = True) -> torch.Tensor:
-        """The loss of one global batch, noise and timesteps drawn from `gen` for all of its rows. With `shard`
-        (training), this process computes only its rows, weighted so that the mean over processes is the batch
-        mean (in one process: the batch mean)."""
+    def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        """The loss of one global batch, noise and timesteps drawn from `gen` for all of its rows; this process
+        computes only its rows, weighted so that the mean over processes is the batch mean (in one process: the
+        batch mean)."""
         c = self.config
         n, (width, height) = len(batch.images), batch.size
-        rows, factor = self.world.rows(n) if shard else (list(range(n)), 1.0)
+        rows, factor = self.world.rows(n)
         # noise and timesteps of the whole global batch, the same in every process
         noise = torch.randn((n, self.base.latent_channels, height // 8, width // 8), generator=gen)
         t = torch.randint(0, len(self.base.alphas_cumprod), (n,), generator=gen)
@@ -174,12 +163,11 @@ class Run:
             per_sample = per_sample * min_snr_weight(self.base.alphas_cumprod.to(t.device), t, c.min_snr_gamma)
         return per_sample.sum() / n * factor
 
-    def step(self) -> float:
-        """One optimizer step; returns the global batch's loss (the mean over processes)."""
+    def step(self) -> tuple[float, int]:
+        """One optimizer step; returns the global batch's loss (the mean over processes) and its sample count."""
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        self.last_global_batch = 0
+        total, samples = 0.0, 0
         for micro in range(c.gradient_accumulation_steps):
             last = micro == c.gradient_accumulation_steps - 1
             sync = self.model.no_sync() if self.world.distributed and not last else contextlib.nullcontext()
@@ -188,26 +176,14 @@ class Run:
                 loss = self.loss(batch, self.gen) / c.gradient_accumulation_steps
                 loss.backward()
             total += float(loss.detach())
-            self.last_global_batch += len(batch.images)
+            samples += len(batch.images)
         total = self.world.mean(total)
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.stage.parameters(), c.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.progress.step += 1
-        return total
-
-    @torch.no_grad()
-    def held_out_loss(self, batch: Batch, seed: int = 1234, repeats: int = 4) -> float:
-        """Mean loss of a batch under fixed noise and timesteps (comparable before and after training)."""
-        gen = torch.Generator().manual_seed(seed)
-        return sum(float(self.loss(batch, gen, shard=False)) for _ in range(repeats)) / repeats
-
-    def all_images(self) -> Batch:
-        """Every training image once (first dataset's size), unflipped: a batch for held_out_loss."""
-        d = self.plan.datasets[0]
-        unique = {path: caption for path, caption, _ in d.items}
-        return Batch([(p, False) for p in unique], list(unique.values()), d.resolution)
+        return total, samples
 
     # -- the loop --------------------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -217,22 +193,21 @@ class Run:
         if self.cache is not None:
             self.precache()
         if c.resume:
-            self.load_state(Path(c.resume))
+            self.resume(Path(c.resume))
         batch = self.plan.datasets[0].batch_size if self.plan.datasets else c.train_batch_size
         log.info("train-%s: %d process(es) x batch %d x accumulation %d = global batch %d", c.stage, world.size,
                  batch, c.gradient_accumulation_steps, world.size * batch * c.gradient_accumulation_steps)
-        logger = CsvLog(self.out / f"{c.output_name}_log.csv", keep_until=self.progress.step) if world.main \
-            else contextlib.nullcontext()
+        logbook = Logbook(self.out / f"{c.output_name}_log.csv", keep_until=self.progress.step)
         start, first, samples = time.monotonic(), self.progress.step, 0
-        with torch.inference_mode(False), torch.enable_grad(), logger, \
+        with torch.inference_mode(False), torch.enable_grad(), logbook if world.main else contextlib.nullcontext(), \
                 tqdm(total=c.max_train_steps, initial=self.progress.step, desc=f"train-{c.stage}",
                      unit="step", disable=not world.main) as bar:
             while self.progress.step < c.max_train_steps:
-                loss = self.step()
-                samples += self.last_global_batch
+                loss, n = self.step()
+                samples += n
                 step, lr = self.progress.step, self.scheduler.get_last_lr()[0]
                 if world.main:
-                    logger.write(step, loss, lr, time.monotonic() - start)
+                    logbook.write(step, loss, lr, time.monotonic() - start)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 if c.sample_every_n_steps and step % c.sample_every_n_steps == 0 and world.main:
@@ -243,7 +218,7 @@ class Run:
         final = self.save(self.progress.step, intermediate=False)
         peaks = world.gather(peak_rss_mib())
         if world.main:
-            self.plot(logger.rows())
+            logbook.plot(self.out / f"{c.output_name}_loss.png", f"train-{c.stage} {c.output_name}")
             log.info("train-%s: %d steps in %.1f s, %.2f samples/s; peak memory %s MiB; wrote %s", c.stage,
                      self.progress.step - first, seconds, samples / max(seconds, 1e-9),
                      " + ".join(f"{p:.0f}" for p in peaks), final)
@@ -255,18 +230,6 @@ class Run:
         with torch.no_grad():
             save_samples(self.base, self.prompts, self.out / "sample", self.config.output_name, step)
 
-    def plot(self, rows: list[list[str]]) -> None:
-        if not rows:
-            return
-        steps = [int(r[0]) for r in rows]
-        losses = [float(r[1]) for r in rows]
-        k = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-                  for i in range(len(losses))]
-        image = line_plot({"loss": losses, f"mean of {k}": smooth}, steps, title=f"train-{self.config.stage} "
-                          f"{self.config.output_name}", xlabel="step", ylabel="loss", logy=min(losses) > 0)
-        save_png(image, str(self.out / f"{self.config.output_name}_loss.png"))
-
     # -- files and states ------------------------------------------------------------------------------------
     def save(self, step: int, intermediate: bool) -> Path:
         """Rank 0 writes (the trained tensors are the same in every process); the others wait for it."""
@@ -276,48 +239,15 @@ class Run:
         if self.world.main:
             self.stage.save(path, step)
             if c.save_state and (intermediate or step == c.max_train_steps):
-                self.save_state(self.out / f"{name}-state")
+                state.save(self.out / f"{name}-state", self.stage.named_trainable(), self.optimizer,
+                           self.scheduler, self.gen, self.progress, c.stage, c.seed, self.world.size)
         self.world.barrier()
         return path
 
-    def save_state(self, folder: Path) -> None:
-        """Everything a bitwise resume needs, written to a temp folder and renamed into place."""
-        p = self.progress
-        state = {"trainable": {k: v.detach().clone() for k, v in self.stage.named_trainable().items()},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "progress": {"step": p.step, "epoch": p.epoch, "order": p.order, "position": p.position},
-                 "stage": self.config.stage, "seed": self.config.seed, "processes": self.world.size}
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp / "state.pt")
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-
-    def load_state(self, folder: Path) -> None:
-        path = folder / "state.pt"
-        if not path.exists():
-            raise ConfigError(f"--resume {folder}: no state.pt (write states with --save_state)")
-        state = torch.load(path, weights_only=True)
-        if state["stage"] != self.config.stage:
-            raise ConfigError(f"--resume {folder}: a train-{state['stage']} state, this is train-{self.config.stage}")
-        if state.get("processes", 1) != self.world.size:
-            log.warning("--resume %s: saved by %d process(es), resumed by %d: the data order continues, but the "
-                        "batches are split differently", folder, state.get("processes", 1), self.world.size)
-        params = self.stage.named_trainable()
-        if set(params) != set(state["trainable"]):
-            raise ConfigError(f"--resume {folder}: its trainable tensors do not match this run's")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state["trainable"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.progress = Progress(**state["progress"])
+    def resume(self, folder: Path) -> None:
+        loaded = state.load(folder, self.config.stage, self.world.size)
+        self.progress = state.restore(loaded, folder, self.stage.named_trainable(), self.optimizer, self.scheduler,
+                                      self.gen)
         log.info("resumed from %s at step %d", folder, self.progress.step)
 
 
@@ -325,41 +255,6 @@ def autocast(precision: str, device: torch.device):
     if precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-class CsvLog:
-    """step, loss, lr, seconds per optimizer step; on resume, rows after the resumed step are dropped."""
-
-    HEADER = ["step", "loss", "lr", "seconds"]
-
-    def __init__(self, path: Path, keep_until: int = 0):
-        self.path = path
-        kept = [r for r in self._read() if int(r[0]) <= keep_until] if keep_until else []
-        self._file = None
-        self._kept = kept
-
-    def _read(self) -> list[list[str]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as f:
-            return [r for r in csv.reader(f)][1:]
-
-    def __enter__(self):
-        self._file = open(self.path, "w", newline="")
-        self._writer = csv.writer(self._file)
-        self._writer.writerow(self.HEADER)
-        self._writer.writerows(self._kept)
-        return self
-
-    def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
-        self._writer.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.2f}"])
-        self._file.flush()
-
-    def __exit__(self, *exc) -> None:
-        self._file.close()
-
-    def rows(self) -> list[list[str]]:
-        return self._read()
 
 
 def train(config: TrainConfig) -> Path:

@@ -18,13 +18,23 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from ...mole_ops.errors import MoLEError
 from .host import REPO_ROOT, comfyui_path
 
 PACKAGE_DIR_NAME = "ComfyUI-MoLE"
 
 
-class ServerError(RuntimeError):
-    """The server did not start, refused a graph, or a graph failed; the message carries the log tail."""
+class ServerError(MoLEError):
+    """The server did not start, refused a graph, or a graph failed. The message's first line says what; the
+    lines after it are the server log's tail (the command line prints the first line and the log's path)."""
+
+    def __init__(self, message: str, log_path: Path | None = None):
+        super().__init__(message)
+        self.log_path = log_path
+
+    def summary(self) -> str:
+        first = str(self).strip().splitlines()[0] if str(self).strip() else "the ComfyUI server failed"
+        return first.rstrip(":") + (f" (server log: {self.log_path})" if self.log_path else "")
 
 
 def free_port() -> int:
@@ -56,6 +66,15 @@ def prepare_base_dir(base: Path, models: dict[str, list[Path]] | None = None) ->
                 except OSError:
                     shutil.copy2(f, dest)
     return base
+
+
+def failure(status: dict) -> str:
+    """What failed in a /history status, in one line: the node, its type and the exception message."""
+    for kind, data in status.get("messages") or []:
+        if kind == "execution_error":
+            message = " ".join(str(data.get("exception_message", "")).split())
+            return f"node {data.get('node_id')} ({data.get('node_type')}): {message}"
+    return str(status.get("status_str"))
 
 
 class ComfyServer:
@@ -90,14 +109,16 @@ class ComfyServer:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited with code {self.proc.returncode}:\n{self.log_tail()}")
+                raise ServerError(f"ComfyUI exited with code {self.proc.returncode}:\n{self.log_tail()}",
+                                  self.log_path)
             try:
                 self.get("/object_info/CheckpointLoaderSimple")
                 return
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.25)
         self.stop()
-        raise ServerError(f"ComfyUI did not answer within {self.start_timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerError(f"ComfyUI did not answer within {self.start_timeout:.0f} s:\n{self.log_tail()}",
+                          self.log_path)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -143,10 +164,11 @@ class ComfyServer:
             if entry and entry.get("status", {}).get("completed") is not None:
                 status = entry["status"]
                 if status.get("status_str") != "success":
-                    raise ServerError(f"prompt {prompt_id} failed: {json.dumps(status.get('messages'))[:4000]}")
+                    raise ServerError(f"prompt {prompt_id} failed: {failure(status)}\n"
+                                      f"{json.dumps(status.get('messages'))[:4000]}", self.log_path)
                 return entry
             if self.proc is not None and self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+                raise ServerError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}", self.log_path)
             time.sleep(0.2)
         raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 

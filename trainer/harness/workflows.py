@@ -1,5 +1,6 @@
 """The shipped workflows: API-format graphs built here, and their UI-format twins made from the server's node
-definitions (`/object_info`), so both files of a pair always describe the same graph.
+definitions (`/object_info`), so both files of a pair always describe the same graph. `Graph` is the one builder
+of API-format graphs (what `POST /prompt` takes), also for the plain `txt2img` graph of the demo and the tests.
 
 `python -m trainer workflows` starts a real ComfyUI, asks it for the node definitions and rewrites `workflows/`.
 The tests check that the committed files equal what this module makes.
@@ -42,9 +43,24 @@ class Graph:
         return json.loads(json.dumps(self.nodes))
 
 
-def _sampler(g: Graph, model, pos, neg, latent, title, steps, cfg, seed=42):
+def _sampler(g: Graph, model, pos, neg, latent, title, steps, cfg, seed=42, sampler="ddim", scheduler="ddim_uniform"):
     return g.add("KSampler", title, model=model, positive=pos, negative=neg, latent_image=latent, seed=seed,
-                 steps=steps, cfg=cfg, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+                 steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, denoise=1.0)
+
+
+def txt2img(checkpoint: str, prompt: str, negative: str = "", seed: int = 0, steps: int = 4, cfg: float = 7.0,
+            width: int = 64, height: int = 64, batch_size: int = 1, prefix: str = "mole") -> dict:
+    """A plain API graph without MoLE: Load Checkpoint (1) -> two CLIP Text Encodes (2, 3) -> Empty Latent (4) ->
+    KSampler (5, euler) -> VAE Decode (6) -> Save Image (7); the tests extend it by node id."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=checkpoint)
+    pos = g.add("CLIPTextEncode", text=prompt, clip=[ckpt, 1])
+    neg = g.add("CLIPTextEncode", text=negative, clip=[ckpt, 1])
+    latent = g.add("EmptyLatentImage", width=width, height=height, batch_size=batch_size)
+    sample = _sampler(g, [ckpt, 0], [pos, 0], [neg, 0], [latent, 0], None, steps, cfg, seed, "euler", "normal")
+    decode = g.add("VAEDecode", samples=[sample, 0], vae=[ckpt, 2])
+    g.add("SaveImage", images=[decode, 0], filename_prefix=prefix)
+    return g.api()
 
 
 def _apply(g: Graph, model, experts, gates, mode="both", face=1.0, hand=1.0, record=False, title="Apply MoLE"):

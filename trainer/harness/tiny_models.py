@@ -159,7 +159,7 @@ def layer_shapes(family: str, config: dict | None = None) -> dict[str, tuple[int
     (default: the detectable one)."""
     import comfy.supported_models
 
-    from ..mole_ops.layout import UNetLayout
+    from ...mole_ops.layout import UNetLayout
 
     config = dict(config or DETECTABLE[family])
     modules = dict(getattr(comfy.supported_models, family)(config).get_model({}).named_modules())
@@ -171,10 +171,10 @@ def stand_in_experts(shapes: dict[str, tuple[int, int, bool]], names=("face", "h
                      seed: int = 0, scale: float = 0.1):
     """Untrained experts (random down and up, kohya SGM names) and gates for layers of these shapes: stand-ins
     that change the image visibly, for tests and the demo before anything is trained. Returns (experts, gates)."""
-    from ..mole_ops.expert_file import ExpertFile, LoRAWeights
-    from ..mole_ops.gate_file import GateFile, GateWeights
-    from ..mole_ops.layout import PREFIX, kohya_name
-    from ..mole_ops.mixture import expert_info
+    from ...mole_ops.expert_file import ExpertFile, LoRAWeights
+    from ...mole_ops.gate_file import GateFile, GateWeights
+    from ...mole_ops.layout import PREFIX, kohya_name
+    from ...mole_ops.mixture import expert_info
 
     experts = []
     for i, name in enumerate(names):
@@ -194,8 +194,8 @@ def stand_in_experts(shapes: dict[str, tuple[int, int, bool]], names=("face", "h
 def write_stand_in_files(family: str, paths: dict[str, Path], rank: int = 8, seed: int = 0):
     """Write stand-in experts and gates for the detectable `family` checkpoint to paths {role: path, "gates":
     path} (roles in order); returns (experts, gates) with the files' hashes filled in."""
-    from ..mole_ops import expert_file, gate_file
-    from ..mole_ops.mixture import expert_info
+    from ...mole_ops import expert_file, gate_file
+    from ...mole_ops.mixture import expert_info
 
     roles = [r for r in paths if r != "gates"]
     experts, gates = stand_in_experts(layer_shapes(family), roles, rank, seed)

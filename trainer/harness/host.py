@@ -9,10 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from ...mole_ops.errors import MoLEError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class HostError(RuntimeError):
+class HostError(MoLEError):
     """ComfyUI cannot be found or was configured differently earlier in this process."""
 
 

@@ -1,0 +1,49 @@
+"""Held-out denoising loss at fixed noise and timesteps: the one evaluation that the trainer (its tests compare
+before and after training) and the demo's evidence (every model of its ablation) use.
+
+Pictures are taken in groups of `batch`; each group draws its noise and timesteps from a generator seeded with
+`seed`, `repeats` times (noise first, then t ~ U{0..T-1} with T the base's schedule length), so the same pictures
+always meet the same noise: numbers before and after training, or across models, are comparable. The loss is the
+plain eps-MSE per picture (mean over C, H, W), averaged over pictures and draws. Whatever is attached to the base
+(a stage's hooks, a MoLE under evaluation) acts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .data import load_image
+
+
+def batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+@torch.no_grad()
+def held_out_loss(base, pictures: Sequence[tuple[Path, str]], seed: int, repeats: int = 4, batch: int = 8,
+                  size: tuple[int, int] | None = None) -> float:
+    """Mean eps-MSE of (image, caption) pairs under fixed draws; images at `size` (default: each group's first
+    image's own size)."""
+    total, count = 0.0, 0
+    for group in batches(list(pictures), batch):
+        group_size = size or image_size(group[0][0])
+        x0 = base.encode_images(torch.stack([load_image(path, group_size) for path, _ in group]))
+        cond = base.encode_text([caption for _, caption in group], group_size)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(repeats):
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, len(base.alphas_cumprod), (len(group),), generator=gen)
+            eps = base.predict(base.noisy(x0, noise, t), t, cond)
+            total += float(((eps - noise) ** 2).mean(dim=(1, 2, 3)).sum())
+            count += len(group)
+    return total / count
