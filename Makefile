@@ -1,17 +1,22 @@
-# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the suite); `make serve` opens the
+# demo in ComfyUI's UI.
 # Both build the host when it is missing (scripts/host.sh; a second run only checks and takes seconds).
 # COMFYUI_PATH=/path/to/ComfyUI and VENV=/path/to/venv point everything at an existing installation.
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: host demo test test-all bench
+.PHONY: host demo serve test test-all bench
 
 host:
 	@bash scripts/host.sh >/dev/null
 
 demo: host
 	$(PY) -m trainer demo
+
+# ComfyUI's UI on the demo's files (runs the demo first if they are missing); PORT=8188 by default
+serve: host
+	$(PY) -m trainer serve --port $(or $(PORT),8188)
 
 test: host
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

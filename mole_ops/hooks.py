@@ -33,14 +33,16 @@ def check_modules(root: nn.Module, mole: MoLE) -> dict[str, nn.Module]:
     missing = [k for k in mole.keys if k not in modules]
     if missing:
         raise MismatchError(f"{len(missing)} of {len(mole.keys)} MoLE layers do not exist in this model "
-                            f"(first: {missing[0]}); the experts were made for another base ({mole.layout.name}?)")
+                            f"(first: {missing[0]}); the experts ({mole.files()}) were made for another base "
+                            f"({mole.layout.name}?)")
     out = {}
     for key, layer in mole.items():
         weight = getattr(modules[key], "weight", None)
         shape = tuple(weight.shape[:2]) if weight is not None else None
         if shape != (layer.d_out, layer.d_in) or (weight.ndim == 4 and tuple(weight.shape[2:]) != (1, 1)):
             raise MismatchError(f"layer {key}: the model's weight is {tuple(weight.shape) if weight is not None else None}"
-                                f", the experts map {layer.d_in} -> {layer.d_out}; they were made for another base")
+                                f", the experts ({mole.files()}) map {layer.d_in} -> {layer.d_out}; they were made "
+                                "for another base")
         out[key] = modules[key]
     return out
 

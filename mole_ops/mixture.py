@@ -5,8 +5,10 @@ Experts and gates are paired by name (never by list position or a substring of a
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -89,6 +91,64 @@ def check_gates(gates: GateFile, experts: list[ExpertFile], layout: UNetLayout |
     return report
 
 
+AUTHORS_ALPHAS = {"face": 64.0, "hand": 128.0}     # the released MoLE experts (rank 256), SPEC.md section 3
+
+
+def trained_role(expert: ExpertFile) -> str | None:
+    """The role our trainer wrote into the file (ss_network_args: {"mole_expert": ...}), or None."""
+    try:
+        args = json.loads(expert.metadata.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        return None
+    return args.get("mole_expert") if isinstance(args, dict) else None
+
+
+def role_warnings(experts: list[ExpertFile], gates: GateFile | None = None) -> list[str]:
+    """Signs that files sit under the wrong roles (face and hand swapped): the role our trainer wrote into the
+    file, the file hashes the gates were trained with, and the authors' alphas (face 64, hand 128)."""
+    out = []
+    for e in experts:
+        role = trained_role(e)
+        if role and role != e.name:
+            out.append(f"{e.path} was trained as the {role!r} expert but is loaded as {e.name!r}: check the role "
+                       "names (swapped files?)")
+    if gates is not None:
+        hashes = {info.get("sha256"): name for name, info in gates.expert_info.items() if info.get("sha256")}
+        for e in experts:
+            other = hashes.get(e.sha256)
+            if other and other != e.name:
+                out.append(f"{e.path} is loaded as {e.name!r}, but the gates in {gates.path} were trained with "
+                           f"this file as {other!r}: the gates act on the wrong expert (swapped files?)")
+    by_role = {e.name: e for e in experts}
+    if not any(trained_role(e) for e in experts) and {"face", "hand"} <= set(by_role):
+        alphas = {role: by_role[role].alphas for role in ("face", "hand")}
+        if alphas["face"] == {AUTHORS_ALPHAS["hand"]} and alphas["hand"] == {AUTHORS_ALPHAS["face"]}:
+            out.append(f"the 'face' file {by_role['face'].path} has alpha 128 and the 'hand' file "
+                       f"{by_role['hand'].path} alpha 64; in the authors' release the face LoRA has alpha 64 and "
+                       "the hand LoRA 128: face and hand look swapped")
+    return out
+
+
+def describe(mole: "MoLE", experts: list[ExpertFile], gates: GateFile | None, settings, start: float,
+             end: float, slots: tuple[str, ...] = ()) -> list[str]:
+    """What an Apply MoLE attached, in lines an artist can read: experts with their files, ranks and strengths
+    (and which node input sets each), layers, gate variant, mode and step range."""
+    by_name = {e.name: e for e in experts}
+    def name(path: str) -> str:
+        return Path(path).name if path else "(in memory)"
+
+    gate_text = f"gates: {mole.variant} variant from {name(gates.path)}" if gates is not None else "no gates"
+    lines = [f"MoLE: {len(mole.order)} expert(s) on {len(mole.keys)} layers ({mole.layout.name}); {gate_text}; "
+             f"mode {settings.mode}; acting from {start:.0%} to {end:.0%} of the steps"]
+    for i, expert in enumerate(mole.order):
+        e = by_name[expert]
+        ranks, alphas = sorted(e.ranks), sorted(e.alphas)
+        slot = f"{slots[i]} -> " if i < len(slots) else ""
+        lines.append(f"  {slot}{expert}: {name(e.path)} (rank {ranks[0] if len(ranks) == 1 else ranks}, "
+                     f"alpha {alphas[0] if len(alphas) == 1 else alphas}), strength {settings.strength(expert):g}")
+    return lines
+
+
 def expert_info(experts: list[ExpertFile]) -> dict[str, dict]:
     return {e.name: {"rank": max(e.ranks), "alpha": max(e.alphas), "sha256": e.sha256} for e in experts}
 
@@ -97,12 +157,17 @@ class MoLE(nn.Module):
     """Every MoLE layer of one model; `layer(key)` by layer key (`diffusion_model.<path>`)."""
 
     def __init__(self, layers: dict[str, MoLELayer], kohya_names: dict[str, str], order: tuple[str, ...],
-                 variant: str, layout: UNetLayout):
+                 variant: str, layout: UNetLayout, sources: dict[str, str] | None = None):
         super().__init__()
         self.keys = list(layers)
         self.layers = nn.ModuleDict({k.replace(".", ":"): v for k, v in layers.items()})
         self.kohya_names = dict(kohya_names)
         self.order, self.variant, self.layout = tuple(order), variant, layout
+        self.sources = dict(sources or {})          # expert name -> the file it came from (for messages)
+
+    def files(self) -> str:
+        """The experts' files, for error messages: "face = a.safetensors, hand = b.safetensors"."""
+        return ", ".join(f"{name} = {self.sources.get(name) or '(in memory)'}" for name in self.order)
 
     def layer(self, key: str) -> MoLELayer:
         return self.layers[key.replace(".", ":")]
@@ -166,6 +231,11 @@ def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNet
     for key in layout.layer_keys:
         if key not in keys:
             continue
+        widths = {e.name: (e.layers[keys[key]].down.shape[1], e.layers[keys[key]].up.shape[0]) for e in experts}
+        if len(set(widths.values())) > 1:
+            raise MismatchError(f"layer {keys[key]}: the experts map different widths (" + ", ".join(
+                f"{e.name} = {e.path or '(in memory)'}: {widths[e.name][0]} -> {widths[e.name][1]}" for e in experts)
+                + "); they were made for different base models")
         loras = {}
         for e in experts:
             w = e.layers[keys[key]]
@@ -175,7 +245,7 @@ def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNet
         if key in gate_by_key:
             _load_gate(layer, gate_by_key[key])
         layers[key] = layer
-    mole = MoLE(layers, keys, order, variant, layout).requires_grad_(False)
+    mole = MoLE(layers, keys, order, variant, layout, {e.name: e.path for e in experts}).requires_grad_(False)
     for p in (mole.expert_parameters() if trainable == "experts" else
               mole.gate_parameters() if trainable == "gates" else []):
         p.requires_grad_(True)

@@ -17,11 +17,15 @@ def heat(values: torch.Tensor) -> torch.Tensor:
     return _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
 
 
+COLOUR_BAR = 100    # pixels the colour bar and its labels add to the right of a labelled grid
+
+
 def gate_map_grid(maps: torch.Tensor, cell: int = 96, experts=None, steps=None) -> torch.Tensor:
     """maps (steps, experts, H, W) -> one IMAGE (1, H', W', 3): rows = steps, columns = experts.
 
     Each cell is the map upscaled (nearest) so its longer side is about `cell` pixels; a 2-pixel gap separates
-    cells. With `experts` and `steps` (labels), a header row names the experts and a left column the steps.
+    cells. With `experts` and `steps` (labels), a header row names the experts, a left column the steps, and a
+    colour bar on the right gives the scale (gate 0 = closed to 1 = open) with the shown maps' min and max marked.
     """
     s, n, h, w = maps.shape
     k = max(1, round(cell / max(h, w)))
@@ -34,15 +38,42 @@ def gate_map_grid(maps: torch.Tensor, cell: int = 96, experts=None, steps=None) 
 
     font = ImageFont.load_default(size=14)
     top, left = 22, 64
-    canvas = Image.new("RGB", (left + grid.shape[1], top + grid.shape[0]), "white")
-    canvas.paste(Image.fromarray((grid * 255).round().to(torch.uint8).numpy()), (left, top))
+    canvas = Image.new("RGB", (left + grid.shape[1] + COLOUR_BAR, top + grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(_bytes(grid)), (left, top))
     draw = ImageDraw.Draw(canvas)
     for j, name in enumerate(experts):
         draw.text((left + j * (w * k + 2) + w * k / 2, top / 2), str(name), fill="black", font=font, anchor="mm")
     for i, step in enumerate(steps):
         draw.text((left / 2, top + i * (h * k + 2) + h * k / 2), f"step {step}", fill="black", font=font,
                   anchor="mm")
+    _colour_bar(canvas, draw, left + grid.shape[1] + 8, top, grid.shape[0], float(maps.min()), float(maps.max()))
     return torch.from_numpy(np.asarray(canvas).copy()).float().div(255).unsqueeze(0)
+
+
+def _bytes(image: torch.Tensor) -> np.ndarray:
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def _colour_bar(canvas, draw, x: int, y: int, height: int, low: float, high: float) -> None:
+    """A vertical bar from 1 (top, open) to 0 (bottom, closed), ticks at 0, 0.5 and 1, and the range of the
+    shown values marked with min/max."""
+    from PIL import Image, ImageFont
+
+    small = ImageFont.load_default(size=11)
+    ramp = heat(torch.linspace(1, 0, max(height, 2))[:, None].expand(-1, 12))
+    canvas.paste(Image.fromarray(_bytes(ramp)), (x, y))
+
+    def at(value: float) -> float:
+        return y + (1 - value) * (height - 1)
+
+    for value in (0.0, 0.5, 1.0):
+        draw.line((x + 12, at(value), x + 15, at(value)), fill="black")
+        draw.text((x + 17, at(value)), f"{value:g}", fill="black", font=small, anchor="lm")
+    for value, label in ((high, "max"), (low, "min")):
+        draw.line((x - 3, at(value), x + 12, at(value)), fill=(0, 160, 255), width=2)
+    spread = max(at(low) - at(high), 26)
+    draw.text((x + 38, at(high)), f"max {high:.2f}", fill=(0, 90, 170), font=small, anchor="lm")
+    draw.text((x + 38, at(high) + spread), f"min {low:.2f}", fill=(0, 90, 170), font=small, anchor="lm")
 
 
 def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:

@@ -9,7 +9,7 @@ from ..mole_ops import expert_file
 from ..mole_ops.errors import MismatchError
 from ..mole_ops.fingerprint import check_base
 from ..mole_ops.layout import UNetLayout
-from ..mole_ops.mixture import build
+from ..mole_ops.mixture import build, describe, role_warnings
 from ..mole_ops.ops import MODES, GateSettings
 from ..mole_ops.trace import GateTrace
 from .files import expert_files, full_path
@@ -23,17 +23,35 @@ def model_layout(model) -> UNetLayout:
     return UNetLayout.from_unet_config(model.model.model_config.unet_config, name=type(model.model.model_config).__name__)
 
 
-def warn_other_base(model, experts, gates=None) -> None:
-    for warning in check_base(model.model.diffusion_model, experts, gates):
+SLOTS = ("strength_1", "strength_2", "strength_3")
+
+
+def warnings_for(model, experts, gates=None, roles: bool = True) -> list[str]:
+    """What may be wrong although it runs: files trained on another base, files under swapped roles (with
+    `roles`). Logged and returned, for the node's UI text."""
+    found = check_base(model.model.diffusion_model, experts, gates)
+    found += role_warnings(list(experts), gates) if roles else []
+    for warning in found:
         log.warning("MoLE: %s", warning)
+    return found
+
+
+def info(lines: list[str], warnings: list[str]) -> tuple[str, dict]:
+    """The node's report as a STRING output and as UI text (shown on the node; Preview Any shows the string)."""
+    text = "\n".join(lines + [f"WARNING: {w}" for w in warnings])
+    return text, {"text": [text]}
 
 
 class ApplyMoLE(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        strengths = [io.Float.Input(f"strength_{i}", default=1.0, min=0.0, max=4.0, step=0.05,
-                                    tooltip=f"Multiplier of expert {i} (column order of the experts); 0 turns it off.")
-                     for i in (1, 2, 3)]
+        strengths = [io.Float.Input(slot, display_name=f"strength {i} ({which} expert)", default=1.0, min=0.0,
+                                    max=4.0, step=0.05,
+                                    tooltip=f"Multiplier of the {which} expert of the experts input (expert_{i} of "
+                                    f"Load MoLE Experts: {role} in the shipped workflows); 0 turns it off. The "
+                                    "info output lists which file each strength scales.")
+                     for i, (slot, which, role) in enumerate(zip(SLOTS, ("first", "second", "third"),
+                                                                 ("face", "hand", "unused")), start=1)]
         return io.Schema(
             node_id="MoLE_Apply", display_name="Apply MoLE", category="MoLE",
             description="Attach the experts and their learned gates to the model (a clone; the input is unchanged).",
@@ -50,19 +68,27 @@ class ApplyMoLE(io.ComfyNode):
                                    tooltip="Fraction of the sampling schedule where MoLE stops acting."),
                     io.Boolean.Input("record_trace", default=False, tooltip="Record the gate maps while sampling "
                                      "(for the gate-map nodes); off costs nothing.")],
-            outputs=[io.Model.Output(display_name="model"), Trace.Output(display_name="trace")])
+            outputs=[io.Model.Output(display_name="model"), Trace.Output(display_name="trace"),
+                     io.String.Output(display_name="info", tooltip="What was attached (experts, files, ranks, "
+                                      "strengths, layers, gates) and any warning; also shown on the node.")])
 
     @classmethod
     def execute(cls, model, experts, mode, strength_1, strength_2, strength_3, start_percent, end_percent,
                 record_trace, gates=None) -> io.NodeOutput:
         if gates is None and mode != "none":
             raise MismatchError(f"gate mode {mode!r} needs gates: connect Load MoLE Gates, or use mode 'none'")
-        warn_other_base(model, experts, gates)
+        if start_percent > end_percent:
+            raise MismatchError(f"start_percent {start_percent} is after end_percent {end_percent}: MoLE would "
+                                "never act; set start_percent <= end_percent")
+        if len(experts) > len(SLOTS):
+            log.info("MoLE: experts after the third run at strength 1 (Apply MoLE has three strength inputs)")
+        warnings = warnings_for(model, experts, gates)
         mole = build(list(experts), gates, model_layout(model))
-        strengths = dict(zip(mole.order, (strength_1, strength_2, strength_3)))
+        settings = GateSettings(mode, dict(zip(mole.order, (strength_1, strength_2, strength_3))))
         trace = GateTrace(mole.order) if record_trace else None
-        patch = MoLEPatch(mole, GateSettings(mode, strengths), start_percent, end_percent, trace)
-        return io.NodeOutput(apply_mole(model, patch), trace)
+        patched = apply_mole(model, MoLEPatch(mole, settings, start_percent, end_percent, trace))
+        text, ui = info(describe(mole, list(experts), gates, settings, start_percent, end_percent, SLOTS), warnings)
+        return io.NodeOutput(patched, trace, text, ui=ui)
 
 
 class ExpertFixedScale(io.ComfyNode):
@@ -80,6 +106,8 @@ class ExpertFixedScale(io.ComfyNode):
     @classmethod
     def execute(cls, model, expert, strength) -> io.NodeOutput:
         loaded = expert_file.load(full_path(expert), "expert")
-        warn_other_base(model, [loaded])
+        warnings = warnings_for(model, [loaded], roles=False)
         mole = build([loaded], None, model_layout(model))
-        return io.NodeOutput(apply_mole(model, MoLEPatch(mole, GateSettings("none", {"expert": strength}))))
+        settings = GateSettings("none", {"expert": strength})
+        _, ui = info(describe(mole, [loaded], None, settings, 0.0, 1.0), warnings)
+        return io.NodeOutput(apply_mole(model, MoLEPatch(mole, settings)), ui=ui)

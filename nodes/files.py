@@ -1,21 +1,28 @@
 """Model folders of MoLE: `models/mole/` for expert, gate and pack files; expert files also from `models/loras`."""
 from __future__ import annotations
 
+import logging
 import os
 
 import folder_paths
 
 from ..mole_ops.errors import FormatError
 
+log = logging.getLogger("mole")
 FOLDER = "mole"
 NONE = "(none)"
 
 
 def register_folder() -> None:
-    """Make `models/mole` a ComfyUI model folder (idempotent; extra_model_paths.yaml may add more paths)."""
+    """Make `models/mole` a ComfyUI model folder and create it, so that a new user sees where MoLE files go
+    (idempotent; extra_model_paths.yaml may add more paths)."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError as e:        # a read-only models folder: the loaders still list models/loras
+        log.warning("MoLE: could not create %s (%s)", default, e)
 
 
 def mole_files() -> list[str]:

@@ -9,7 +9,7 @@ from ..mole_ops.errors import MismatchError
 from .files import NONE, expert_files, full_path, mole_files
 from .types import Experts, Gates
 
-SLOTS = (("face", True), ("hand", False), ("feet", False))
+SLOTS = (("face", True), ("hand", False), ("", False))     # default role per slot; the third is free
 
 
 class LoadExperts(io.ComfyNode):
@@ -21,8 +21,9 @@ class LoadExperts(io.ComfyNode):
             inputs += [
                 io.Combo.Input(f"expert_{i}", options=options, tooltip=f"Expert {i}: a kohya LoRA file "
                                "(models/mole or models/loras)." + ("" if required else " (none) leaves the slot empty.")),
-                io.String.Input(f"role_{i}", default=role, tooltip=f"Name of expert {i} (face, hand, or any name); "
-                                "gate files pair experts by these names, in this order."),
+                io.String.Input(f"role_{i}", default=role, tooltip=f"Name of expert {i} (face, hand, or any name, "
+                                "e.g. feet); gate files pair experts by these names, in this order. Ignored when "
+                                "the slot is (none)."),
             ]
         inputs.append(Experts.Input("experts", optional=True, tooltip="Experts to extend (these come first)."))
         return io.Schema(node_id="MoLE_LoadExperts", display_name="Load MoLE Experts", category="MoLE",
@@ -30,12 +31,16 @@ class LoadExperts(io.ComfyNode):
                          inputs=inputs, outputs=[Experts.Output(display_name="experts")])
 
     @classmethod
-    def execute(cls, expert_1, role_1, expert_2=NONE, role_2="hand", expert_3=NONE, role_3="feet",
+    def execute(cls, expert_1, role_1, expert_2=NONE, role_2="hand", expert_3=NONE, role_3="",
                 experts=None) -> io.NodeOutput:
         out = list(experts or [])
-        for name, role in ((expert_1, role_1), (expert_2, role_2), (expert_3, role_3)):
-            if name and name != NONE:
-                out.append(expert_file.load(full_path(name), role.strip()))
+        for slot, (name, role) in enumerate(((expert_1, role_1), (expert_2, role_2), (expert_3, role_3)), start=1):
+            if not name or name == NONE:
+                continue
+            if not role.strip():
+                raise MismatchError(f"expert_{slot} ({name}) has no role name: type one into role_{slot} (face, "
+                                    "hand, feet, ...)")
+            out.append(expert_file.load(full_path(name), role.strip()))
         names = [e.name for e in out]
         if len(set(names)) != len(names):
             raise MismatchError(f"expert role names must be unique, got {names}")

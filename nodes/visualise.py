@@ -21,12 +21,20 @@ from .types import Trace
 KINDS = {"cond": COND, "uncond": UNCOND}
 
 
+def _check_rows(store: dict, kind: str) -> None:
+    """The trace holds rows of `kind`; at CFG 1 the sampler runs no negative (uncond) rows at all."""
+    if not any(k == KINDS[kind] for _, k in store):
+        raise MoLEError(f"the gate trace holds no {kind} rows: at CFG 1 the sampler skips the negative prompt, so "
+                        "there are only cond rows; set rows to cond (or CFG above 1)")
+
+
 def _local_maps(trace, kind: str):
     if trace is None:
         raise MoLEError("no gate trace: turn on record_trace in Apply MoLE")
     if not trace.local:
-        raise MoLEError("the gate trace is empty: the sampler did not run with this Apply MoLE (a cached result?) "
-                        "or the gate mode has no local gate; re-queue after changing the seed or the mode")
+        raise MoLEError("the gate trace is empty: the sampler did not run with this Apply MoLE (a cached result? "
+                        "re-queue after changing the seed), or the gate mode has no local gate (mode none or global)")
+    _check_rows(trace.local, kind)
     return trace.local_maps(KINDS[kind])
 
 
@@ -99,6 +107,7 @@ class GateCurves(io.ComfyNode):
         if not trace.glob:
             raise MoLEError("the gate trace holds no global gates: the sampler did not run with this Apply MoLE "
                             "(a cached result?) or the gate mode has no global gate")
+        _check_rows(trace.glob, rows)
         curve = trace.global_curve(KINDS[rows])                           # (S, B, N)
         if image_index >= curve.shape[1]:
             raise MoLEError(f"image_index {image_index}: the trace holds {curve.shape[1]} images")

@@ -151,7 +151,7 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from .training.progress import bar
 
     from .harness.host import use_comfy
 
@@ -172,14 +172,14 @@ def run(args: argparse.Namespace) -> int:
         if new:
             writer.writeheader()
         todo = [i for i in range(len(prompts)) if i not in done]
-        with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"scoring ({scorer.kind})",
-                  unit="prompt") as bar:
+        with bar(total=len(prompts), initial=len(prompts) - len(todo), desc=f"scoring ({scorer.kind})",
+                  unit="prompt") as shown:
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start:start + CHUNK]
                 for i, value in zip(chunk, scorer.scores([prompts[i]["prompt"] for i in chunk])):
                     writer.writerow({"index": i, **prompts[i], "score": f"{value:.6g}"})
                 f.flush()              # a killed audit keeps every finished chunk
-                bar.update(len(chunk))
+                shown.update(len(chunk))
     rows = list(_done(table).values())
     summary = {"kind": scorer.kind, **summarise(rows)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

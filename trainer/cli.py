@@ -25,6 +25,10 @@ class Command:
 
 COMMANDS = {
     "demo": Command("demo.pipeline", "the whole MoLE pipeline in a synthetic world on this machine, with a report"),
+    "pictures": Command("demo.pictures", "render the template thumbnails and README screenshots from the demo's "
+                        "files in a real ComfyUI and its frontend (needs chromium)"),
+    "serve": Command("demo.serve", "ComfyUI's UI on the demo's trained files (built first if missing), with "
+                     "demo-sized workflows"),
     "workflows": Command("harness.workflows", "rewrite workflows/ (UI format and API twins) from the node "
                          "definitions of a real ComfyUI"),
     "audit": Command("audit", "EMoE prompt audit: uncertainty score per prompt, quartiles, per-group statistics "

@@ -1,5 +1,6 @@
-"""The real frontend in headless Chromium (loopback only): each shipped UI workflow loads with no missing-node
-warning, is queued with the Run button and its output image comes back to the page.
+"""The real frontend in headless Chromium (loopback only): every MoLE template opens from the template browser
+(with its thumbnail, no API twin listed, no error); each shipped UI workflow loads with no missing-node warning,
+is queued with the Run button and its output image comes back to the page.
 
 Needs Debian's chromium (`.ci/run` installs it). Without it the test is skipped, unless MOLE_REQUIRE_BROWSER=1
 (set by CI), where a missing browser fails.
@@ -10,12 +11,11 @@ import json
 import os
 import shutil
 import time
+import urllib.parse
 
 import pytest
 
-from comfyui_mole.trainer.harness.workflows import FOLDER, WORKFLOWS
-
-from workflow_utils import shrink_ui
+from comfyui_mole.trainer.harness.workflows import WORKFLOWS, resize_ui
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -49,7 +49,7 @@ def _open_frontend(browser, server):
 @pytest.mark.parametrize("name", list(WORKFLOWS))
 def test_frontend_loads_and_runs_shipped_workflow(browser, request, name):
     server = request.getfixturevalue("sdxl_server" if "sdxl" in name else "server")
-    workflow = shrink_ui(json.loads((FOLDER / f"{name}.json").read_text()), width=64, height=64, steps=3)
+    workflow = resize_ui(json.loads(WORKFLOWS[name].ui_path.read_text()), width=64, height=64, steps=3)
     page, seen = _open_frontend(browser, server)
     try:
         page.evaluate("([wf, name]) => window.app.loadGraphData(wf, true, true, name)", [workflow, name])
@@ -84,5 +84,32 @@ def test_frontend_loads_and_runs_shipped_workflow(browser, request, name):
         while time.monotonic() < deadline and not any(prefixes[0] + "_0" in u for u in seen):
             page.wait_for_timeout(250)
         assert any(prefixes[0] + "_0" in u for u in seen), (prefixes[0], seen)
+    finally:
+        page.close()
+
+
+def test_every_mole_template_opens_from_the_template_browser(browser, server):
+    from comfyui_mole.trainer.harness.comfy_server import PACKAGE_DIR_NAME
+
+    page, _ = _open_frontend(browser, server)
+    thumbnails = []
+    page.on("response", lambda r: thumbnails.append((r.url, r.status)) if r.url.endswith(".jpg") else None)
+    try:
+        for workflow in WORKFLOWS.values():
+            page.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+            page.get_by_text(PACKAGE_DIR_NAME, exact=True).click()
+            cards = page.locator("[data-testid^='template-workflow-']")
+            cards.first.wait_for(timeout=30_000)
+            listed = sorted(cards.nth(i).get_attribute("data-testid") for i in range(cards.count()))
+            assert listed == sorted(f"template-workflow-{w.title}" for w in WORKFLOWS.values())   # no .api entry
+            page.locator(f"[data-testid='template-workflow-{workflow.title}']").click()
+            nodes = len(json.loads(workflow.ui_path.read_text())["nodes"])
+            page.wait_for_function(f"window.app.graph._nodes.length === {nodes}", timeout=30_000)
+            page.wait_for_timeout(500)
+            body = page.inner_text("body")
+            assert "Zod" not in body and "valid version" not in body and "Error" not in body, body[-2000:]
+            assert page.locator(".p-toast-message-error").count() == 0
+        assert {url.rsplit("/", 1)[-1] for url, status in thumbnails if status == 200} >= {
+            urllib.parse.quote(w.thumbnail.name) for w in WORKFLOWS.values()}, thumbnails
     finally:
         page.close()

@@ -1,11 +1,14 @@
 """A shortened demo (`python -m trainer demo --quick`): the whole pipeline runs, leaves the report, the images and
-the gate maps, and a second run reuses every trained file."""
+the gate maps, and a second run reuses every trained file; `python -m trainer serve` opens its files in a real
+ComfyUI where the shipped txt2img workflow runs at demo size."""
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,9 +21,16 @@ def _demo(out: Path) -> tuple[str, float]:
     return done.stdout + done.stderr, time.monotonic() - start
 
 
-def test_quick_demo_end_to_end(tmp_path, comfy):
-    out = tmp_path / "demo"
-    first, _ = _demo(out)
+@pytest.fixture(scope="module")
+def quick_demo(comfy, module_tmp) -> Path:
+    """The quick demo's folder after a first run."""
+    out = module_tmp("quick_demo") / "demo"
+    _demo(out)
+    return out
+
+
+def test_quick_demo_end_to_end(quick_demo):
+    out = quick_demo
     results = out / "results"
     report = (results / "report.md").read_text()
     for heading in ("Local gates on held-out scenes", "Global gates on held-out close-ups",
@@ -45,3 +55,40 @@ def test_quick_demo_end_to_end(tmp_path, comfy):
     assert {p: p.stat().st_mtime_ns for p in models.rglob("*.safetensors")} == stamps
     assert "training the VAE" not in second
     assert not any(f"train-{stage}:" in second for stage in ("finetune", "expert", "gates"))
+
+
+def test_serve_opens_the_demo_files_and_stops_cleanly(quick_demo):
+    """`serve` on the demo's folder (its files exist: nothing is trained) starts ComfyUI on them with the
+    demo-sized workflows and stops on Ctrl-C; the shipped txt2img workflow runs there in under a minute."""
+    import signal
+    import urllib.request
+
+    from comfyui_mole.trainer.harness.comfy_server import ComfyServer, free_port
+    from comfyui_mole.trainer.harness.workflows import load_api
+
+    out, port = quick_demo, free_port()
+    serving = subprocess.Popen([sys.executable, "-m", "trainer", "serve", "--quick", "--output_dir", str(out),
+                                "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lines = []
+        for line in serving.stdout:
+            lines.append(line)
+            if line.startswith("ComfyUI with the MoLE demo:"):
+                break
+        assert f"http://127.0.0.1:{port}" in lines[-1], "".join(lines[-40:])
+        saved = sorted(p.name for p in (out / "comfy" / "user" / "default" / "workflows").iterdir())
+        assert saved == ["MoLE demo - EMoE uncertainty scores.json", "MoLE demo - ablation of experts and gates.json",
+                         "MoLE demo - txt2img with gate maps and curves.json"]
+        client = ComfyServer(out / "comfy", port=port)          # drives the running server, starts nothing
+        start = time.monotonic()
+        outputs = client.run(load_api("mole_sd15_txt2img", 64, 64, 3), timeout=60)
+        assert time.monotonic() - start < 60
+        assert len(client.output_files(outputs)) == 4           # the image, gate grid, overlay and curves
+    finally:
+        serving.send_signal(signal.SIGINT)
+        rest = serving.communicate(timeout=60)[0]
+    assert serving.returncode == 0, rest[-3000:]
+    assert "stopping ComfyUI" in rest
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=5)

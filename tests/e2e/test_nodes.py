@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comfyui_mole.mole_ops.viz import COLOUR_BAR
+
 from comfyui_mole.trainer.harness.comfy_server import ServerError
 from comfyui_mole.trainer.harness.workflows import txt2img
 
@@ -60,7 +62,7 @@ def test_gate_maps_and_trace_through_the_server(server, detectable):
     grid = np.asarray(Image.open(server.output_files({"21": outputs["21"]})[0])).astype(float)
     over = np.asarray(Image.open(server.output_files({"22": outputs["22"]})[0])).astype(float)
     # 4 steps x 2 experts of a 12x8 latent map, upscaled 8x (cell 96 px), 2-pixel gaps
-    assert grid.shape == (22 + 4 * 96 + 3 * 2, 64 + 2 * 64 + 2, 3) and grid.std() > 1   # + label bands
+    assert grid.shape == (22 + 4 * 96 + 3 * 2, 64 + 2 * 64 + 2 + COLOUR_BAR, 3) and grid.std() > 1   # + label bands
     assert over.shape == (96, 2 * 64, 3) and over.std() > 1
     saved = list((server.base_dir / "output").glob("e2e_trace_*.safetensors"))
     assert len(saved) == 1

@@ -3,11 +3,13 @@ workflows expect), at test size; and the committed files are what `python -m tra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from comfyui_mole.mole_ops import safetensors_io
+from comfyui_mole.mole_ops.viz import COLOUR_BAR
 from comfyui_mole.trainer.harness.workflows import ABLATION, FOLDER, WORKFLOWS, load_api, render
 
 W, H, STEPS = 64, 96, 4
@@ -43,10 +45,22 @@ def _base_image(server, api: dict, seed: int) -> np.ndarray:
 
 def test_workflow_files_are_current(server):
     rendered = render(server.get("/object_info"))
-    assert sorted(rendered) == sorted(p.name for p in FOLDER.glob("*.json"))
+    assert sorted(rendered) == sorted(str(p.relative_to(FOLDER)) for p in FOLDER.rglob("*.json"))
     for name, text in rendered.items():
         assert (FOLDER / name).read_text() == text, f"workflows/{name} is stale: run `python -m trainer workflows`"
-    assert set(WORKFLOWS) == {n.removesuffix(".api.json") for n in rendered if n.endswith(".api.json")}
+    assert set(WORKFLOWS) == {Path(n).name.removesuffix(".api.json") for n in rendered if n.endswith(".api.json")}
+
+
+def test_only_ui_workflows_are_templates_and_each_has_a_thumbnail(server):
+    """ComfyUI serves the pack's workflows/ folder as templates: the UI files, each with its picture, and no API
+    twin (the frontend cannot open those)."""
+    from comfyui_mole.trainer.harness.comfy_server import PACKAGE_DIR_NAME
+
+    listed = server.get("/workflow_templates")[PACKAGE_DIR_NAME]
+    assert sorted(listed) == sorted(w.title for w in WORKFLOWS.values())
+    for workflow in WORKFLOWS.values():
+        with Image.open(workflow.thumbnail) as im:
+            assert im.format == "JPEG" and min(im.size) >= 128
 
 
 def test_txt2img_workflow(server):
@@ -59,7 +73,7 @@ def test_txt2img_workflow(server):
 
     grid = _image(server, outputs, _node(api, "Save gate maps (steps x experts)"))
     # 'auto' shows all 4 steps; 2 experts; 12x8 latent maps upscaled 8x (cell 96 px); 2-px gaps
-    assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2, 3) and grid.std() > 1
+    assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2 + COLOUR_BAR, 3) and grid.std() > 1
     overlay = _image(server, outputs, _node(api, "Save gate overlay"))
     assert overlay.shape == (H, 2 * W, 3) and overlay.std() > 1
     curves = _image(server, outputs, _node(api, "Save gate curves"))
@@ -101,7 +115,7 @@ def test_sdxl_three_file_workflow(sdxl_server):
     base = _base_image(sdxl_server, api, api[_node(api, "KSampler")]["inputs"]["seed"])
     assert np.abs(image - base).max() > 0, "MoLE did not change the SDXL image"
     grid = _image(sdxl_server, outputs, _node(api, "Save gate maps (steps x experts)"))
-    assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2, 3) and grid.std() > 1
+    assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2 + COLOUR_BAR, 3) and grid.std() > 1
 
 
 def test_uncertainty_workflow(server):

@@ -1,6 +1,6 @@
 import torch
 
-from comfyui_mole.mole_ops.viz import gate_map_grid, heat, overlay
+from comfyui_mole.mole_ops.viz import COLOUR_BAR, gate_map_grid, heat, overlay
 
 
 def test_heat_is_monotone_in_brightness_and_bounded():
@@ -24,9 +24,18 @@ def test_labelled_gate_grid_and_image_grid():
     maps = torch.rand(3, 2, 4, 6)
     plain = gate_map_grid(maps, cell=24)
     labelled = gate_map_grid(maps, cell=24, experts=("face", "hand"), steps=[0, 5, 9])
-    assert labelled.shape == (1, 22 + plain.shape[1], 64 + plain.shape[2], 3)
-    assert torch.allclose(labelled[:, 22:, 64:], plain, atol=1 / 255)   # the maps, unchanged, below/right of labels
-    assert (labelled[0, :22, 64:] < 0.5).any() and (labelled[0, 22:, :64] < 0.5).any()   # text drawn
+    assert labelled.shape == (1, 22 + plain.shape[1], 64 + plain.shape[2] + COLOUR_BAR, 3)
+    right = 64 + plain.shape[2]
+    assert torch.allclose(labelled[:, 22:, 64:right], plain, atol=1 / 255)   # the maps, unchanged, beside labels
+    assert (labelled[0, :22, 64:right] < 0.5).any() and (labelled[0, 22:, :64] < 0.5).any()   # text drawn
+    middle = gate_map_grid(0.4 + 0.2 * maps, cell=24, experts=("face", "hand"), steps=[0, 5, 9])
+    bar = middle[0, 22:, right + 8:right + 20]              # the colour bar: open (bright) on top, closed below
+    assert torch.allclose(bar[0, 6], heat(torch.tensor(1.0)), atol=2 / 255)
+    assert torch.allclose(bar[-1, 6], heat(torch.tensor(0.0)), atol=2 / 255)
+    marked = (middle[0, 22:, right + 5, 2] > 0.9) & (middle[0, 22:, right + 5, 0] < 0.1)   # min/max marks (blue)
+    rows = marked.nonzero().flatten().float() / (bar.shape[0] - 1)
+    assert abs((1 - rows.min()) - float(0.4 + 0.2 * maps.max())) < 0.05
+    assert abs((1 - rows.max()) - float(0.4 + 0.2 * maps.min())) < 0.05
 
     grid = labelled_grid([torch.rand(1, 20, 30, 3), torch.rand(2, 10, 10, 3)], ["base", "mole"], columns=2)
     band = (grid.shape[1] - 4) // 2 - 20

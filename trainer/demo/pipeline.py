@@ -115,11 +115,19 @@ def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str,
     return {"tiny": tiny, "stage1": stage1, **experts, "gates": gates}
 
 
-def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: Path) -> list[Path]:
-    from ..harness.comfy_server import ComfyServer, prepare_base_dir
+def comfy_base(out: Path, models: dict[str, Path]) -> Path:
+    """The demo's ComfyUI base directory: the stage-1 checkpoint, the experts and the gates under the names the
+    shipped workflows expect."""
+    from ..harness.comfy_server import prepare_base_dir
 
-    base = prepare_base_dir(out / "comfy", {"checkpoints": [models["stage1"]],
+    return prepare_base_dir(out / "comfy", {"checkpoints": [models["stage1"]],
                                             "mole": [models["face"], models["hand"], models["gates"]]})
+
+
+def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: Path) -> list[Path]:
+    from ..harness.comfy_server import ComfyServer
+
+    base = comfy_base(out, models)
     shutil.rmtree(base / "output", ignore_errors=True)   # file counters restart: a re-run replaces its pictures
     written = []
     log.info("starting ComfyUI (log: %s)", base / "server.log")
@@ -134,20 +142,25 @@ def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: P
     return written
 
 
-def run(args: argparse.Namespace) -> int:
+def prepare(out: Path, recipe: Recipe, seed: int) -> tuple[dict, dict[str, Path]]:
+    """The world and every trained file of the demo in `out`, built where missing: (world, models)."""
     from .world import write_world
 
+    out.mkdir(parents=True, exist_ok=True)
+    settings = out / "recipe.json"
+    if settings.exists() and json.loads(settings.read_text()) != {**asdict(recipe), "seed": seed}:
+        raise SystemExit(f"{out} holds a demo of other settings ({settings}); use another --output_dir")
+    settings.write_text(json.dumps({**asdict(recipe), "seed": seed}))
+    use_comfy()
+    world = write_world(out / "world", seed, 64, recipe.scenes, recipe.closeups, recipe.heldout)
+    return world, build_models(out, recipe, seed, world)
+
+
+def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     recipe = QUICK if args.quick else FULL
     out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    settings = out / "recipe.json"
-    if settings.exists() and json.loads(settings.read_text()) != {**asdict(recipe), "seed": args.seed}:
-        raise SystemExit(f"{out} holds a demo of other settings ({settings}); use another --output_dir")
-    settings.write_text(json.dumps({**asdict(recipe), "seed": args.seed}))
-    use_comfy()
-    world = write_world(out / "world", args.seed, 64, recipe.scenes, recipe.closeups, recipe.heldout)
-    models = build_models(out, recipe, args.seed, world)
+    world, models = prepare(out, recipe, args.seed)
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
     for curve in (out / "models").rglob("train/*_loss.png"):

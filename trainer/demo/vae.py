@@ -20,7 +20,7 @@ def train_taesd(images: list[Path], size: int, steps: int = 300, batch: int = 8,
     """A ComfyUI TAESD module trained to reconstruct `images` (resized to size x size), on random crop x crop
     patches (its convolutions do not care where a patch came from; a quarter of the pixels is 4x faster)."""
     import comfy.taesd.taesd
-    from tqdm import tqdm
+    from ..training.progress import bar
 
     from ..training.data import load_image
     from ..harness.tiny_models import init_parameters
@@ -33,9 +33,9 @@ def train_taesd(images: list[Path], size: int, steps: int = 300, batch: int = 8,
     params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    with torch.inference_mode(False), torch.enable_grad(), tqdm(range(steps), desc="training the VAE",
-                                                                 unit="step") as bar:
-        for _ in bar:
+    with torch.inference_mode(False), torch.enable_grad(), bar(range(steps), desc="training the VAE",
+                                                                 unit="step") as shown:
+        for _ in shown:
             idx = torch.randint(0, len(pixels), (batch,), generator=gen)
             top, left = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=gen) // 8 * 8)
             x = pixels[idx, :, top:top + crop, left:left + crop]
@@ -48,7 +48,7 @@ def train_taesd(images: list[Path], size: int, steps: int = 300, batch: int = 8,
             loss.backward()
             optimizer.step()
             schedule.step()
-            bar.set_postfix(l1=f"{loss.item():.4f}")
+            shown.set_postfix(l1=f"{loss.item():.4f}")
     with torch.no_grad():
         latents = torch.cat([taesd.taesd_encoder(pixels[i:i + 64] * 0.5 + 0.5) for i in range(0, len(pixels), 64)])
         std, mean = latents.std().item(), latents.mean().item()

@@ -8,15 +8,18 @@ The tests check that the committed files equal what this module makes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .host import REPO_ROOT
 
 log = logging.getLogger("mole.workflows")
-FOLDER = REPO_ROOT / "workflows"
+FOLDER = REPO_ROOT / "workflows"          # UI workflows: what ComfyUI serves as this pack's templates
+API_FOLDER = FOLDER / "api"               # their API twins, one folder down: the template scanner does not list them
 
 # The file names the workflows expect (the demo writes its trained files under the SD1.5 names).
 SD15 = {"checkpoint": "mole_sd15_stage1.safetensors", "face": "mole_sd15_face.safetensors",
@@ -77,6 +80,7 @@ def _base(g: Graph, files: dict, width: int, height: int):
 
 
 def _gate_views(g: Graph, apply_id: str, images: list, prefix: str) -> None:
+    g.add("PreviewAny", "What Apply MoLE attached (and any warning)", source=[apply_id, 2])
     maps = g.add("MoLE_GateMaps", trace=[apply_id, 1], images=images, steps="auto", image_index=0, rows="cond")
     curves = g.add("MoLE_GateCurves", trace=[apply_id, 1], images=images, image_index=-1, rows="cond")
     g.add("SaveImage", "Save gate maps (steps x experts)", images=[maps, 0], filename_prefix=f"{prefix}_gate_grid")
@@ -87,7 +91,7 @@ def _gate_views(g: Graph, apply_id: str, images: list, prefix: str) -> None:
 
 def _load_experts(g: Graph) -> str:
     return g.add("MoLE_LoadExperts", expert_1=SD15["face"], role_1="face", expert_2=SD15["hand"], role_2="hand",
-                 expert_3="(none)", role_3="feet")
+                 expert_3="(none)", role_3="")
 
 
 def _sd15_experts(g: Graph) -> tuple[str, str]:
@@ -161,8 +165,8 @@ def uncertainty_sd15() -> Graph:
     g.add("SaveImage", "Save disagreement map", images=[scored, 1], filename_prefix="mole_expert_disagreement")
     members = [[ckpt, 0]]
     for i, lora in enumerate(COMMUNITY_LORAS):
-        loaded = g.add("LoraLoader", f"Member {i + 2}: community fine-tune", model=[ckpt, 0], clip=[ckpt, 1],
-                       lora_name=lora, strength_model=1.0, strength_clip=0.0)
+        loaded = g.add("LoraLoader", f"Member {i + 2}: any fine-tune LoRA of this base (models/loras)",
+                       model=[ckpt, 0], clip=[ckpt, 1], lora_name=lora, strength_model=1.0, strength_clip=0.0)
         members.append([loaded, 0])
     ensemble = g.add("MoLE_EnsembleFromModels", model_1=members[0], model_2=members[1], model_3=members[2])
     scored = g.add("MoLE_UncertaintyScore", "Epistemic uncertainty", ensemble=[ensemble, 0], positive=[pos, 0],
@@ -179,28 +183,61 @@ def uncertainty_sd15() -> Graph:
     return g
 
 
-NOTES = {
-    "mole_sd15_txt2img": "Put the stage-1 checkpoint in models/checkpoints, the face and hand experts and the gate "
-                         "file in models/mole (experts may also sit in models/loras), and pick them in the loaders. "
-                         "The gate-map grid shows where each expert acted (rows: steps, columns: experts; bright = "
-                         "gate open); the curves show the global gates per step.",
-    "mole_sd15_ablation": "One seed, six models: the base, MoLE with only the face or only the hand expert, only "
-                          "local (per-token) gates, only global (per-image) gates, and both (MoLE as in the paper).",
-    "mole_sdxl_three_files": "The authors' MoLE-SDXL release is three files: a face LoRA, a hand LoRA and a gate "
-                             "file. Put all three in models/mole and the SDXL base in models/checkpoints.",
-    "mole_sd15_uncertainty": "EMoE: how much an ensemble disagrees about this prompt at the first denoising step. "
-                             "Top: MoLE's face and hand experts (expert disagreement, not epistemic uncertainty: two "
-                             "specialists on one base). Middle: the base and fine-tunes of it (here two LoRAs in "
-                             "models/loras; the paper used 4 members). Higher = less familiar prompt. Bottom: the "
-                             "early estimate, computed inside the first step of a normal generation.",
+@dataclass(frozen=True)
+class Workflow:
+    """A shipped workflow: its graph, the title its UI file is named after (ComfyUI's template browser shows a
+    custom node pack's template by its file name, as title and as description), and the note inside it."""
+
+    build: Callable[[], Graph]
+    title: str
+    note: str
+
+    @property
+    def ui_path(self) -> Path:
+        return FOLDER / f"{self.title}.json"
+
+    @property
+    def thumbnail(self) -> Path:
+        """The template browser's picture of the template: <title>.jpg beside it."""
+        return FOLDER / f"{self.title}.jpg"
+
+
+WORKFLOWS = {
+    "mole_sd15_txt2img": Workflow(
+        txt2img_sd15, "MoLE SD1.5 - txt2img with gate maps and curves",
+        "Put the stage-1 checkpoint in models/checkpoints, the face and hand experts and the gate file in models/mole "
+        "(experts may also sit in models/loras), and pick them in the loaders; no SD1.5 MoLE weights are released, "
+        "train them with this pack's trainer (README). The gate-map grid shows where each expert acted (rows: steps, "
+        "columns: experts; bright = gate open, colour bar on the right); the curves show the global gates per step; "
+        "the text box lists what Apply MoLE attached and any warning."),
+    "mole_sd15_ablation": Workflow(
+        ablation_sd15, "MoLE SD1.5 - ablation of experts and gates",
+        "One seed, six models: the base, MoLE with only the face or only the hand expert, only local (per-token) "
+        "gates, only global (per-image) gates, and both (MoLE as in the paper)."),
+    "mole_sdxl_three_files": Workflow(
+        sdxl_three_files, "MoLE SDXL - the released three-file set",
+        "The authors' MoLE-SDXL release (huggingface.co/jiezhueval/MoLE-SDXL) is three files: the face LoRA "
+        "(lora_sdxl_face_...safetensors) goes into expert_1 with role face, the hand LoRA (lora_sdxl_hand_...) into "
+        "expert_2 with role hand, the gate file (moe_sdxl_...) into gate_file. Put all three in models/mole and the "
+        "SDXL base in models/checkpoints."),
+    "mole_sd15_uncertainty": Workflow(
+        uncertainty_sd15, "MoLE SD1.5 - EMoE uncertainty scores",
+        "EMoE: how much an ensemble disagrees about this prompt at the first denoising step. Top: MoLE's face and "
+        "hand experts (expert disagreement, not epistemic uncertainty: two specialists on one base). Middle: the "
+        "base and independent fine-tunes of it, given here as two LoRAs in models/loras (any fine-tune LoRAs of the "
+        "same base; pick yours in the two LoraLoader nodes; without them this branch reports a missing file and "
+        "the rest still runs; the paper used 4 members). Higher = less familiar prompt. Bottom: the early "
+        "estimate, computed inside the first step of a normal generation."),
 }
-WORKFLOWS = {"mole_sd15_txt2img": txt2img_sd15, "mole_sd15_ablation": ablation_sd15,
-             "mole_sdxl_three_files": sdxl_three_files, "mole_sd15_uncertainty": uncertainty_sd15}
+
+
+def api_path(name: str) -> Path:
+    return API_FOLDER / f"{name}.api.json"
 
 
 def load_api(name: str, width: int | None = None, height: int | None = None, steps: int | None = None) -> dict:
     """A shipped workflow's API twin, optionally at another image size and step count (same graph)."""
-    api = json.loads((FOLDER / f"{name}.api.json").read_text())
+    api = json.loads(api_path(name).read_text())
     for node in api.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update({k: v for k, v in (("width", width), ("height", height)) if v})
@@ -209,8 +246,20 @@ def load_api(name: str, width: int | None = None, height: int | None = None, ste
     return api
 
 
+def resize_ui(workflow: dict, width: int, height: int, steps: int) -> dict:
+    """A copy of a UI workflow at another image size and step count, its graph unchanged (demo-sized variants)."""
+    workflow = copy.deepcopy(workflow)
+    for node in workflow["nodes"]:
+        if node["type"] == "EmptyLatentImage":
+            node["widgets_values"][:2] = [width, height]
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = steps   # seed, control after generate, steps, ...
+    return workflow
+
+
 # -- API -> UI ----------------------------------------------------------------------------------------------------
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MIN_HEIGHT = {"PreviewAny": 220, "SaveImage": 240}    # room for the text and the image they show after a run
 
 
 def _inputs(definition: dict) -> list[tuple[str, object, dict]]:
@@ -277,7 +326,8 @@ def api_to_ui(api: dict, object_info: dict, note: str = "") -> dict:
         outputs = [{"name": out_name, "type": out_type, "links": outputs_links.get((node_id, i), []),
                     "slot_index": i}
                    for i, (out_name, out_type) in enumerate(zip(definition["output_name"], definition["output"]))]
-        height = 46 + 24 * (len(inputs) + len(widgets)) + (24 * len(outputs) if outputs else 0)
+        height = max(46 + 24 * (len(inputs) + len(widgets)) + (24 * len(outputs) if outputs else 0),
+                     MIN_HEIGHT.get(node["class_type"], 0))
         x = 40 + 380 * depth[node_id]
         y = column_y.get(depth[node_id], 40.0)
         column_y[depth[node_id]] = y + height + 40
@@ -300,15 +350,15 @@ def api_to_ui(api: dict, object_info: dict, note: str = "") -> dict:
 
 
 def render(object_info: dict) -> dict[str, str]:
-    """{file name: JSON text} of every shipped workflow, UI format and API twin."""
+    """{path relative to workflows/: JSON text} of every shipped workflow: the UI file and its API twin."""
     files = {}
-    for name, build in WORKFLOWS.items():
-        api = build().api()
+    for name, workflow in WORKFLOWS.items():
+        api = workflow.build().api()
         for node in api.values():   # untitled nodes show their display name, as when added by hand
             if node["_meta"]["title"] == node["class_type"]:
                 node["_meta"]["title"] = object_info[node["class_type"]]["display_name"] or node["class_type"]
-        files[f"{name}.json"] = json.dumps(api_to_ui(api, object_info, NOTES[name]), indent=1) + "\n"
-        files[f"{name}.api.json"] = json.dumps(api, indent=1) + "\n"
+        files[workflow.ui_path.name] = json.dumps(api_to_ui(api, object_info, workflow.note), indent=1) + "\n"
+        files[str(api_path(name).relative_to(FOLDER))] = json.dumps(api, indent=1) + "\n"
     return files
 
 
@@ -325,8 +375,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         with ComfyServer(prepare_base_dir(Path(tmp) / "comfy")) as server:
             object_info = server.get("/object_info")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     for name, text in render(object_info).items():
-        (args.output_dir / name).write_text(text)
-        log.info("wrote %s", args.output_dir / name)
+        path = args.output_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        log.info("wrote %s", path)
     return 0

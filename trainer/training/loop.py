@@ -107,13 +107,13 @@ class Run:
     def precache(self) -> None:
         """Encode every image (and its flip, where flip_aug) once, with a progress bar. Under torchrun each
         process encodes its share and the latents are exchanged, so every process holds all of them."""
-        from tqdm import tqdm
+        from .progress import bar
 
         jobs = {(path, d.size_of(i), flip) for d in self.plan.datasets for i, (path, _, s) in enumerate(d.items)
                 for flip in ((False, True) if s.flip_aug else (False,))}
         mine = sorted(jobs, key=str)[self.world.rank::self.world.size]
         encoded = {}
-        for path, size, flip in tqdm(mine, desc="caching latents", unit="img", disable=not self.world.main):
+        for path, size, flip in bar(mine, desc="caching latents", unit="img", disable=not self.world.main):
             key = image_key(path, size, flip, self.base.vae_id)
             if self.cache.get(key) is None:
                 encoded[key] = self.base.encode_images(load_image(path, size, flip)[None])[0].cpu()
@@ -187,7 +187,7 @@ class Run:
 
     # -- the loop --------------------------------------------------------------------------------------------
     def train(self) -> Path:
-        from tqdm import tqdm
+        from .progress import bar
 
         c, world = self.config, self.world
         if self.cache is not None:
@@ -200,16 +200,16 @@ class Run:
         logbook = Logbook(self.out / f"{c.output_name}_log.csv", keep_until=self.progress.step)
         start, first, samples = time.monotonic(), self.progress.step, 0
         with torch.inference_mode(False), torch.enable_grad(), logbook if world.main else contextlib.nullcontext(), \
-                tqdm(total=c.max_train_steps, initial=self.progress.step, desc=f"train-{c.stage}",
-                     unit="step", disable=not world.main) as bar:
+                bar(total=c.max_train_steps, initial=self.progress.step, desc=f"train-{c.stage}",
+                     unit="step", disable=not world.main) as shown:
             while self.progress.step < c.max_train_steps:
                 loss, n = self.step()
                 samples += n
                 step, lr = self.progress.step, self.scheduler.get_last_lr()[0]
                 if world.main:
                     logbook.write(step, loss, lr, time.monotonic() - start)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                bar.update(1)
+                shown.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                shown.update(1)
                 if c.sample_every_n_steps and step % c.sample_every_n_steps == 0 and world.main:
                     self.sample(step)
                 if c.save_every_n_steps and step % c.save_every_n_steps == 0 and step < c.max_train_steps:

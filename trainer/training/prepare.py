@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
 def prepare(args: argparse.Namespace) -> Report:
     from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
+    from .progress import bar
 
     check(args)
     scorer = ClipScorer(args.clip_model) if args.clip_model else None
@@ -204,7 +204,7 @@ def prepare(args: argparse.Namespace) -> Report:
             report.written += 1
         pending.clear()
 
-    for source in tqdm(sources, desc="preparing", unit="img"):
+    for source in bar(sources, desc="preparing", unit="img"):
         report.sources += 1
         if captions is not None:
             raw = captions.get(source.stem)

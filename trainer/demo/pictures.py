@@ -1,0 +1,175 @@
+"""The pictures people look at before they read: the template browser's thumbnails (workflows/*.jpg) and the
+README's screenshots (docs/images/), rendered from the demo's trained files in a real ComfyUI and its frontend.
+
+    python -m trainer pictures [--output_dir demo_output]
+
+Runs the demo-sized SD1.5 workflows through the server (the demo's files are built first if missing), composes
+a thumbnail per template from their outputs (the SDXL template, which has no demo files, gets a picture of its
+graph), and screenshots the txt2img graph after a run in headless Chromium (Debian's `chromium`; Playwright drives
+it). Needs the dev requirements (requirements-dev.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ..harness.host import REPO_ROOT
+from ..harness.workflows import WORKFLOWS, load_api, resize_ui
+
+log = logging.getLogger("mole.demo")
+IMAGES = REPO_ROOT / "docs" / "images"
+THUMBNAIL = 512
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# the frontend draws nodes without text below this zoom; screenshots are taken on a wide page at a higher zoom
+SCREEN_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                   "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.2}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", type=Path, default=REPO_ROOT / "demo_output",
+                        help="the demo's folder (built there first if its files are missing)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    parser.set_defaults(run=run)
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scaled to fit the box, nearest for small pictures (a 64-px render stays crisp), centred on white."""
+    scale = min(width / image.width, height / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.NEAREST if scale >= 2 else Image.LANCZOS
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(image.resize(size, resample), ((width - size[0]) // 2, (height - size[1]) // 2))
+    return canvas
+
+
+def _stack(parts: list[Image.Image], caption: str) -> Image.Image:
+    """A square thumbnail: the parts one below the other, a caption at the bottom."""
+    font = ImageFont.load_default(size=20)
+    canvas = Image.new("RGB", (THUMBNAIL, THUMBNAIL), "white")
+    room = (THUMBNAIL - 36) // len(parts)
+    for i, part in enumerate(parts):
+        canvas.paste(_fit(part, THUMBNAIL - 16, room - 8), (8, 4 + i * room))
+    ImageDraw.Draw(canvas).text((THUMBNAIL / 2, THUMBNAIL - 18), caption, fill="black", font=font, anchor="mm")
+    return canvas
+
+
+def _outputs(server, name: str, steps: int) -> dict[str, Path]:
+    """Run a shipped workflow at demo size; {Save Image title: the picture it wrote}. Nodes whose files are not
+    there (the uncertainty workflow's fine-tune LoRAs) are left out of the graph."""
+    api = load_api(name, 64, 64, steps)
+    dropped = {k for k, v in api.items() if v["class_type"] == "LoraLoader"}
+    while True:             # and everything downstream of them
+        more = {k for k, v in api.items() if k not in dropped
+                and any(isinstance(x, list) and x[0] in dropped for x in v["inputs"].values())}
+        if not more:
+            break
+        dropped |= more
+    api = {k: v for k, v in api.items() if k not in dropped}
+    outputs = server.run(api)
+    return {api[node]["_meta"]["title"]: path for node in outputs if node in api
+            for path in server.output_files({node: outputs[node]})}
+
+
+def thumbnails(server, steps: int) -> dict[str, Image.Image]:
+    txt2img = _outputs(server, "mole_sd15_txt2img", steps)
+    ablation = _outputs(server, "mole_sd15_ablation", steps)
+    uncertainty = _outputs(server, "mole_sd15_uncertainty", steps)
+    return {
+        "mole_sd15_txt2img": (_stack([_open(txt2img["Save gate overlay"]), _open(txt2img["Save gate curves"])],
+                                     "image, face and hand gates; global gates per step"), txt2img),
+        "mole_sd15_ablation": (_stack([_open(ablation["Save ablation grid"])], "base, experts and gate ablations"),
+                               ablation),
+        "mole_sd15_uncertainty": (_stack([_open(uncertainty["Save image"]),
+                                          _open(uncertainty["Save disagreement map"])],
+                                         "image and where the experts disagree"), uncertainty),
+    }
+
+
+def _page(browser, server):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=60_000)
+    for key, value in SCREEN_SETTINGS.items():
+        page.evaluate("([k, v]) => window.app.extensionManager.setting.set(k, v)", [key, value])
+    return page
+
+
+# The nodes' bounding box on the page, in CSS pixels of the canvas (LiteGraph: screen = (pos + offset) * scale).
+_GRAPH_BOX = """() => {
+  const ds = window.app.canvas.ds, nodes = window.app.graph._nodes, title = 30;
+  const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
+  const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+  return [x0, y0, x1, y1].map((v, i) => (v + ds.offset[i % 2]) * ds.scale);
+}"""
+
+
+def graph_screenshot(browser, server, workflow: dict, path: Path, run: bool) -> None:
+    """The workflow loaded in the frontend, fitted to the page; with `run`, after it ran (outputs on the nodes)."""
+    page = _page(browser, server)
+    try:
+        page.evaluate("([wf]) => window.app.loadGraphData(wf, true, true, 'MoLE')", [workflow])
+        if run:
+            done = len(server.get("/history"))
+            page.get_by_role("button", name="Run", exact=True).first.click()
+            page.wait_for_function(f"fetch('/history').then(r => r.json()).then(h => Object.keys(h).length > {done})",
+                                   timeout=240_000, polling=500)
+            page.wait_for_timeout(2500)
+        page.evaluate("window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        page.wait_for_timeout(800)
+        canvas = page.locator("canvas#graph-canvas").bounding_box()
+        x0, y0, x1, y1 = page.evaluate(_GRAPH_BOX)
+        margin = 12
+        page.screenshot(path=str(path), clip={"x": canvas["x"] + x0 - margin, "y": canvas["y"] + y0 - margin,
+                                              "width": x1 - x0 + 2 * margin, "height": y1 - y0 + 2 * margin})
+    finally:
+        page.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from playwright.sync_api import sync_playwright
+
+    from ..harness.comfy_server import ComfyServer
+    from .pipeline import FULL, comfy_base, prepare
+
+    _, models = prepare(Path(args.output_dir).resolve(), FULL, args.seed)
+    base = comfy_base(Path(args.output_dir).resolve(), models)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    with ComfyServer(base) as server, sync_playwright() as playwright:
+        made = thumbnails(server, FULL.sample_steps)
+        for name, (picture, _) in made.items():
+            picture.save(WORKFLOWS[name].thumbnail, quality=90)
+        txt2img = made["mole_sd15_txt2img"][1]
+        shutil.copy2(txt2img["Save gate maps (steps x experts)"], IMAGES / "gate_grid.png")
+        shutil.copy2(txt2img["Save gate overlay"], IMAGES / "gate_overlay.png")
+        shutil.copy2(txt2img["Save gate curves"], IMAGES / "gate_curves.png")
+        shutil.copy2(made["mole_sd15_ablation"][1]["Save ablation grid"], IMAGES / "ablation.png")
+        browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 2600, "height": 1300})
+        demo = resize_ui(json.loads(WORKFLOWS["mole_sd15_txt2img"].ui_path.read_text()), 64, 64, FULL.sample_steps)
+        shot = IMAGES / "txt2img_graph.png"
+        graph_screenshot(context, server, demo, shot, run=True)
+        graph = _open(shot)
+        if graph.width > 1600:
+            graph.resize((1600, round(graph.height * 1600 / graph.width)), Image.LANCZOS).save(shot)
+        sdxl = WORKFLOWS["mole_sdxl_three_files"]
+        graph_screenshot(context, server, json.loads(sdxl.ui_path.read_text()), sdxl.thumbnail.with_suffix(".png"),
+                         run=False)
+        graph = _open(sdxl.thumbnail.with_suffix(".png"))
+        sdxl.thumbnail.with_suffix(".png").unlink()
+        _stack([graph], "SDXL: face LoRA, hand LoRA, gate file").save(sdxl.thumbnail, quality=90)
+        browser.close()
+    for path in [w.thumbnail for w in WORKFLOWS.values()] + sorted(IMAGES.glob("*.png")):
+        log.info("wrote %s (%s)", path, "x".join(map(str, _open(path).size)))
+    return 0
