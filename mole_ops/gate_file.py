@@ -45,6 +45,7 @@ class GateFile:
     base_model: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     path: str = ""
+    sha256: str = ""          # of the file's tensor data, when loaded from a file
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -139,8 +140,10 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str
 
 
 def load(path: str | Path) -> GateFile:
-    tensors, metadata, _ = safetensors_io.read(path)
-    return parse(tensors, metadata, str(path))
+    tensors, metadata, sha = safetensors_io.read(path)
+    gates = parse(tensors, metadata, str(path))
+    gates.sha256 = sha
+    return gates
 
 
 def save(path: str | Path, gates: GateFile) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,15 +177,29 @@ class MoLE(nn.Module):
         return ((k, self.layer(k)) for k in self.keys)
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if ".experts." not in n]
+        """Every gate's weights and biases, layer by layer (local gate, then global gate)."""
+        return [p for layer in self.layers.values() for m in (layer.local_gate, layer.global_gate)
+                for p in m.parameters()]
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """Every expert's down and up weights, layer by layer in column order."""
         return [p for layer in self.layers.values() for e in layer.experts.values() for p in (e.down, e.up)]
 
-    def clear_cache(self) -> None:
-        for layer in self.layers.values():
-            layer.clear_cache()
+    def freeze(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.ModuleList:
+        """Every layer's frozen inference stack in `dtype` on `device` (built once; see ops.FusedWeights), as one
+        module a host can load, offload and count (it shares the stacks with the layers, it copies nothing)."""
+        return nn.ModuleList([layer.freeze(dtype, device) for layer in self.layers.values()])
+
+    def nbytes(self) -> dict[str, int]:
+        """Resident bytes: experts, gates and frozen stacks (storages counted once)."""
+        def size(tensors) -> int:
+            seen = {}
+            for t in tensors:
+                seen[t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)] = t.numel() * t.element_size()
+            return sum(seen.values())
+        frozen = [t for layer in self.layers.values() if layer.frozen is not None for t in layer.frozen.parameters()]
+        return {"experts": size(self.expert_parameters()), "gates": size(self.gate_parameters()),
+                "frozen": size(frozen)}
 
     def export_gates(self, experts: list[ExpertFile], base_model: str = "") -> GateFile:
         """The gates as a gate file, keyed by the experts' own kohya names."""
@@ -204,11 +219,12 @@ TRAINABLE = (None, "experts", "gates")
 
 
 def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNetLayout | None = None,
-          variant: str | None = None, dtype: torch.dtype = torch.float32, trainable: str | None = None) -> MoLE:
-    """Experts and gates as modules. Without gates, fresh gates with PyTorch's default init.
+          variant: str | None = None, dtype: torch.dtype | None = None, trainable: str | None = None) -> MoLE:
+    """Experts and gates as modules. Without gates, fresh gates with PyTorch's default init (gates are fp32).
 
     Frozen unless `trainable` names what trains ("experts": stage 2, "gates": stage 3): a frozen MoLE is what
     inference runs, and the op picks its fused, cached path from requires_grad, so no caller sets it by hand.
+    Frozen experts keep the files' tensors (no copy; `dtype` casts everything); training experts are fp32.
     """
     if trainable not in TRAINABLE:
         raise MismatchError(f"trainable={trainable!r} is not one of {TRAINABLE}")
@@ -236,12 +252,16 @@ def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNet
             raise MismatchError(f"layer {keys[key]}: the experts map different widths (" + ", ".join(
                 f"{e.name} = {e.path or '(in memory)'}: {widths[e.name][0]} -> {widths[e.name][1]}" for e in experts)
                 + "); they were made for different base models")
+        weights = dtype or (torch.float32 if trainable == "experts" else None)
         loras = {}
         for e in experts:
             w = e.layers[keys[key]]
-            loras[e.name] = LoRA(w.down.detach().to(dtype).requires_grad_(False),
-                                 w.up.detach().to(dtype).requires_grad_(False), w.alpha)
-        layer = MoLELayer(loras, order, variant).to(dtype)
+            down, up = (w.down.detach(), w.up.detach()) if weights is None else \
+                (w.down.detach().to(weights), w.up.detach().to(weights))
+            loras[e.name] = LoRA(down.requires_grad_(False), up.requires_grad_(False), w.alpha)
+        layer = MoLELayer(loras, order, variant)
+        if dtype is not None:
+            layer.to(dtype)
         if key in gate_by_key:
             _load_gate(layer, gate_by_key[key])
         layers[key] = layer
@@ -263,3 +283,22 @@ def _load_gate(layer: MoLELayer, g: GateWeights) -> None:
     else:
         layer.global_gate.weight.copy_(g.global_w)
         layer.global_gate.bias.copy_(g.global_b)
+
+
+_shared: "weakref.WeakValueDictionary[tuple, MoLE]" = weakref.WeakValueDictionary()
+
+
+def shared(experts: list[ExpertFile], gates: GateFile | None, layout: UNetLayout) -> MoLE:
+    """One frozen MoLE per set of expert and gate files in this process, for every node that uses them: keyed by
+    the files' content hashes and the experts' names, kept while anything holds it. Settings never enter the key:
+    modes and strengths act per call (ops.MoLELayer.forward). Experts or gates made in memory (no file hash) get
+    a MoLE of their own."""
+    files = list(experts) + ([gates] if gates is not None else [])
+    if not all(f.sha256 for f in files):
+        return build(list(experts), gates, layout)
+    key = (layout, tuple((e.name, e.sha256) for e in experts), None if gates is None else gates.sha256)
+    mole = _shared.get(key)
+    if mole is None:
+        mole = build(list(experts), gates, layout)
+        _shared[key] = mole
+    return mole

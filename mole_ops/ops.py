@@ -14,13 +14,18 @@ Modes drop gates: "local" uses G = 1, "global" uses L = 1, "none" uses both = 1 
 Fused evaluation (what makes it fast): one matmul X @ W1.T with W1 = [down_0; ...; down_{N-1}; Phi; V; pad]
 gives every expert's hidden block, the local-gate logits and the global-gate logits at once. The global gate
 is linear in X before its sigmoid, so it folds into W1 exactly: official v_i = c_i * down_i.T @ up_i.T @ w_i.T
-(mean_n(X @ v_i) = w_i . mean_n(R_i)), paper v_i = Wg_i. Then the hidden blocks are scaled per token and one
-matmul with U = [s_0 c_0 up_0, ..., s_{N-1} c_{N-1} up_{N-1}] is accumulated straight into F(X).
+(mean_n(X @ v_i) = w_i . mean_n(R_i)), paper v_i = Wg_i. Then the hidden blocks are scaled per token by
+s_i L_i G_i and one matmul with U = [c_0 up_0, ..., c_{N-1} up_{N-1}] is accumulated straight into F(X).
 
 Frozen experts on a layer narrower than their summed ranks (SD1.5's 320-wide layers, two rank-256 experts) run dense
-instead: W1 holds s_i c_i up_i down_i (d_out x d_in) per expert, and the gated sum of the N output blocks is the
+instead: W1 holds c_i up_i down_i (d_out x d_in) per expert, and the gated sum of the N output blocks is the
 delta, no second matmul (dense_pays decides). While gates train on frozen experts, the gate rows are a matmul of
 their own, so backward computes no weight gradient for the experts' rows.
+
+The frozen stack (FusedWeights) does not depend on the settings: every expert and both gates' rows are in it,
+and mode and strengths act on the small per-token factors. So one stack serves every Apply MoLE on the same files;
+it is a module of frozen parameters, which ComfyUI's ModelPatcher can load, offload and count like weights. An
+expert at strength 0 is still computed (and multiplied by 0).
 
 Compute dtype: the activation's, except bf16/fp16 activations on a CPU without native units for them (no
 AVX512-BF16/AMX-BF16, no AVX512-FP16/AMX-FP16). There those matmuls are emulated and several times slower than
@@ -60,8 +65,13 @@ class GateSettings:
     def strength(self, name: str) -> float:
         return float(self.strengths.get(name, 1.0))
 
-    def key(self, order: tuple[str, ...]) -> tuple:
-        return (self.mode, tuple(self.strength(n) for n in order))
+    @property
+    def local(self) -> bool:
+        return self.mode in ("both", "local")
+
+    @property
+    def glob(self) -> bool:
+        return self.mode in ("both", "global")
 
 
 def dense_pays(d_in: int, d_out: int, n: int, rank_total: int) -> bool:
@@ -86,9 +96,17 @@ def _native_half(dtype: torch.dtype) -> bool:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the expert matmuls of activation x run in (see the module docstring). Under CPU autocast the
     activation's dtype is kept (autocast would cast the matmuls back anyway)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or _cpu_autocast():
+    if x.device.type == "cpu" and _cpu_autocast():
         return x.dtype
-    return x.dtype if _native_half(x.dtype) else torch.float32
+    return compute_dtype_for(x.device, x.dtype)
+
+
+def compute_dtype_for(device: torch.device | str, activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the experts compute in for activations of this dtype on this device: the activation's, but fp32
+    for half-precision activations on a CPU without native half matrix units."""
+    if torch.device(device).type != "cpu" or activation_dtype not in (torch.bfloat16, torch.float16):
+        return activation_dtype
+    return activation_dtype if _native_half(activation_dtype) else torch.float32
 
 
 def _cpu_autocast() -> bool:
@@ -141,96 +159,107 @@ class MoLELayer(nn.Module):
             if e.down.shape[1] != self.d_in or e.up.shape[0] != self.d_out:
                 raise MoLEError(f"expert {n!r} maps {e.down.shape[1]}->{e.up.shape[0]}, "
                                 f"expert {order[0]!r} {self.d_in}->{self.d_out}")
-        dtype = first.down.dtype if first.down.is_floating_point() else torch.float32
-        self.local_gate = nn.Linear(self.d_in, len(order), dtype=dtype)
+        self.local_gate = nn.Linear(self.d_in, len(order))             # gates in fp32 whatever the experts'
         if variant == "official":
-            self.global_gate = nn.ModuleDict({n: nn.Linear(self.d_out, 1, dtype=dtype) for n in order})
+            self.global_gate = nn.ModuleDict({n: nn.Linear(self.d_out, 1) for n in order})
         else:
-            self.global_gate = nn.Linear(self.d_in, len(order), dtype=dtype)
-        self._cache: dict = {}
+            self.global_gate = nn.Linear(self.d_in, len(order))
+        self.frozen: FusedWeights | None = None       # the inference stack (freeze); a child module
+        self._stacks: dict = {}                       # training-time expert stacks (gates train), per device/dtype
 
     # -- fused weights ---------------------------------------------------------------------------------
-    def global_vectors(self, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V, b): rows v_i with mean_n(X @ v_i) + b_i = the global-gate logit of expert order[i]."""
+    def global_vectors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, b) of every expert: rows v_i with mean_n(X @ v_i) + b_i = the global-gate logit of order[i];
+        official vectors are computed in fp32 (or `dtype`) from the experts, whatever dtype they are stored in."""
         if self.variant == "paper":
-            return self.global_gate.weight[active], self.global_gate.bias[active]
+            return self.global_gate.weight, self.global_gate.bias
+        dtype = dtype or torch.float32
         rows, bias = [], []
-        for i in active:
-            e, g = self.experts[self.order[i]], self.global_gate[self.order[i]]
-            rows.append(e.scale * (e.down.T @ (e.up.T @ g.weight.T)).T)
+        for name in self.order:
+            e, g = self.experts[name], self.global_gate[name]
+            down, up, w = e.down.to(dtype), e.up.to(dtype), g.weight.to(dtype)
+            rows.append(e.scale * (down.T @ (up.T @ w.T)).T)
             bias.append(g.bias)
         return torch.cat(rows), torch.cat(bias)
 
-    def fused(self, settings: GateSettings, device, dtype) -> "_Fused | None":
-        """Stacked weights for these settings, cast to (device, dtype).
+    def global_gate_bias(self) -> torch.Tensor:
+        if self.variant == "paper":
+            return self.global_gate.bias
+        return torch.cat([self.global_gate[n].bias for n in self.order])
 
-        Nothing trains: the gates are folded into the first matmul and everything is cached. Gates train on
-        frozen experts (stage 3): the expert stacks are cached and the gate rows, a few per expert, are their own
-        matmul, so backward computes no weight gradient for the experts' rows and nothing large is copied per
-        call. Experts train: everything is rebuilt per call (folded)."""
-        active = [i for i, n in enumerate(self.order) if settings.strength(n) != 0.0]
-        if not active:
-            return None
+    def gate_rows(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """([local-gate rows (N); global-gate vectors (N)] (2N, d_in), global-gate biases (N))."""
+        v, bias = self.global_vectors(dtype)
+        return torch.cat([self.local_gate.weight.to(v.dtype), v]), bias
+
+    def freeze(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "FusedWeights":
+        """The frozen inference stack of this layer in `dtype` on `device` (built once; again only for another
+        dtype): every expert and both gates, independent of mode and strengths."""
+        if self.frozen is None or self.frozen.w1.dtype != dtype:
+            with torch.no_grad():
+                first, up, ranks = self._expert_stacks(device, dtype, frozen=True)
+                rows, global_b = self.gate_rows(torch.promote_types(dtype, torch.float32))
+                rows = rows.to(device=device, dtype=dtype)
+                pad = -(first.shape[0] + rows.shape[0]) % PAD_TO
+                w1 = torch.cat([first, rows] + ([first.new_zeros(pad, self.d_in)] if pad else []))
+                self.frozen = FusedWeights(w1, up, self.local_gate.bias.to(device=device, dtype=dtype),
+                                           global_b.to(device=device, dtype=dtype), ranks, len(self.order))
+        return self.frozen
+
+    def fused(self, settings: GateSettings, device, dtype) -> "FusedWeights | _Fused":
+        """The stacked weights for a call in (device, dtype).
+
+        Nothing trains: the frozen stack (freeze), built on first use; if it sits on another device or in another
+        dtype (ComfyUI left it offloaded in low-VRAM mode, or a call in another precision), a copy for this call.
+        Gates train on frozen experts (stage 3): the expert stacks are cached and the gate rows, a few per expert,
+        are their own matmul, so backward computes no weight gradient for the experts' rows and nothing large is
+        copied per call. Experts train: everything is rebuilt per call (folded; gate rows only if the mode uses
+        gates)."""
         experts_train = any(p.requires_grad for p in self.experts.parameters())
         gates_train = any(p.requires_grad for m in (self.local_gate, self.global_gate) for p in m.parameters())
-        separate = gates_train and not experts_train
-        cache_key = (settings.key(self.order), device, dtype)
-        hit = self._cache.get(cache_key) if not gates_train and not experts_train else None
-        if hit is not None:
-            return hit
-        names = [self.order[i] for i in active]
-        local = settings.mode in ("both", "local")
-        glob = settings.mode in ("both", "global")
-        stacks = self._cache.get(cache_key + ("experts",)) if separate else None
-        if stacks is None:
-            stacks = self._expert_stacks(settings, names, device, dtype, frozen=not experts_train)
-            if separate:
-                self._cache[cache_key + ("experts",)] = stacks
-        down, up, ranks = stacks
-        rows, global_b = [], None
-        if local:
-            rows.append(self.local_gate.weight[active])
-        if glob:
-            v, global_b = self.global_vectors(active)
-            rows.append(v)
-        gate_rows = torch.cat(rows).to(device=device, dtype=dtype) if rows else None
-        if separate:
-            w1, gate_w = down, gate_rows
-        elif gate_rows is not None:
-            pad = -(down.shape[0] + gate_rows.shape[0]) % PAD_TO
-            w1 = torch.cat([down, gate_rows] + ([down.new_zeros(pad, self.d_in)] if pad else []))
-            gate_w = None
+        if not experts_train and not gates_train:
+            self._stacks.clear()                       # training is over: drop its stacks
+            f = self.frozen if self.frozen is not None else self.freeze(dtype, device)
+            if f.w1.device != torch.device(device) or f.w1.dtype != dtype:
+                return f.copy_for(device, dtype)
+            return f
+        wide = torch.promote_types(dtype, torch.float32)
+        if not experts_train:
+            key = (torch.device(device), dtype)
+            if key not in self._stacks:
+                self._stacks[key] = self._expert_stacks(device, dtype, frozen=True)
+            first, up, ranks = self._stacks[key]
+            gate_w, global_b = self.gate_rows(wide)
+            gate_w = gate_w.to(device=device, dtype=dtype)
         else:
-            w1, gate_w = down, None
-        f = _Fused(
-            w1=w1, up=up, ranks=ranks, rank_total=sum(ranks), n=len(names), gate_w=gate_w,
-            local_b=self.local_gate.bias[active].to(device=device, dtype=dtype) if local else None,
-            global_b=global_b.to(device=device, dtype=dtype) if glob else None,
-            ranks_t=torch.tensor(ranks, device=device))
-        if not gates_train and not experts_train:
-            for key in [k for k in self._cache if k[-1] == "experts"]:   # training is over: drop its stacks
-                del self._cache[key]
-            self._cache[cache_key] = f
-        return f
+            first, up, ranks = self._expert_stacks(device, dtype, frozen=False)
+            gate_w, global_b = None, self.global_gate_bias()
+            if settings.mode != "none":
+                rows, global_b = self.gate_rows(wide)
+                pad = -(first.shape[0] + rows.shape[0]) % PAD_TO
+                first = torch.cat([first, rows.to(device=device, dtype=dtype)]
+                                  + ([first.new_zeros(pad, self.d_in)] if pad else []))
+        return _Fused(w1=first, up=up, ranks=ranks, rank_total=sum(ranks), n=len(self.order), gate_w=gate_w,
+                      local_b=self.local_gate.bias.to(device=device, dtype=dtype),
+                      global_b=global_b.to(device=device, dtype=dtype), ranks_t=torch.tensor(ranks, device=device))
 
-    def _expert_stacks(self, settings, names, device, dtype, frozen: bool):
-        """(first, up, widths): low rank [down_0; down_1; ...] (R, d_in), [s_0 c_0 up_0, ...] (d_out, R) and the
-        ranks; or, for frozen experts on a layer where that is cheaper, dense [s_0 c_0 up_0 down_0; ...]
-        (N d_out, d_in), no up, and widths d_out (see dense_pays)."""
-        experts = [self.experts[n] for n in names]
+    def _expert_stacks(self, device, dtype, frozen: bool):
+        """(first, up, widths): low rank [down_0; down_1; ...] (R, d_in), [c_0 up_0, ...] (d_out, R) and the
+        ranks; or, for frozen experts on a layer where that is cheaper, dense [c_0 up_0 down_0; ...]
+        (N d_out, d_in), no up, and widths d_out (see dense_pays). The products are taken in fp32 (or `dtype` if
+        wider) and cast once."""
+        experts = [self.experts[n] for n in self.order]
         ranks = [e.rank for e in experts]
-        if frozen and dense_pays(self.d_in, self.d_out, len(names), sum(ranks)):
-            dense = torch.cat([(e.up * (e.scale * settings.strength(n))) @ e.down for n, e in zip(names, experts)])
-            return dense.to(device=device, dtype=dtype), None, [self.d_out] * len(names)
+        wide = torch.promote_types(dtype, torch.float32)
+        if frozen and dense_pays(self.d_in, self.d_out, len(experts), sum(ranks)):
+            dense = torch.cat([(e.up.to(wide) * e.scale) @ e.down.to(wide) for e in experts])
+            return dense.to(device=device, dtype=dtype), None, [self.d_out] * len(experts)
         down = torch.cat([e.down for e in experts]).to(device=device, dtype=dtype)
-        up = torch.cat([e.up * (e.scale * settings.strength(n)) for n, e in zip(names, experts)], dim=1)
+        up = torch.cat([e.up.to(wide) * e.scale for e in experts], dim=1)
         return down, up.to(device=device, dtype=dtype), ranks
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def _apply(self, fn, *args, **kwargs):
-        self._cache.clear()
+        self._stacks.clear()
         return super()._apply(fn, *args, **kwargs)
 
     # -- the op --------------------------------------------------------------------------------------
@@ -244,10 +273,11 @@ class MoLELayer(nn.Module):
         alone on that row: the batched ensemble pass of EMoE).
         Without active experts y is returned unchanged (bit-exact).
         """
+        strengths = [settings.strength(n) for n in self.order]
+        if not any(strengths):
+            return y
         dtype = compute_dtype(x)
         f = self.fused(settings, x.device, dtype)
-        if f is None:
-            return y
         conv = x.ndim == 4
         if not conv and x.ndim != 3:
             raise MoLEError(f"MoLE layer input must be (B, n, d) or (B, C, H, W), got {tuple(x.shape)}")
@@ -258,24 +288,27 @@ class MoLELayer(nn.Module):
             x = x.to(dtype)
         h = torch.matmul(x, f.w1.T)                                     # (B, n, K)
         hidden = h.narrow(2, 0, f.rank_total)
-        # gate logits: folded into h after the hidden blocks, or their own small matmul (gates training)
+        # gate logits [local (N), global (N)]: folded into h after the hidden blocks, or their own small matmul
         logits, col = (h, f.rank_total) if f.gate_w is None else (torch.matmul(x, f.gate_w.T), 0)
         coef, local_gate, global_gate = None, None, None
-        if f.local_b is not None:
-            local_gate = torch.sigmoid(logits.narrow(2, col, f.n) + f.local_b)             # (B, n, N)
+        if settings.local:
+            local_gate = torch.sigmoid(logits.narrow(2, col, f.n) + f.local_b)              # (B, n, N)
             coef = local_gate
-            col += f.n
-        if f.global_b is not None:
-            global_gate = torch.sigmoid(logits.narrow(2, col, f.n).mean(dim=1) + f.global_b)  # (B, N)
+        if settings.glob:
+            global_gate = torch.sigmoid(logits.narrow(2, col + f.n, f.n).mean(dim=1) + f.global_b)   # (B, N)
             coef = global_gate[:, None] if coef is None else coef * global_gate[:, None]
+        if any(s != 1.0 for s in strengths):      # strengths and modes act on these small factors, not on weights
+            s = torch.tensor(strengths, device=x.device, dtype=dtype)[None, None]         # (1, 1, N)
+            coef = s if coef is None else coef * s
         if rows is not None:
-            active = [i for i, n in enumerate(self.order) if settings.strength(n) != 0.0]
-            per_row = rows.to(device=x.device, dtype=dtype)[:, active][:, None]        # (B, 1, N)
+            per_row = rows.to(device=x.device, dtype=dtype)[:, None]                     # (B, 1, N)
             coef = per_row if coef is None else coef * per_row
         if coef is not None:
             coef = torch.where(coef.abs() < TINY, 0.0, coef)
         if record is not None:
-            record(local_gate, global_gate, [n for n in self.order if settings.strength(n) != 0.0])
+            active = [i for i, s in enumerate(strengths) if s != 0.0]
+            record(None if local_gate is None else local_gate[..., active],
+                   None if global_gate is None else global_gate[:, active], [self.order[i] for i in active])
         inplace = not (torch.is_grad_enabled() and (y.requires_grad or hidden.requires_grad))
         if f.up is None:                     # dense experts: the gated sum of the output blocks is the delta
             delta = self._sum_blocks(hidden, coef, f).reshape(-1, self.d_out)
@@ -314,10 +347,40 @@ class MoLELayer(nn.Module):
         return hidden.mul_(c) if inplace else hidden * c
 
 
+class FusedWeights(nn.Module):
+    """A layer's frozen inference stack (see the module docstring): w1 = [expert rows; local-gate rows (N);
+    global-gate vectors (N); zero pad] (K, d_in), up (d_out, R) or None for dense experts, the gate biases.
+    Parameters without gradients, so that a host's model manager moves, offloads and counts them like weights."""
+
+    gate_w = None            # the gate rows are always folded into w1 here
+
+    def __init__(self, w1: torch.Tensor, up: torch.Tensor | None, local_b: torch.Tensor, global_b: torch.Tensor,
+                 ranks: list[int], n: int):
+        super().__init__()
+        self.w1 = nn.Parameter(w1, requires_grad=False)
+        self.up = nn.Parameter(up, requires_grad=False) if up is not None else None
+        self.local_b = nn.Parameter(local_b, requires_grad=False)
+        self.global_b = nn.Parameter(global_b, requires_grad=False)
+        self.ranks, self.rank_total, self.n = list(ranks), sum(ranks), n
+        self.register_buffer("ranks_t", torch.tensor(ranks, device=w1.device), persistent=False)
+
+    def copy_for(self, device, dtype) -> "_Fused":
+        """This stack in another device/dtype, for one call (ComfyUI's low-VRAM mode streams it like a weight)."""
+        def cast(t):
+            return None if t is None else t.detach().to(device=device, dtype=dtype, non_blocking=True)
+        return _Fused(cast(self.w1), cast(self.up), self.ranks, self.rank_total, self.n, cast(self.local_b),
+                      cast(self.global_b), self.ranks_t.to(device))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parameters())
+
+
 @dataclass
 class _Fused:
+    """A stack built for one call (training, or a copy of FusedWeights on another device/dtype)."""
+
     w1: torch.Tensor
-    up: torch.Tensor
+    up: torch.Tensor | None
     ranks: list[int]
     rank_total: int
     n: int

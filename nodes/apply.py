@@ -9,7 +9,7 @@ from ..mole_ops import expert_file
 from ..mole_ops.errors import MismatchError
 from ..mole_ops.fingerprint import check_base
 from ..mole_ops.layout import UNetLayout
-from ..mole_ops.mixture import build, describe, role_warnings
+from ..mole_ops.mixture import describe, role_warnings, shared
 from ..mole_ops.ops import MODES, GateSettings
 from ..mole_ops.trace import GateTrace
 from .files import expert_files, full_path
@@ -83,7 +83,7 @@ class ApplyMoLE(io.ComfyNode):
         if len(experts) > len(SLOTS):
             log.info("MoLE: experts after the third run at strength 1 (Apply MoLE has three strength inputs)")
         warnings = warnings_for(model, experts, gates)
-        mole = build(list(experts), gates, model_layout(model))
+        mole = shared(list(experts), gates, model_layout(model))
         settings = GateSettings(mode, dict(zip(mole.order, (strength_1, strength_2, strength_3))))
         trace = GateTrace(mole.order) if record_trace else None
         patched = apply_mole(model, MoLEPatch(mole, settings, start_percent, end_percent, trace))
@@ -107,7 +107,7 @@ class ExpertFixedScale(io.ComfyNode):
     def execute(cls, model, expert, strength) -> io.NodeOutput:
         loaded = expert_file.load(full_path(expert), "expert")
         warnings = warnings_for(model, [loaded], roles=False)
-        mole = build([loaded], None, model_layout(model))
+        mole = shared([loaded], None, model_layout(model))
         settings = GateSettings("none", {"expert": strength})
         _, ui = info(describe(mole, [loaded], None, settings, 0.0, 1.0), warnings)
         return io.NodeOutput(apply_mole(model, MoLEPatch(mole, settings)), ui=ui)

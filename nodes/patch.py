@@ -2,6 +2,10 @@
 
 Under one key ("mole"; "mole_emoe" for the estimate) a clone gets:
 - the attachment, which owns the tensors (`MoLEPatch`, or `EarlyEstimate`);
+- the MoLE's frozen stacks as an additional model (a ModelPatcher of their own, one per MoLE, in the dtype the op
+  computes in on ComfyUI's device): ComfyUI loads them with the model, counts them in its memory budget, leaves
+  them on the offload device when low-VRAM mode has no room (the op then streams them per layer), and offloads
+  them when it unloads the model;
 - the injection: forward hooks registered in `inject` and removed in `eject`, resolved from `patcher.model` then,
   never captured earlier; one set of hooks per module tree however many clones inject;
 - an OUTER_SAMPLE wrapper, which marks the start of a sampling run and names the patcher being sampled, and a
@@ -15,15 +19,18 @@ each other. Wrappers look their attachment up on the patcher that is sampling, s
 from __future__ import annotations
 
 import contextvars
+import weakref
 from dataclasses import dataclass, field, replace
 
+import comfy.model_management
 import torch
+from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..mole_ops.emoe import MemberBatch, capture, capture_module, disagreement
 from ..mole_ops.hooks import check_modules, run_layer
 from ..mole_ops.mixture import MoLE
-from ..mole_ops.ops import GateSettings
+from ..mole_ops.ops import GateSettings, compute_dtype_for
 from ..mole_ops.trace import GateTrace
 
 KEY = "mole"
@@ -199,12 +206,31 @@ def _estimate_pass(estimate: EarlyEstimate, executor, x, timesteps, context, y, 
     return disagreement(members.split(seen[0]), estimate.kind)
 
 
+_stack_patchers: "weakref.WeakKeyDictionary[MoLE, ModelPatcher]" = weakref.WeakKeyDictionary()
+
+
+def stack_patcher(model, mole: MoLE) -> ModelPatcher:
+    """The MoLE's frozen stacks as a model of ComfyUI's memory management: one per MoLE (every Apply MoLE on the
+    same files shares it), built on the offload device in the dtype the op computes in for this model's
+    activations on the load device (fp16/bf16 on GPUs, fp32 on a CPU without half units)."""
+    device = comfy.model_management.get_torch_device()
+    activations = model.model.manual_cast_dtype or model.model.get_dtype()
+    dtype = compute_dtype_for(device, activations)
+    patcher = _stack_patchers.get(mole)
+    if patcher is None or next(patcher.model.parameters()).dtype != dtype:
+        offload = comfy.model_management.unet_offload_device()
+        patcher = ModelPatcher(mole.freeze(dtype, offload), load_device=device, offload_device=offload)
+        _stack_patchers[mole] = patcher
+    return patcher
+
+
 def _attach(model, key: str, attachment, mole: MoLE, call_wrapper):
     """A clone of `model` with `attachment` under `key`: the attachment, the hooks' injection, and the two
     wrappers. Fails at node time (not in the middle of sampling) when the MoLE does not fit the model."""
     check_modules(model.model, mole)
     clone = model.clone()
     clone.set_attachments(key, attachment)
+    clone.set_additional_models(key, [stack_patcher(model, mole)])
     clone.set_injections(key, [PatcherInjection(inject=_inject, eject=_eject)])
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, _sampling_run), (WrappersMP.DIFFUSION_MODEL, call_wrapper)):
         clone.remove_wrappers_with_key(kind, key)     # attached again under the same key: replaces the first

@@ -14,7 +14,7 @@ from comfy_api.latest import io
 
 from ..mole_ops.emoe import DISAGREEMENT, EPISTEMIC, MemberBatch, disagreement, first_step_features
 from ..mole_ops.errors import MismatchError
-from ..mole_ops.mixture import build
+from ..mole_ops.mixture import shared
 from ..mole_ops.ops import GateSettings
 from ..mole_ops.viz import heat
 from .apply import model_layout
@@ -46,7 +46,7 @@ def score(ensemble, positive, latent: torch.Tensor, seed: int):
     if isinstance(ensemble, ModelEnsemble):
         features = torch.stack([first_step_features(m, positive, noise, seed) for m in ensemble.models])
     else:
-        mole = build(list(ensemble.experts), None, model_layout(ensemble.model))
+        mole = shared(list(ensemble.experts), None, model_layout(ensemble.model))
         members = MemberBatch(len(mole.order), noise.shape[0])
         patch = MoLEPatch(mole, GateSettings("none"), rows=members.rows)
         features = members.split(first_step_features(apply_mole(ensemble.model, patch), positive,
@@ -142,7 +142,7 @@ class EarlyEstimateModel(io.ComfyNode):
         if not isinstance(ensemble, ExpertEnsemble):
             raise MismatchError("the early estimate runs expert members inside the generating model; for an "
                                 "ensemble of separate models use MoLE Uncertainty Score")
-        mole = build(list(ensemble.experts), None, model_layout(model))
+        mole = shared(list(ensemble.experts), None, model_layout(model))
         estimate = EarlyEstimate(MoLEPatch(mole, GateSettings("none")), len(mole.order), ensemble.kind)
         return io.NodeOutput(attach_early_estimate(model, estimate), estimate)
 

@@ -193,18 +193,21 @@ def mole_flops(root, mole, settings, call) -> int:
     return total
 
 
-def bench(model, dtype, size, reps, min_seconds):
+def bench(model, dtype, size, reps, min_seconds, device="cpu"):
     root, unet = model.model, model.model.diffusion_model
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, size, size, generator=gen).to(dtype)
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, generator=gen).to(dtype)
+    x = torch.randn(2, 4, size, size, generator=gen).to(device=device, dtype=dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    ctx = torch.randn(2, 77, 768, generator=gen).to(device=device, dtype=dtype)
     mole = make_mole(root, dtype)
     trace = TimedTrace(mole.order)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def call():
         with torch.inference_mode():
-            return unet(x, t, context=ctx)
+            out = unet(x, t, context=ctx)
+        sync()
+        return out
 
     def traced_call():
         trace.begin_call(0, (size, size), [COND, UNCOND])
@@ -229,8 +232,8 @@ def bench(model, dtype, size, reps, min_seconds):
     variants["mole"] = with_hooks(lambda: attach(root, mole, state))
     traced_state = HookState(GateSettings("both"), trace=trace)
     variants["+trace"] = lambda: with_hooks(lambda: attach(root, mole, traced_state))(traced_call)
-    authors = baseline_modules(root, mole, AuthorsLayer, dtype)
-    peft = baseline_modules(root, mole, PeftLayer, dtype)
+    authors = {k: m.to(device) for k, m in baseline_modules(root, mole, AuthorsLayer, dtype).items()}
+    peft = {k: m.to(device) for k, m in baseline_modules(root, mole, PeftLayer, dtype).items()}
     variants["authors"] = with_hooks(lambda: attach_modules(root, authors))
     variants["peft"] = with_hooks(lambda: attach_modules(root, peft))
 
@@ -276,34 +279,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=20.0)
-    parser.add_argument("--configs", default="fp32:32,bf16:32,bf16:64")
+    parser.add_argument("--configs", default="fp32:32,bf16:32,bf16:64", help="dtype:latent size, comma-separated; "
+                        "dtype fp32, bf16 or fp16")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (tests/gpu_check.py)")
     args = parser.parse_args()
-    use_comfy(cpu=True)
+    use_comfy(cpu=args.device == "cpu")
     from comfyui_mole.trainer.harness.tiny_models import full_sd15
 
     torch.manual_seed(0)
     models = {}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 2, two rank-256 experts x 192 layers, "
+    where = torch.cuda.get_device_name() if args.device != "cpu" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, batch 2, two rank-256 experts x 192 layers, "
           f"medians of at least {args.reps} interleaved repetitions and {args.min_seconds:g} s of base calls")
     header = f"{'config':<11}{'base s':>8}" + "".join(f"{n:>16}" for n in ("mole", "+trace", "authors", "peft"))
     print(header + f"{'FLOP mole/base':>16}{'trace ovh':>11}{'authors/mole':>14}")
     for cfg in args.configs.split(","):
         dtype_name, size = cfg.split(":")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         if dtype not in models:
             models.clear()
             models[dtype] = full_sd15(seed=0, dtype=dtype)
+            models[dtype].model.to(args.device)
         times, flops, mole, reps, recorder, agreement = bench(models[dtype], dtype, int(size), args.reps,
-                                                               args.min_seconds)
+                                                               args.min_seconds, args.device)
         row = f"{dtype_name} {size}x{size}".ljust(11) + f"{statistics.median(times['base']):>8.3f}"
         for n in ("mole", "+trace", "authors", "peft"):
             row += f"{paired(times, n, 'base'):>9.2f}x{flops[n] / flops['base']:>5.2f}F"
         row += f"{flops['mole'] / flops['base']:>16.3f}{(paired(times, '+trace', 'mole') - 1) * 100:>10.1f}%"
         row += f"{paired(times, 'authors', 'mole'):>13.2f}x"
         print(row, flush=True)
-        cache = sum(t.numel() * t.element_size() for layer in mole.layers.values()
-                    for f in layer._cache.values() for t in (f.w1, f.up) if t is not None)
-        print(f"{'':11}{reps} repetitions; fused weights cached: {cache / 2**20:.0f} MiB; process peak RSS so far "
+        cache = mole.nbytes()["frozen"]
+        print(f"{'':11}{reps} repetitions; frozen stacks: {cache / 2**20:.0f} MiB; process peak RSS so far "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
         print(f"{'':11}cost added to the base call: authors' {paired(times, 'authors', 'base') - 1:.2f}, ours "
               f"{paired(times, 'mole', 'base') - 1:.2f} of a base call: the authors' adds "

@@ -102,7 +102,7 @@ def test_fused_equals_naive_fp32(conv, shape, n_experts, variant, mode, training
         got = layer(x, y.clone(), settings)
     assert not torch.allclose(expected, y, atol=1e-3)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert any(key[-1] == "experts" for key in layer._cache) == (training == "gates")
+    assert bool(layer._stacks) == (training == "gates") and (layer.frozen is not None) == (training == "nothing")
 
 
 def test_fused_equals_naive_with_grad_enabled_and_cached_repeat():
@@ -116,7 +116,8 @@ def test_fused_equals_naive_with_grad_enabled_and_cached_repeat():
         first = layer(x, y.clone(), settings)
         second = layer(x, y.clone(), settings)
     torch.testing.assert_close(first, expected)
-    assert torch.equal(first, second) and len(layer._cache) == 1   # the training-time expert stacks are dropped
+    assert torch.equal(first, second) and not layer._stacks     # the training-time expert stacks are dropped
+    assert layer.frozen is not None
 
 
 def test_all_experts_off_returns_base_exactly():
@@ -214,8 +215,7 @@ def test_half_precision_activations_on_cpu(monkeypatch, native, conv):
     with torch.inference_mode():
         got = layer(x.bfloat16(), y.bfloat16(), settings)
     assert got.dtype == torch.bfloat16
-    (_, _, dtype), = layer._cache
-    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert layer.frozen.w1.dtype == (torch.bfloat16 if native else torch.float32)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=5e-2)
     if not native:     # fp32 experts: the only bf16 roundings are the inputs' and the output's
         exact = naive(layer, x.bfloat16().float(), y.bfloat16().float(), settings).bfloat16()
@@ -241,3 +241,32 @@ def test_closed_gates_send_no_denormals_into_the_up_projection(monkeypatch):
     assert torch.all(coef[..., 0] == 0) and torch.all(coef[..., 1] > 0)
     assert not torch.any((coef != 0) & (coef.abs() < torch.finfo(torch.float32).tiny))
     torch.testing.assert_close(got, naive(layer, x, y, GateSettings("both")), rtol=1e-5, atol=1e-5)
+
+
+def test_one_frozen_stack_serves_every_mode_and_strength():
+    """Modes and strengths act on the per-token factors: the frozen stack is built once, holds every expert and
+    both gates' rows, and every setting matches the reference from it."""
+    layer = make_layer(24, 20, [4, 8, 3], "official", dtype=torch.float32).requires_grad_(False)
+    x, y = inputs(layer, False, (3, 4))
+    frozen = None
+    for mode in MODES:
+        for strengths in ({}, {"face": 0.0}, {"hand": 0.3, "feet": 2.0}):
+            settings = GateSettings(mode, strengths)
+            with torch.inference_mode():
+                got = layer(x, y.clone(), settings)
+            torch.testing.assert_close(got, naive(layer, x, y, settings), rtol=1e-5, atol=1e-5)
+            frozen = frozen or layer.frozen
+            assert layer.frozen is frozen
+    assert frozen.w1.shape == (16 + 2 * 3 + 10, 24) and frozen.up.shape == (20, 15)   # 15 ranks, 6 gate rows, pad
+
+
+def test_a_frozen_stack_elsewhere_is_copied_for_the_call_only():
+    """A stack in another dtype or on another device (a host left it offloaded) is cast for one call."""
+    layer = make_layer(24, 20, [4, 8], "official", dtype=torch.float32).requires_grad_(False)
+    stack = layer.freeze(torch.float32)
+    x, y = inputs(layer, False, (2, 3))
+    settings = GateSettings("both", {"hand": 0.5})
+    with torch.inference_mode():
+        got = layer(x.double(), y.double(), settings)
+    assert layer.frozen is stack and stack.w1.dtype == torch.float32
+    torch.testing.assert_close(got.float(), naive(layer, x, y, settings), rtol=1e-5, atol=1e-5)
