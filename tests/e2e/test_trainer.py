@@ -281,3 +281,40 @@ def test_training_with_buckets_of_several_sizes(detectable, tmp_path):
     assert len({s for s in r.plan.datasets[0].sizes}) == 3          # square, wide and tall buckets
     assert len(r.cache.memory) == 6 and len({t.shape for t in r.cache.memory.values()}) == 3
     assert expert_file.load(tmp_path / "out" / "b.safetensors", "b").metadata["ss_steps"] == "6"
+
+
+def test_masked_loss_through_the_trainer(detectable, train_images, tmp_path, caplog):
+    """--masked_loss with a conditioning folder: white masks give exactly the plain loss, half-black masks another
+    one, and a masked run trains and writes its expert."""
+    from PIL import Image
+
+    def masks(name, box):
+        folder = tmp_path / name
+        folder.mkdir()
+        for image in sorted(train_images.glob("*.png")):
+            mask = Image.new("L", (64, 64), 0)
+            mask.paste(255, box)
+            mask.save(folder / image.name)
+        return folder
+
+    white, right = masks("white", (0, 0, 64, 64)), masks("right", (32, 0, 64, 64))
+
+    def first_loss(**kw):
+        r = run(make_config(detectable, train_images, tmp_path / "out", "expert", max_train_steps=2, **kw))
+        try:
+            with torch.no_grad():
+                return float(r.loss(r.next_batch(), torch.Generator().manual_seed(5))), r
+        finally:
+            r.stage.detach()
+
+    plain, _ = first_loss()
+    with caplog.at_level(logging.INFO):
+        ones, _ = first_loss(masked_loss=True, conditioning_data_dir=str(white))
+    assert "masked loss: 8 image(s) with a mask, 0 without" in caplog.text
+    half, r = first_loss(masked_loss=True, conditioning_data_dir=str(right))
+    assert ones == plain and half < 0.75 * plain
+    r = run(make_config(detectable, train_images, tmp_path / "trained", "expert", max_train_steps=3,
+                        masked_loss=True, conditioning_data_dir=str(right), output_name="masked"))
+    r.train()
+    r.stage.detach()
+    assert expert_file.load(tmp_path / "trained" / "masked.safetensors", "face").metadata["ss_steps"] == "3"

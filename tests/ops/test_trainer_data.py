@@ -111,3 +111,50 @@ def test_latent_cache_key_follows_image_size_flip_and_vae(tmp_path):
     assert torch.equal(again.get(key), torch.ones(4, 8, 8)) and again.hits == 1
     (tmp_path / "cache" / f"{key}.safetensors").write_bytes(b"damaged")
     assert LatentCache(tmp_path / "cache").get(key) is None     # re-encoded, never fatal
+
+
+def test_masks_from_a_conditioning_folder_and_from_alpha_follow_crop_and_flip(tmp_path):
+    """kohya's masked-loss inputs: a mask image of the same name (red channel) or the image's alpha channel,
+    cropped and mirrored exactly like the image; images without a mask are counted."""
+    from comfyui_mole.trainer.training.data import load_mask, mask_source
+
+    folder = images(tmp_path / "img", 3, size=(80, 40))
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    left = Image.new("RGB", (80, 40), (0, 0, 0))
+    left.paste((255, 0, 0), (0, 0, 20, 40))                  # red (the channel kohya reads) on the left quarter
+    left.save(masks / "im0.png")
+    Image.new("L", (80, 40), 128).save(masks / "im1.jpg")   # another extension, gray
+    rgba = Image.new("RGBA", (80, 40), (200, 10, 10, 0))
+    rgba.paste((200, 10, 10, 255), (60, 0, 80, 40))         # opaque on the right quarter
+    rgba.save(folder / "im2.png")
+
+    subset = Subset(str(folder), ".txt", conditioning_data_dir=str(masks), alpha_mask=True)
+    sources = [mask_source(folder / f"im{i}.png", subset) for i in range(3)]
+    assert sources == [(masks / "im0.png", False), (masks / "im1.jpg", False), (folder / "im2.png", True)]
+    assert mask_source(folder / "im0.png", Subset(str(folder))) is None
+
+    m = load_mask(masks / "im0.png", False, (40, 40))        # 80x40 covers 40x40: scaled to 80x40, centre cut
+    assert m.shape == (40, 40) and m.max() == 0              # the left quarter is cut away
+    wide = load_mask(masks / "im0.png", False, (80, 40))
+    assert wide[:, :18].min() == 1 and wide[:, 22:].max() == 0
+    assert torch.equal(load_mask(masks / "im0.png", False, (80, 40), flip=True), wide.flip(-1))
+    assert abs(float(load_mask(masks / "im1.jpg", False, (80, 40)).mean()) - 128 / 255) < 0.01
+    alpha = load_mask(folder / "im2.png", True, (80, 40))
+    assert alpha[:, 62:].min() == 1 and alpha[:, :58].max() == 0
+
+    toml = tmp_path / "data.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "img"\n'
+                    f'  caption_extension = ".txt"\n  conditioning_data_dir = "masks"\n')
+    (d,) = datasets_from_config(config(dataset_config=str(toml), masked_loss=True))
+    assert sorted(m is not None for m in d.masks.values()) == [False, True, True]
+    plan = BatchPlan([d])
+    batch = plan.make((0, [0, 1, 2]), torch.Generator().manual_seed(0))
+    assert [m is not None for m in batch.masks] == [d.masks[p] is not None for p, _ in batch.images]
+    with pytest.raises(ConfigError, match="no image has a mask"):
+        datasets_from_config(config(train_data_dir=str(images(tmp_path / "bare", 1)), caption_extension=".txt",
+                                    masked_loss=True))
+    with pytest.raises(ConfigError, match="conditioning_data_dir holds loss masks here: give --masked_loss"):
+        from comfyui_mole.trainer.training.config import validate
+
+        validate(config(train_data_dir=str(folder), conditioning_data_dir=str(masks), max_train_steps=2))

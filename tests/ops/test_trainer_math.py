@@ -53,3 +53,21 @@ def test_cosine_ends_at_zero():
         opt.step()
         sched.step()
     assert seen == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+
+
+def test_masked_loss_of_ones_is_the_plain_loss_and_masked_cells_send_no_gradient():
+    from comfyui_mole.trainer.training.loop import denoising_loss, latent_mask
+
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.randn(2, 4, 6, 8, generator=gen).requires_grad_(True)
+    noise = torch.randn(2, 4, 6, 8, generator=gen)
+    plain = denoising_loss(eps, noise)
+    assert torch.equal(denoising_loss(eps, noise, torch.ones(2, 1, 6, 8)), plain)
+    pixels = torch.zeros(48, 64)
+    pixels[:, 32:] = 1.0                                  # learn the right half only
+    pixels[:8, 28:32] = 1.0                               # half of one 8x8 cell: that cell weighs 0.5
+    mask = latent_mask(pixels, (6, 8))
+    assert mask.shape == (1, 6, 8) and mask[0, 0, 3] == 0.5 and mask[0, 1, 3] == 0 and (mask[0, :, 4:] == 1).all()
+    denoising_loss(eps, noise, mask.expand(2, 1, 6, 8)).sum().backward()
+    assert (eps.grad[..., 1:, :4] == 0).all() and (eps.grad[..., :4] != 0).sum() == 2 * 4 * 1  # the sliver's cell
+    assert (eps.grad[..., 4:] != 0).all()

@@ -55,6 +55,13 @@ class TrainConfig:
     bucket_no_upscale: bool = _opt("never enlarge an image: small images get a bucket of their own size", False)
     cache_latents: bool = _opt("encode every image once before training, keep latents in memory", False)
     cache_latents_to_disk: bool = _opt("like --cache_latents, also kept on disk across runs", False)
+    masked_loss: bool = _opt("compute the loss only where each image's mask is white (gray = partly), the mask "
+                             "downsampled to latent resolution: masks from a subset's conditioning_data_dir (same "
+                             "file names) or, with alpha_mask, the images' alpha channel", False)
+    alpha_mask: bool = _opt("the images' alpha channel is their loss mask (implies --masked_loss; also a dataset "
+                            "subset key)", False)
+    conditioning_data_dir: str = _opt("folder of mask images named like the training images, for --masked_loss "
+                                      "with --train_data_dir (a dataset subset key too)")
     # output
     output_dir: str = _opt("folder for the trained file, states, samples and logs")
     output_name: str = _opt("file name of the trained file, without extension")
@@ -104,6 +111,11 @@ class TrainConfig:
     @property
     def size(self) -> tuple[int, int]:
         return parse_resolution(self.resolution, "--resolution")
+
+    @property
+    def loss_masked(self) -> bool:
+        """--alpha_mask implies --masked_loss (as in kohya)."""
+        return bool(self.masked_loss or self.alpha_mask)
 
     @property
     def latents_cached(self) -> bool:
@@ -233,8 +245,13 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("give exactly one of --dataset_config and --train_data_dir")
     if c.in_json and not c.train_data_dir:
         raise ConfigError("--in_json goes with --train_data_dir (a dataset TOML names metadata_file per subset)")
+    if c.conditioning_data_dir and not c.train_data_dir:
+        raise ConfigError("--conditioning_data_dir goes with --train_data_dir (a dataset TOML names "
+                          "conditioning_data_dir per subset)")
+    if c.conditioning_data_dir and not c.loss_masked:
+        raise ConfigError("--conditioning_data_dir holds loss masks here: give --masked_loss too")
     for name in ("pretrained_model_name_or_path", "dataset_config", "train_data_dir", "in_json", "resume",
-                 "sample_prompts", "network_weights", "gate_weights"):
+                 "sample_prompts", "network_weights", "gate_weights", "conditioning_data_dir"):
         exists(name)
     parse_resolution(c.resolution, "--resolution")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):

@@ -8,6 +8,10 @@
   caption and tags are joined with ", " as kohya does.
 - Images: resized to cover the training size, then center-cropped. Unreadable or missing images are skipped,
   counted and reported, never fatal.
+- Loss masks (--masked_loss, kohya's semantics): a mask image of the same file name in the subset's
+  `conditioning_data_dir` (its red channel), or with `alpha_mask` the image's own alpha channel; white = learn,
+  black = ignore, gray = partly. Cropped and flipped with their image; an image without one learns everywhere
+  (the dataset summary counts both).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from .config import ConfigError, TrainConfig, parse_resolution
 log = logging.getLogger("mole.trainer")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SUBSET_KEYS = {"image_dir", "caption_extension", "num_repeats", "metadata_file", "shuffle_caption", "keep_tokens",
-               "flip_aug"}
+               "flip_aug", "conditioning_data_dir", "alpha_mask"}
 BUCKET_KEYS = {"enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
 DATASET_KEYS = {"resolution", "batch_size"} | BUCKET_KEYS
 
@@ -44,6 +48,8 @@ class Subset:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     flip_aug: bool = False
+    conditioning_data_dir: str | None = None
+    alpha_mask: bool = False
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Dataset:
     skipped: list[str] = field(default_factory=list)
     buckets: BucketSettings | None = None
     sizes: list[tuple[int, int]] = field(default_factory=list)            # per item, when bucketing
+    masks: dict[Path, tuple[Path, bool] | None] = field(default_factory=dict)   # image -> mask, with --masked_loss
 
     def size_of(self, index: int) -> tuple[int, int]:
         return self.sizes[index] if self.sizes else self.resolution
@@ -92,9 +99,9 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
             sub = {**subset_defaults, **_take(sub, SUBSET_KEYS, f"{where} [[datasets.subsets]] #{j + 1}")}
             if "image_dir" not in sub:
                 raise ConfigError(f"{where} subset #{j + 1}: image_dir is required")
-            subsets.append(Subset(**{**sub, "image_dir": str(_relative(path, sub["image_dir"])),
-                                     "metadata_file": str(_relative(path, sub["metadata_file"]))
-                                     if sub.get("metadata_file") else None}))
+            folders = {key: str(_relative(path, sub[key])) for key in ("metadata_file", "conditioning_data_dir")
+                       if sub.get(key)}
+            subsets.append(Subset(**{**sub, "image_dir": str(_relative(path, sub["image_dir"])), **folders}))
         if not subsets:
             raise ConfigError(f"{where}: no [[datasets.subsets]]")
         datasets.append(Dataset(resolution, batch, subsets, buckets=buckets))
@@ -110,7 +117,8 @@ def datasets_from_config(config: TrainConfig) -> list[Dataset]:
     if config.dataset_config:
         datasets = load_dataset_toml(Path(config.dataset_config), config)
     else:
-        subset = Subset(config.train_data_dir, config.caption_extension, metadata_file=config.in_json)
+        subset = Subset(config.train_data_dir, config.caption_extension, metadata_file=config.in_json,
+                        conditioning_data_dir=config.conditioning_data_dir, alpha_mask=config.alpha_mask)
         buckets = _bucket_settings({k: getattr(config, k) for k in BUCKET_KEYS}, config.size)
         datasets = [Dataset(config.size, config.train_batch_size, [subset], buckets=buckets)]
     for d in datasets:
@@ -127,6 +135,20 @@ def datasets_from_config(config: TrainConfig) -> list[Dataset]:
             log.info("dataset at %dx%d: %s", *d.resolution, summary(d.sizes))
     if not any(d.items for d in datasets):
         raise ConfigError("no usable training images were found (see the skipped images above)")
+    if config.loss_masked:
+        for d in datasets:
+            d.masks = {path: mask_source(path, s) for path, _, s in d.items}
+        found = {path: m for d in datasets for path, m in d.masks.items()}
+        masked = sum(m is not None for m in found.values())
+        log.info("masked loss: %d image(s) with a mask, %d without (those learn everywhere)", masked,
+                 len(found) - masked)
+        if not masked:
+            raise ConfigError("--masked_loss: no image has a mask (give each subset conditioning_data_dir with mask "
+                              "images named like the training images, or alpha_mask for images with an alpha "
+                              "channel)")
+    elif any(s.alpha_mask or s.conditioning_data_dir for d in datasets for s in d.subsets):
+        log.warning("a subset names loss masks (alpha_mask or conditioning_data_dir) but --masked_loss is off: "
+                    "the masks are not used")
     return datasets
 
 
@@ -208,17 +230,51 @@ def load_image(path: Path, size: tuple[int, int], flip: bool = False) -> torch.T
     """(H, W, 3) float in [0, 1] (ComfyUI's IMAGE layout): resized to cover `size` (W, H), center-cropped."""
     from PIL import Image
 
-    width, height = size
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = max(width / im.width, height / im.height)
-        w, h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
-        im = im.resize((w, h), Image.Resampling.LANCZOS)
-        left, top = (w - width) // 2, (h - height) // 2
-        im = im.crop((left, top, left + width, top + height))
-        if flip:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0)
+        return torch.from_numpy(np.asarray(_fit(im.convert("RGB"), size, flip)).astype(np.float32) / 255.0)
+
+
+def _fit(im, size: tuple[int, int], flip: bool):
+    """A PIL image resized to cover `size` (W, H), center-cropped, optionally mirrored."""
+    from PIL import Image
+
+    width, height = size
+    scale = max(width / im.width, height / im.height)
+    w, h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
+    im = im.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - width) // 2, (h - height) // 2
+    im = im.crop((left, top, left + width, top + height))
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+
+def mask_source(image: Path, subset: Subset) -> tuple[Path, bool] | None:
+    """(file, is alpha) of an image's loss mask, or None: a same-named image in conditioning_data_dir (any image
+    extension), else with alpha_mask the image itself when it has an alpha channel."""
+    if subset.conditioning_data_dir:
+        folder = Path(subset.conditioning_data_dir)
+        for ext in (image.suffix, *IMAGE_EXTENSIONS):
+            if (folder / f"{image.stem}{ext}").is_file():
+                return folder / f"{image.stem}{ext}", False
+    if subset.alpha_mask and _has_alpha(image):
+        return image, True
+    return None
+
+
+def _has_alpha(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return "A" in im.getbands() or "transparency" in im.info
+
+
+def load_mask(path: Path, alpha: bool, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """(H, W) loss weights in [0, 1]: the mask file's red channel or the image's alpha, cropped and flipped exactly
+    as load_image crops and flips the image."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        channel = im.convert("RGBA").getchannel("A") if alpha else im.convert("RGB").getchannel("R")
+        return torch.from_numpy(np.asarray(_fit(channel, size, flip)).astype(np.float32) / 255.0)
 
 
 def process_caption(caption: str, subset: Subset, gen: torch.Generator) -> str:
@@ -274,6 +330,12 @@ class Batch:
     images: list[tuple[Path, bool]]     # (path, flipped)
     captions: list[str]
     size: tuple[int, int]
+    masks: list[tuple[Path, bool] | None] = field(default_factory=list)   # (mask file, is alpha) per image, or []
+
+    def rows(self, rows: list[int]) -> "Batch":
+        """The batch of these rows only."""
+        return Batch([self.images[i] for i in rows], [self.captions[i] for i in rows], self.size,
+                     [self.masks[i] for i in rows] if self.masks else [])
 
 
 class BatchPlan:
@@ -307,7 +369,8 @@ class BatchPlan:
             flip = bool(subset.flip_aug and torch.rand((), generator=gen).item() < 0.5)
             images.append((path, flip))
             captions.append(process_caption(caption, subset, gen))
-        return Batch(images, captions, d.size_of(indices[0]))
+        masks = [d.masks.get(path) for path, _ in images] if d.masks else []
+        return Batch(images, captions, d.size_of(indices[0]), masks)
 
     def __len__(self) -> int:
         total = 0

@@ -24,7 +24,7 @@ import torch
 from ..harness.host import use_comfy
 from . import state
 from .config import TrainConfig
-from .data import Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image
+from .data import Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image, load_mask
 from .dist import World, peak_rss_mib
 from .logbook import Logbook
 from .optim import make_optimizer, make_scheduler
@@ -81,6 +81,7 @@ class Run:
         self.cache = LatentCache(self.out / "latent_cache" if config.cache_latents_to_disk else None) \
             if config.latents_cached else None
         self.text_cache: dict[tuple, object] = {}
+        self.mask_cache: dict[tuple, torch.Tensor] = {}
         self.progress = state.Progress()
 
     # -- data ------------------------------------------------------------------------------------------------
@@ -124,6 +125,18 @@ class Run:
                     self.cache.memory.setdefault(key, latent)
         log.info("latents cached: %d encoded, %d reused", self.cache.misses, self.cache.hits)
 
+    def loss_masks(self, batch: Batch, hw: tuple[int, int]) -> torch.Tensor:
+        """(B, 1, h, w) loss weights of a batch at latent resolution (area-averaged, as kohya); ones for an image
+        without a mask."""
+        out = []
+        for (path, flip), mask in zip(batch.images, batch.masks or [None] * len(batch.images)):
+            key = (mask, batch.size, flip, tuple(hw))
+            if key not in self.mask_cache:
+                full = torch.ones(batch.size[::-1]) if mask is None else load_mask(mask[0], mask[1], batch.size, flip)
+                self.mask_cache[key] = latent_mask(full, tuple(hw))
+            out.append(self.mask_cache[key])
+        return torch.stack(out).to(self.base.device)
+
     def text(self, captions: list[str], size: tuple[int, int]):
         from .model import Conditioning
 
@@ -149,14 +162,14 @@ class Run:
         # noise and timesteps of the whole global batch, the same in every process
         noise = torch.randn((n, self.base.latent_channels, height // 8, width // 8), generator=gen)
         t = torch.randint(0, len(self.base.alphas_cumprod), (n,), generator=gen)
-        mine = Batch([batch.images[i] for i in rows], [batch.captions[i] for i in rows], batch.size)
+        mine = batch.rows(rows)
         x0 = self.latents(mine)
         noise, t = noise[rows].to(x0.device), t[rows].to(x0.device)
         x_t = self.base.noisy(x0, noise, t)
         # prediction (the stage's hooks act inside the UNet)
         eps = self.model(x_t, t, mine.captions, mine.size)
-        # loss per sample, optionally Min-SNR weighted
-        per_sample = ((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))
+        # loss per sample (only where the masks are white, with --masked_loss), optionally Min-SNR weighted
+        per_sample = denoising_loss(eps, noise, self.loss_masks(mine, eps.shape[-2:]) if c.loss_masked else None)
         if c.min_snr_gamma:
             from .model import min_snr_weight
 
@@ -249,6 +262,20 @@ class Run:
         self.progress = state.restore(loaded, folder, self.stage.named_trainable(), self.optimizer, self.scheduler,
                                       self.gen)
         log.info("resumed from %s at step %d", folder, self.progress.step)
+
+
+def latent_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(H, W) pixel weights -> (1, h, w) at latent resolution, each cell the mean of its pixels (kohya: area)."""
+    return torch.nn.functional.interpolate(mask[None, None].float(), size=hw, mode="area")[0]
+
+
+def denoising_loss(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample eps-MSE, mean over C, H, W; with a mask (B, 1, h, w) every element is weighted by its cell's
+    mask value first (kohya's masked loss: the mean still runs over all cells, so a half-masked image weighs half)."""
+    error = (eps.float() - noise.float()) ** 2
+    if mask is not None:
+        error = error * mask
+    return error.mean(dim=(1, 2, 3))
 
 
 def autocast(precision: str, device: torch.device):
