@@ -80,6 +80,27 @@ def bars(values: dict[str, float], errors: dict[str, float] | None = None, *, ti
     return _rgb(fig)
 
 
+def grouped_bars(groups: dict[str, dict[str, float]], *, title: str, ylabel: str, size=(640, 400)) -> np.ndarray:
+    """Bars per group (e.g. per expert) for each named series within it (e.g. per region), with a zero line:
+    (H, W, 3) uint8."""
+    fig = _figure(*size)
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(groups)
+    series = list(dict.fromkeys(k for g in groups.values() for k in g))
+    width = 0.8 / max(len(series), 1)
+    for j, label in enumerate(series):
+        xs = np.arange(len(names)) + (j - (len(series) - 1) / 2) * width
+        ax.bar(xs, [groups[n].get(label, np.nan) for n in names], width, label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _rgb(fig)
+
+
 def gate_curves(curve: torch.Tensor, experts: tuple[str, ...], steps: list[int], title: str) -> torch.Tensor:
     """curve (steps, N) mean global gate per step -> IMAGE (1, H, W, 3) in [0, 1] (the paper's Fig. 7 a-c)."""
     series = {name: curve[:, i].tolist() for i, name in enumerate(experts)}

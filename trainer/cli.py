@@ -33,6 +33,8 @@ COMMANDS = {
                          "definitions of a real ComfyUI"),
     "audit": Command("audit", "EMoE prompt audit: uncertainty score per prompt, quartiles, per-group statistics "
                      "and plots"),
+    "expert-effect": Command("training.expert_effect", "does each expert help its own part more than the others? "
+                             "per-region change in denoising error, before training gates"),
     "prepare": Command("training.prepare", "dataset preparation as in the paper: sliding-window crops, caption "
                        "clean-up, optional CLIP score filter, kohya metadata"),
 }

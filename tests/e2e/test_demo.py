@@ -34,8 +34,11 @@ def test_quick_demo_end_to_end(quick_demo):
     results = out / "results"
     report = (results / "report.md").read_text()
     for heading in ("Local gates on held-out scenes", "Global gates on held-out close-ups",
-                    "Held-out denoising loss", "The shipped workflows"):
+                    "Held-out denoising loss", "The shipped workflows", "Before the gates: does each expert help"):
         assert heading in report
+    effect = json.loads((results / "expert_effect.json").read_text())
+    assert set(effect["delta"]) == {"face", "hand"} and effect["regions"] == ["face", "hand", "background"]
+    assert set(effect["verdicts"]) == {"face", "hand"} and (results / "expert_effect.png").stat().st_size > 1000
     assert "synthetic world" in report
     found = json.loads((results / "evidence.json").read_text())
     assert set(found["local"]) == {"t=800", "t=500", "t=200", "mean"}

@@ -318,3 +318,30 @@ def test_masked_loss_through_the_trainer(detectable, train_images, tmp_path, cap
     r.train()
     r.stage.detach()
     assert expert_file.load(tmp_path / "trained" / "masked.safetensors", "face").metadata["ss_steps"] == "3"
+
+
+def test_expert_effect_command_on_real_files(detectable, train_images, mole_files, tmp_path):
+    """`python -m trainer expert-effect` on the detectable checkpoint with generated experts and region masks:
+    a table per region, verdicts, JSON and a plot; a bad expert argument is one clear line."""
+    from PIL import Image
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image in sorted(train_images.glob("*.png")):
+        for region, box in (("face", (0, 0, 32, 32)), ("hand", (32, 32, 64, 64))):
+            mask = Image.new("L", (64, 64), 0)
+            mask.paste(255, box)
+            mask.save(masks / f"{image.stem}_{region}.png")
+    args = ["expert-effect", "--pretrained_model_name_or_path", str(detectable), "--images", str(train_images),
+            "--masks", str(masks), "--timesteps", "500", "200", "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", "trainer", *args, "--experts", f"face={mole_files['face']}",
+                           f"hand={mole_files['hand']}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "face (128 cells)" in done.stdout and "- face: " in done.stdout and "- hand: " in done.stdout
+    result = json.loads((tmp_path / "out" / "expert_effect.json").read_text())
+    assert result["cells"] == {"face": 8 * 16, "hand": 8 * 16, "background": 8 * 32}
+    assert set(result["delta"]["face"]) == {"500", "200", "mean"} and (tmp_path / "out" / "expert_effect.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "trainer", *args, "--experts", "face"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --experts 'face': give role=path to an existing file"]

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...mole_ops.hooks import HookState, attached
 from ...mole_ops.mixture import build
 from ...mole_ops.ops import GateSettings
 from ...mole_ops.trace import COND, GateTrace
 from ..training.data import load_image
-from ..training.evaluation import batches, held_out_loss, image_size
+from ..training.evaluation import batches, cell_fractions, held_out_loss, image_size
 from .world import load_masks
 
 TIMESTEPS = (800, 500, 200)
@@ -50,8 +49,7 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def cell_labels(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Fraction of each latent cell covered by the mask: (h, w) in [0, 1]."""
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.adaptive_avg_pool2d(t, hw)[0, 0].numpy()
+    return cell_fractions(mask.astype(np.float32), hw).numpy()
 
 
 @dataclass

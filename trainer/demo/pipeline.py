@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from ..harness.host import REPO_ROOT, use_comfy
 from ..harness.workflows import SD15, load_api
 
@@ -109,10 +111,36 @@ def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str,
                                network_dim=recipe.rank, network_alpha=float(recipe.rank),
                                max_train_steps=recipe.expert_steps, learning_rate=1e-3, seed=seed + 1,
                                optimizer_args=["weight_decay=0.01"])
+    precondition(out / "results", stage1, experts, world, seed)
     gates = _train("gates", mole, SD15["gates"].removesuffix(".safetensors"), stage1,
                    dataset_config=str(world["scenes_toml"]), experts=[f"{r}={p}" for r, p in experts.items()],
                    max_train_steps=recipe.gate_steps, learning_rate=1e-3, seed=seed + 2)
     return {"tiny": tiny, "stage1": stage1, **experts, "gates": gates}
+
+
+def precondition(results: Path, stage1: Path, experts: dict[str, Path], world: dict, seed: int) -> Path:
+    """Before the gates train: does each expert help its own part more than the others (expert-effect on the
+    held-out scenes and their masks)? Measured once, kept in results/expert_effect.* (delete them to measure
+    again)."""
+    import comfy.model_management
+
+    from ...mole_ops import expert_file
+    from ..training import expert_effect
+    from ..training.model import Base
+    from .world import load_masks
+
+    if (results / "expert_effect.json").exists():
+        return results / "expert_effect.md"
+    base = Base(stage1)
+    pictures = [expert_effect.Picture(i, c, m) for i, c, m in load_masks(world["heldout_scenes"])]
+    loaded = [expert_file.load(path, role) for role, path in experts.items()]
+    with torch.random.fork_rng():          # the experts' fresh (unused) gates draw from torch's generator
+        result = expert_effect.measure(base, loaded, pictures, seed=seed)
+    del base
+    comfy.model_management.unload_all_models()
+    path = expert_effect.write(result, results)
+    log.info("expert-effect before the gates:\n%s", "\n".join(expert_effect.verdict_lines(result)))
+    return path
 
 
 def comfy_base(out: Path, models: dict[str, Path]) -> Path:

@@ -78,6 +78,18 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
               "contrast stretched per map, mean over the three timesteps)", "",
               "## Global gates on held-out close-ups (mean)", ""]
     lines += _table(found["global"], "pictures")
+    effect = results / "expert_effect.json"
+    if effect.exists():
+        from ..training import expert_effect
+
+        measured = json.loads(effect.read_text())
+        lines += ["", "## Before the gates: does each expert help its own part more than the others?", "",
+                  "The change in eps-prediction error per latent cell that each expert alone (its own scale) makes "
+                  "against stage 1, on the held-out scenes with fixed noise (negative = lower error). A gate can "
+                  "only learn to open on faces where the face expert helps faces more than hands, and the reverse "
+                  "(SPEC.md section 7); `python -m trainer expert-effect` measures the same on real data.", "",
+                  *expert_effect.table(measured), "", *expert_effect.verdict_lines(measured), "",
+                  "![expert effect per region](expert_effect.png)"]
     lines += ["", "## Held-out denoising loss (eps-MSE, fixed noise and timesteps; lower is better)", "",
               "| model | loss |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in found["loss"].items()]

@@ -22,6 +22,13 @@ def batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[i:i + size]
 
 
+def cell_fractions(mask, hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel mask (H, W) (bool or weights in [0, 1]) -> (h, w): each latent cell's mean of its pixels (the share of
+    the cell a region covers)."""
+    t = torch.as_tensor(mask, dtype=torch.float32)
+    return torch.nn.functional.adaptive_avg_pool2d(t[None, None], hw)[0, 0]
+
+
 def image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
 

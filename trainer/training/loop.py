@@ -266,7 +266,9 @@ class Run:
 
 def latent_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """(H, W) pixel weights -> (1, h, w) at latent resolution, each cell the mean of its pixels (kohya: area)."""
-    return torch.nn.functional.interpolate(mask[None, None].float(), size=hw, mode="area")[0]
+    from .evaluation import cell_fractions
+
+    return cell_fractions(mask, hw)[None]
 
 
 def denoising_loss(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""expert-effect (the precondition for gates) on a planted expert: a stand-in base whose one expert layer acts per
+latent cell and errs on face cells, and an expert that reads a marker only the face region's cells carry and
+corrects that error, so it changes the face cells alone; the measure finds it there and nowhere else, and the
+verdict passes it under the name face and fails it under the name hand."""
+import numpy as np
+import torch
+from torch import nn
+
+from comfyui_mole.mole_ops.expert_file import ExpertFile, LoRAWeights
+from comfyui_mole.mole_ops.layout import UNetLayout
+from comfyui_mole.trainer.training import expert_effect
+from comfyui_mole.trainer.training.model import ddpm_alphas_cumprod
+
+SIZE, CELLS = 32, 4                 # 32 px images, 4x4 latent cells of 8x8 px
+KEY = "lora_unet_input_blocks_1_1_proj_in"
+
+
+class StandInBase:
+    """The base's interface for measure(): one Linear (4 -> 4 channels) at a real layer key, applied per cell,
+    that adds -1 to every channel of face cells (it reads the marker: the latent of an image is channel 0 = 10
+    inside its face mask, 0 elsewhere)."""
+
+    def __init__(self, faces: dict[str, np.ndarray]):
+        self.layout = UNetLayout("stand-in", (1,), (1,), -1, (0, 0))
+        self.model = nn.Module()
+        self.model.diffusion_model = nn.Module()
+        self.model.diffusion_model.input_blocks = nn.ModuleList([nn.Identity(), nn.ModuleList([nn.Identity(),
+                                                                                              nn.Module()])])
+        self.layer = nn.Linear(4, 4, bias=False)
+        with torch.no_grad():
+            self.layer.weight.zero_()
+            self.layer.weight[:, 0] = -0.1
+        self.model.diffusion_model.input_blocks[1][1].proj_in = self.layer
+        self.alphas_cumprod = ddpm_alphas_cumprod()
+        self.faces = faces
+
+    def encode_images(self, pixels):
+        # the test's images carry their face mask in the red channel
+        face = torch.nn.functional.adaptive_avg_pool2d(pixels[..., 0][:, None], CELLS)[:, 0] >= 0.5
+        latent = torch.zeros(pixels.shape[0], 4, CELLS, CELLS)
+        latent[:, 0] = 10.0 * face
+        return latent
+
+    def encode_text(self, captions, size):
+        return None
+
+    def noisy(self, x0, noise, t):
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict(self, x_t, t, cond):
+        b = x_t.shape[0]
+        tokens = x_t.flatten(2).transpose(1, 2)                     # (B, cells, 4)
+        return self.layer(tokens).transpose(1, 2).reshape(b, 4, CELLS, CELLS)
+
+
+def pictures(tmp_path, n=4):
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        face = np.zeros((SIZE, SIZE), bool)
+        face[:16, 8 * (i % 3):8 * (i % 3) + 16] = True                 # 2x2 cells
+        hand = np.zeros((SIZE, SIZE), bool)
+        hand[24:, 16:] = True                                         # 1x2 cells
+        pixels = np.zeros((SIZE, SIZE, 3), np.uint8)
+        pixels[..., 0] = face * 255
+        path = tmp_path / f"p{i}.png"
+        Image.fromarray(pixels).save(path)
+        out.append(expert_effect.Picture(path, "a picture", {"face": face, "hand": hand}))
+    return out
+
+
+def planted(name):
+    down = torch.zeros(1, 4)
+    down[0, 0] = 1.0                       # reads the face marker
+    up = torch.full((4, 1), 0.1)           # adds +1 on face cells: undoes the base's error there
+    return ExpertFile(name, {KEY: LoRAWeights(down, up, 1.0, False)})
+
+
+def test_a_planted_expert_is_found_on_its_region_and_nowhere_else(tmp_path):
+    base = StandInBase({})
+    pics = pictures(tmp_path)
+    result = expert_effect.measure(base, [planted("face"), planted("hand")], pics, timesteps=(5, 1), seed=0, batch=3)
+    assert result["regions"] == ["face", "hand", "background"]
+    assert result["cells"] == {"face": 4 * 4, "hand": 2 * 4, "background": 16 * 4 - 16 - 8}
+    assert abs(result["base"]["1"]["face"] - 2.0) < 0.3 and abs(result["base"]["1"]["hand"] - 1.0) < 0.3
+    for expert in ("face", "hand"):
+        mean = result["delta"][expert]["mean"]
+        assert -1.1 < mean["face"] < -0.9                     # the base's +1 of squared error on face cells, undone
+        assert abs(mean["hand"]) < 0.02 and abs(mean["background"]) < 0.02
+    verdicts = expert_effect.verdicts(result)
+    assert verdicts["face"] == {"own": "face", "holds": {"5": True, "1": True, "mean": True}, "passes": True}
+    assert verdicts["hand"]["own"] == "hand" and not verdicts["hand"]["passes"]   # it helps faces, not hands
+    md = expert_effect.write(result, tmp_path / "out")
+    assert "| face | mean |" in md.read_text() and (tmp_path / "out" / "expert_effect.png").stat().st_size > 1000
+
+
+def test_read_pictures_pairs_masks_by_stem(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "masks").mkdir(parents=True)
+    for stem in ("a", "b"):
+        Image.new("RGB", (16, 16)).save(images / f"{stem}.png")
+        (images / f"{stem}.caption").write_text(f"picture {stem}")
+    Image.new("L", (16, 16), 255).save(images / "masks" / "a_face.png")
+    Image.new("L", (16, 16), 0).save(images / "masks" / "a_left_hand.png")
+    got = expert_effect.read_pictures(images, images / "masks")
+    assert [p.image.stem for p in got] == ["a", "b"] and sorted(got[0].masks) == ["face", "left_hand"]
+    assert got[0].masks["face"].all() and not got[0].masks["left_hand"].any() and got[1].masks == {}

@@ -1,0 +1,224 @@
+"""Does each expert help its own part more than the others? The precondition for gates (SPEC.md section 7),
+measured before any gate trains:
+
+    python -m trainer expert-effect --pretrained_model_name_or_path stage1.safetensors \\
+        --experts face=face.safetensors hand=hand.safetensors --images heldout/ --output_dir effect/
+
+For held-out images (caption files beside them) with region masks (`<masks>/<stem>_<region>.png`, any region names:
+face, hand, ... from a detector, or the demo world's), each expert alone at fixed scale is compared with the base
+at chosen timesteps and fixed noise: per latent cell, the change in eps-prediction error (mean over channels of
+(eps_hat - eps)^2, expert minus base), averaged over the cells of each region (a cell is a region's when at least
+half of it is covered) and over the background (cells no region touches). Negative = the expert lowers the error
+there. An expert named like a region passes when it lowers the error on its own region more than on every other
+region (its own delta is the smallest), per timestep and on the mean over timesteps. Writes expert_effect.json,
+expert_effect.md (the table and verdicts) and expert_effect.png (a bar plot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...mole_ops.atomic import write_text
+from ...mole_ops.errors import MoLEError
+from .config import ConfigError
+from .data import IMAGE_EXTENSIONS, load_image
+from .evaluation import batches, cell_fractions
+
+log = logging.getLogger("mole.trainer")
+BACKGROUND = "background"
+TIMESTEPS = (800, 500, 200)
+
+
+@dataclass
+class Picture:
+    image: Path
+    caption: str
+    masks: dict[str, np.ndarray]      # region -> (H, W) bool, at the image's own size
+
+
+def read_pictures(images: Path, masks: Path, caption_extension: str = ".caption") -> list[Picture]:
+    """Every image of `images` with a caption file, and its region masks `<masks>/<stem>_<region>.png`."""
+    from PIL import Image
+
+    if not images.is_dir():
+        raise ConfigError(f"--images {images}: no such folder")
+    if not masks.is_dir():
+        raise ConfigError(f"--masks {masks}: no such folder (region masks named <image stem>_<region>.png)")
+    out = []
+    for path in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        caption = path.with_suffix(caption_extension)
+        if not caption.exists():
+            continue
+        regions = {}
+        for mask in sorted(masks.glob(f"{path.stem}_*.png")):
+            with Image.open(mask) as im:
+                regions[mask.stem[len(path.stem) + 1:]] = np.asarray(im.convert("L")) > 127
+        out.append(Picture(path, caption.read_text().strip(), regions))
+    if not out:
+        raise ConfigError(f"--images {images}: no image with a caption file ({caption_extension})")
+    if not any(p.masks for p in out):
+        raise ConfigError(f"--masks {masks}: no region mask for any image (expected <image stem>_<region>.png)")
+    return out
+
+
+def region_cells(picture: Picture, regions: list[str], hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """{region or background: (h, w) bool}: cells at least half covered by the region; background = cells no
+    region touches."""
+    fractions = {r: cell_fractions(picture.masks[r], hw) if r in picture.masks else torch.zeros(hw)
+                 for r in regions}
+    cells = {r: f >= 0.5 for r, f in fractions.items()}
+    cells[BACKGROUND] = torch.stack(list(fractions.values())).sum(0) == 0 if fractions else torch.ones(hw, dtype=bool)
+    return cells
+
+
+@torch.no_grad()
+def measure(base, experts: list, pictures: list[Picture], timesteps=TIMESTEPS, seed: int = 0, batch: int = 8,
+            size: tuple[int, int] | None = None, strength: float = 1.0) -> dict:
+    """Mean per-cell error of the base and change made by each expert alone, per region and timestep."""
+    from ...mole_ops.hooks import HookState, attached
+    from ...mole_ops.mixture import build
+    from ...mole_ops.ops import GateSettings
+    from .evaluation import image_size
+
+    regions = sorted({r for p in pictures for r in p.masks})
+    names = [*regions, BACKGROUND]
+    moles = {e.name: build([e], None, base.layout) for e in experts}
+    sums = {who: {t: {r: 0.0 for r in names} for t in timesteps} for who in ["base", *moles]}
+    counts = {t: {r: 0 for r in names} for t in timesteps}
+    for group in batches(pictures, batch):
+        group_size = size or image_size(group[0].image)
+        x0 = base.encode_images(torch.stack([load_image(p.image, group_size) for p in group]))
+        cond = base.encode_text([p.caption for p in group], group_size)
+        hw = tuple(x0.shape[-2:])
+        cells = [region_cells(p, regions, hw) for p in group]
+        gen = torch.Generator().manual_seed(seed)
+        noises = [torch.randn(x0.shape, generator=gen) for _ in timesteps]
+        errors = {}
+        for who, mole in [("base", None), *moles.items()]:
+            with attached(base.model, mole, HookState(GateSettings("none", {who: strength}))):
+                for t, noise in zip(timesteps, noises):
+                    tt = torch.full((len(group),), t)
+                    eps = base.predict(base.noisy(x0, noise, tt), tt, cond)
+                    errors[who, t] = ((eps.float() - noise.float()) ** 2).mean(dim=1).cpu()      # (B, h, w)
+        for t in timesteps:
+            for i, c in enumerate(cells):
+                for r in names:
+                    counts[t][r] += int(c[r].sum())
+                    for who in sums:
+                        sums[who][t][r] += float(errors[who, t][i][c[r]].sum())
+    mean = {who: {t: {r: sums[who][t][r] / counts[t][r] if counts[t][r] else float("nan") for r in names}
+                  for t in timesteps} for who in sums}
+    delta = {e: {t: {r: mean[e][t][r] - mean["base"][t][r] for r in names} for t in timesteps} for e in moles}
+    for e in moles:
+        delta[e]["mean"] = {r: float(np.nanmean([delta[e][t][r] for t in timesteps])) for r in names}
+    return {"regions": names, "timesteps": list(timesteps), "pictures": len(pictures), "strength": strength,
+            "cells": {r: counts[timesteps[0]][r] for r in names},
+            "base": {str(t): mean["base"][t] for t in timesteps},
+            "delta": {e: {str(t): v for t, v in d.items()} for e, d in delta.items()}}
+
+
+def verdicts(result: dict) -> dict[str, dict]:
+    """Per expert: its own region (the region of its name, if any) and, per timestep and on the mean, whether it
+    lowers the error there more than on every other region (background included)."""
+    out = {}
+    for expert, by_t in result["delta"].items():
+        own = expert if expert in result["regions"] and expert != BACKGROUND else None
+        holds = {}
+        if own is not None:
+            for t, d in by_t.items():
+                others = [v for r, v in d.items() if r != own and not np.isnan(v)]
+                holds[t] = bool(not np.isnan(d[own]) and all(d[own] < v for v in others))
+        out[expert] = {"own": own, "holds": holds, "passes": bool(holds) and holds.get("mean", False)}
+    return out
+
+
+def table(result: dict) -> list[str]:
+    """The deltas as markdown: one row per expert and timestep, one column per region."""
+    names = result["regions"]
+    lines = ["| expert | timestep | " + " | ".join(f"{r} ({result['cells'][r]} cells)" for r in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for expert, by_t in result["delta"].items():
+        for t, d in by_t.items():
+            lines.append(f"| {expert} | {t} | " + " | ".join(f"{d[r]:+.5f}" for r in names) + " |")
+    lines += ["", "| base error | timestep | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for t, d in result["base"].items():
+        lines.append(f"| base | {t} | " + " | ".join(f"{d[r]:.5f}" for r in names) + " |")
+    return lines
+
+
+def verdict_lines(result: dict) -> list[str]:
+    lines = []
+    for expert, v in verdicts(result).items():
+        if v["own"] is None:
+            lines.append(f"- {expert}: no region is named {expert!r}; no verdict")
+            continue
+        at = ", ".join(f"{t}: {'yes' if ok else 'no'}" for t, ok in v["holds"].items())
+        lines.append(f"- {expert}: {'PASSES' if v['passes'] else 'FAILS'} (lowers the error on its own region "
+                     f"more than on every other; {at})")
+    return lines
+
+
+def write(result: dict, folder: Path) -> Path:
+    """expert_effect.json, .md and .png in `folder`; returns the markdown file."""
+    from ...mole_ops.plots import grouped_bars, save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "expert_effect.json", json.dumps({**result, "verdicts": verdicts(result)}, indent=1))
+    md = folder / "expert_effect.md"
+    write_text(md, "\n".join([
+        "# Does each expert help its own part more than the others?", "",
+        f"Change in eps-prediction error per latent cell made by each expert alone (strength {result['strength']:g})"
+        f" against the base, on {result['pictures']} held-out pictures, fixed noise; negative = lower error.", "",
+        *table(result), "", *verdict_lines(result)]) + "\n")
+    groups = {e: d["mean"] for e, d in result["delta"].items()}
+    save_png(grouped_bars(groups, title="change in denoising error per region (mean over timesteps)",
+                          ylabel="expert - base (lower is better)"), str(folder / "expert_effect.png"))
+    return md
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="the base the experts were trained on")
+    parser.add_argument("--experts", nargs="+", required=True, help="role=path, e.g. face=face.safetensors")
+    parser.add_argument("--images", type=Path, required=True, help="held-out images with caption files")
+    parser.add_argument("--masks", type=Path, help="region masks <stem>_<region>.png (default: <images>/masks)")
+    parser.add_argument("--caption_extension", default=".caption")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
+    parser.add_argument("--resolution", type=int, help="image size (default: each image's own)")
+    parser.add_argument("--strength", type=float, default=1.0, help="multiplier of each expert's own scale")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fixed noise")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...mole_ops import expert_file
+    from ..harness.host import use_comfy
+    from .config import check_role_name
+    from .model import Base
+
+    experts = []
+    for item in args.experts:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).exists():
+            raise ConfigError(f"--experts {item!r}: give role=path to an existing file")
+        experts.append(expert_file.load(path, check_role_name(name, "--experts")))
+    if any(not 0 <= t < 1000 for t in args.timesteps):
+        raise ConfigError("--timesteps must lie in 0..999")
+    pictures = read_pictures(args.images, args.masks or args.images / "masks", args.caption_extension)
+    use_comfy()
+    base = Base(args.pretrained_model_name_or_path)
+    size = (args.resolution, args.resolution) if args.resolution else None
+    try:
+        result = measure(base, experts, pictures, tuple(args.timesteps), args.seed, args.batch, size, args.strength)
+    except RuntimeError as e:
+        raise MoLEError(f"expert-effect: {e}") from e
+    path = write(result, args.output_dir)
+    print("\n".join(table(result) + [""] + verdict_lines(result) + ["", f"written: {path}"]))
+    return 0
