@@ -158,9 +158,10 @@ def verdict_lines(result: dict) -> list[str]:
         if v["own"] is None:
             lines.append(f"- {expert}: no region is named {expert!r}; no verdict")
             continue
-        at = ", ".join(f"{t}: {'yes' if ok else 'no'}" for t, ok in v["holds"].items())
-        lines.append(f"- {expert}: {'PASSES' if v['passes'] else 'FAILS'} (lowers the error on its own region "
-                     f"more than on every other; {at})")
+        at = ", ".join(f"{t} {'yes' if ok else 'no'}" for t, ok in v["holds"].items())
+        lines.append(f"- {expert}: {'PASSES' if v['passes'] else 'FAILS'}: it "
+                     f"{'lowers' if v['passes'] else 'does not lower'} the error on {v['own']} more than on every "
+                     f"other region, on the mean over timesteps (per timestep: {at})")
     return lines
 
 
