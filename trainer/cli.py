@@ -35,6 +35,8 @@ COMMANDS = {
                      "and plots"),
     "expert-effect": Command("training.expert_effect", "does each expert help its own part more than the others? "
                              "per-region change in denoising error, before training gates"),
+    "prompts": Command("benchmarks.prompts", "the paper's COCO and DiffusionDB human-prompt benchmarks from your "
+                       "own copies: filtered, sampled k x repeats, with a report"),
     "prepare": Command("training.prepare", "dataset preparation as in the paper: sliding-window crops, caption "
                        "clean-up, optional CLIP score filter, kohya metadata"),
 }
