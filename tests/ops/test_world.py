@@ -18,7 +18,7 @@ def test_scene_masks_match_glyphs_and_caption_matches_content(seed):
     pixels = np.asarray(p.image).astype(int)
     face, hand = p.masks["face"], p.masks["hand"]
     assert not (face & hand).any()
-    assert np.pi * 7 ** 2 <= face.sum() <= np.pi * 11 ** 2 and hand.sum() > 40
+    assert np.pi * 10.5 ** 2 <= face.sum() <= np.pi * 14.5 ** 2 and hand.sum() > 150   # several latent cells each
     background = tuple(pixels[0, 0])
     assert not (np.abs(pixels[face] - background).sum(-1) < 10).any()     # no background inside the masks
     assert not (np.abs(pixels[hand] - background).sum(-1) < 10).any()
@@ -33,6 +33,20 @@ def test_scene_masks_match_glyphs_and_caption_matches_content(seed):
     if "raising the" in p.caption:
         side = "right" if np.nonzero(hand)[1].mean() > xs.mean() else "left"
         assert f"the {side} hand" in p.caption
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plain_scenes_have_the_silhouettes_without_the_detail(seed):
+    """Stage 1's scenes: a bare skin disc and a mitten where the detailed scenes have hair, eyes, a smile,
+    fingers, knuckles and a cuff."""
+    plain, detailed = scene(random.Random(seed), 64, detailed=False), scene(random.Random(seed), 64)
+    assert plain.caption == detailed.caption and np.array_equal(plain.masks["face"], detailed.masks["face"])
+    for p, spread in ((plain, 0), (detailed, 60)):
+        pixels = np.asarray(p.image).astype(int)
+        for part in ("face", "hand"):
+            inside = pixels[p.masks[part]]
+            deviation = np.abs(inside - np.median(inside, axis=0)).sum(-1)
+            assert (deviation.max() <= 2) if spread == 0 else (deviation.max() > spread), (part, deviation.max())
 
 
 @pytest.mark.parametrize("part", ["face", "hand"])
@@ -53,8 +67,14 @@ def test_write_world_writes_kohya_sets_and_reuses_them(tmp_path):
     assert write_world(tmp_path, seed=1, train=6, closeups=4, heldout=3, batch_size=2) == paths
     assert (paths["scenes"] / "scenes_0000.png").stat().st_mtime_ns == stamp
     (d,) = datasets_from_config(TrainConfig(pretrained_model_name_or_path="x", output_dir="o", output_name="n",
-                                            dataset_config=str(paths["faces_toml"])))
-    assert len(d.items) == 4 and d.batch_size == 2 and all("face" in c for _, c, _ in d.items)
+                                            dataset_config=str(paths["face_expert_toml"]), masked_loss=True))
+    assert len(d.items) == 6 + 4 and d.batch_size == 2 and all(m is not None for m in d.masks.values())
+    assert sum("close-up of a smiling face" in c for _, c, _ in d.items) == 4
+    scene_mask = d.masks[paths["scenes"] / "scenes_0000.png"]
+    assert scene_mask == (paths["scenes"] / "face_masks" / "scenes_0000.png", False)
+    (plain,) = datasets_from_config(TrainConfig(pretrained_model_name_or_path="x", output_dir="o", output_name="n",
+                                                dataset_config=str(paths["plain_toml"])))
+    assert len(plain.items) == 6 and not plain.masks
     held = load_masks(paths["heldout_scenes"])
     assert len(held) == 3 and all(m["face"].any() and m["hand"].any() for _, _, m in held)
     assert not np.array_equal(np.asarray(load_masks(paths["scenes"])[0][2]["face"]), held[0][2]["face"])

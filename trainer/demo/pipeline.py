@@ -93,21 +93,17 @@ def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str,
     ckpts, mole = models / "checkpoints", models / "mole"
     tiny = ckpts / TINY_BASE
     if not tiny.exists():
-        images = sorted(world["scenes"].glob("*.png")) + sorted(world["faces"].glob("*.png")) + \
-            sorted(world["hands"].glob("*.png"))
+        images = [p for name in ("plain", "scenes", "faces", "hands") for p in sorted(world[name].glob("*.png"))]
         write_detectable_checkpoint(tiny, seed=seed, vae=train_taesd(images, 64, recipe.vae_steps, seed=seed))
-    stage1_data = out / "world" / "stage1.toml"
-    stage1_data.write_text("[general]\ncaption_extension = \".caption\"\nflip_aug = true\n\n[[datasets]]\n"
-                           "resolution = 64\nbatch_size = 8\n" + "".join(
-                               f"\n  [[datasets.subsets]]\n  image_dir = \"{n}\"\n" for n in ("scenes", "faces",
-                                                                                               "hands")))
+    # stage 1 learns plain people (bare faces, mittens); the experts bring the detail, each from detailed scenes
+    # and close-ups with its loss masked to its own part
     stage1 = _train("finetune", ckpts, SD15["checkpoint"].removesuffix(".safetensors"), tiny,
-                    dataset_config=str(stage1_data), max_train_steps=recipe.stage1_steps, learning_rate=2e-4,
+                    dataset_config=str(world["plain_toml"]), max_train_steps=recipe.stage1_steps, learning_rate=2e-4,
                     seed=seed, lr_scheduler="cosine", lr_warmup_steps=min(20, recipe.stage1_steps - 1))
     experts = {}
     for role in ("face", "hand"):
         experts[role] = _train("expert", mole, SD15[role].removesuffix(".safetensors"), stage1,
-                               dataset_config=str(world[f"{role}s_toml"]), expert_name=role,
+                               dataset_config=str(world[f"{role}_expert_toml"]), expert_name=role, masked_loss=True,
                                network_dim=recipe.rank, network_alpha=float(recipe.rank),
                                max_train_steps=recipe.expert_steps, learning_rate=1e-3, seed=seed + 1,
                                optimizer_args=["weight_decay=0.01"])

@@ -1,12 +1,20 @@
 """A synthetic human-centric world with known ground truth, for the demo and for measuring the gates.
 
-Scenes: a stylised person (torso, a raised arm) with a "face" glyph (a skin-coloured disc with eyes and a smile) and
-a "hand" glyph (a palm with four fingers and a thumb) at varied positions, sizes and colours, on a coloured
-background; a caption from templates naming what is there; pixel masks of the face and the hand. Close-ups: one
-face or one hand filling most of the picture (the stage-2 data). Everything is drawn with PIL from a seed.
+Scenes: a stylised person (torso, a raised arm) with a face (a skin-coloured disc with hair, eyes and a smile) and a
+raised hand (a palm with four fingers, a thumb, knuckle lines and a cuff) at varied positions, sizes and colours,
+on a coloured background; a caption from templates naming what is there; pixel masks of the face and the hand.
+The parts are large (the face about 3 latent cells across at 64 px, the hand about 2.5) and told apart by more
+than their shared skin tone: hair and a face's features against fingers, knuckles and a cuff.
 
-`write_world(folder, seed, ...)` writes kohya datasets (images + `.caption` files + dataset TOMLs) for training
-and held-out sets with masks for the evidence. Nothing is downloaded.
+Detail is what the experts must bring (world version 2): stage 1 learns from "plain" scenes whose face is a bare
+skin disc and whose hand is a mitten (same silhouettes, no features), while the experts learn from detailed scenes
+and close-ups with their loss masked to their own part, and the held-out pictures are detailed. So an expert
+knows something about its part that the base does not, which is what a gate can learn to switch on there.
+Close-ups: one detailed face or hand filling most of the picture. Everything is drawn with PIL from a seed.
+
+`write_world(folder, seed, ...)` writes kohya datasets (images + `.caption` files + dataset TOMLs, and for the
+experts mask folders named like the images) and held-out sets with masks for the evidence. Nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -18,12 +26,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2
 BACKGROUNDS = {"blue": (52, 84, 178), "green": (60, 140, 72), "purple": (112, 64, 150), "grey": (120, 120, 124),
                "orange": (214, 120, 40), "teal": (40, 140, 140)}
 SHIRTS = {"red": (200, 40, 44), "yellow": (228, 200, 48), "white": (236, 236, 236), "black": (28, 28, 32),
           "pink": (230, 120, 170)}
 SKINS = {"light": (240, 200, 170), "tan": (208, 160, 112), "brown": (150, 100, 64), "dark": (96, 62, 40)}
+HAIRS = {"black": (24, 20, 20), "brown": (92, 56, 30), "blonde": (226, 196, 110), "red": (170, 60, 30)}
+PARTS = ("face", "hand")
 
 
 @dataclass
@@ -45,60 +55,77 @@ def _mask(size: int, draw_fn) -> np.ndarray:
     return np.asarray(m) > 127
 
 
-def draw_face(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, skin, fill=None) -> None:
-    """A face glyph: disc, two eyes, a smile. With `fill`, only the silhouette (for the mask)."""
+def draw_face(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, skin, hair=None, fill=None,
+              detailed: bool = True) -> None:
+    """A face: a disc with, when detailed, hair over its top, two eyes and a smile. With `fill`, only the
+    silhouette (for the mask)."""
     d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill or skin)
-    if fill is not None:
+    if fill is not None or not detailed:
         return
-    e = max(1.0, r * 0.16)
+    if hair is not None:
+        d.chord((cx - r, cy - r, cx + r, cy + r), 200, 340, fill=hair)
+    e = max(1.0, r * 0.14)
     for sx in (-1, 1):
-        ex, ey = cx + sx * r * 0.38, cy - r * 0.2
+        ex, ey = cx + sx * r * 0.38, cy - r * 0.05
         d.ellipse((ex - e, ey - e, ex + e, ey + e), fill=(20, 20, 24))
-    d.arc((cx - r * 0.5, cy - r * 0.2, cx + r * 0.5, cy + r * 0.55), 20, 160, fill=(120, 30, 40),
-          width=max(1, round(r * 0.14)))
+    d.arc((cx - r * 0.48, cy - r * 0.05, cx + r * 0.48, cy + r * 0.6), 20, 160, fill=(120, 30, 40),
+          width=max(1, round(r * 0.12)))
 
 
-def draw_hand(d: ImageDraw.ImageDraw, cx: float, cy: float, s: float, skin, fill=None, mirror=False) -> None:
-    """A hand glyph of size s: a palm, four fingers up and a thumb to one side."""
+def draw_hand(d: ImageDraw.ImageDraw, cx: float, cy: float, s: float, skin, fill=None, mirror=False,
+              detailed: bool = True, cuff=None) -> None:
+    """A hand of size s: a palm, four fingers up and a thumb to one side; when detailed, knuckle lines and a cuff
+    at the wrist, else a mitten (the same silhouette in one piece, no fingers)."""
     colour = fill or skin
-    d.rounded_rectangle((cx - s * 0.35, cy - s * 0.1, cx + s * 0.35, cy + s * 0.5), radius=s * 0.12, fill=colour)
+    sign = -1 if mirror else 1
+    x0, x1 = cx + sign * s * 0.28, cx + sign * s * 0.55
     fw = s * 0.14
+    if not detailed:          # a mitten: the fingers' and the palm's box in one rounded piece, and the thumb
+        d.rounded_rectangle((cx - s * 0.35, cy - s * 0.55, cx + s * 0.35, cy + s * 0.5), radius=s * 0.2, fill=colour)
+        d.rounded_rectangle((min(x0, x1), cy + s * 0.05, max(x0, x1), cy + s * 0.22), radius=fw * 0.4, fill=colour)
+        return
+    d.rounded_rectangle((cx - s * 0.35, cy - s * 0.1, cx + s * 0.35, cy + s * 0.5), radius=s * 0.12, fill=colour)
     for i in range(4):
         fx = cx - s * 0.3 + i * s * 0.2
         length = s * (0.45 if i in (1, 2) else 0.36)
         d.rounded_rectangle((fx - fw / 2 + fw * 0.1, cy - s * 0.1 - length, fx + fw / 2, cy), radius=fw * 0.45,
                             fill=colour)
-    sign = -1 if mirror else 1
-    x0, x1 = cx + sign * s * 0.28, cx + sign * s * 0.55
     d.rounded_rectangle((min(x0, x1), cy + s * 0.05, max(x0, x1), cy + s * 0.22), radius=fw * 0.4, fill=colour)
-    if fill is None:   # knuckle lines give the glyph texture a face does not have
+    if fill is None:
         for i in range(3):
             x = cx - s * 0.2 + i * s * 0.2
-            d.line((x, cy + s * 0.05, x, cy + s * 0.25), fill=tuple(int(c * 0.75) for c in skin), width=1)
+            d.line((x, cy + s * 0.05, x, cy + s * 0.25), fill=tuple(int(c * 0.7) for c in skin),
+                   width=max(1, round(s * 0.04)))
+        if cuff is not None:
+            d.rectangle((cx - s * 0.35, cy + s * 0.38, cx + s * 0.35, cy + s * 0.5), fill=cuff)
 
 
-def scene(rng: random.Random, size: int = 64) -> Picture:
-    """A person with a face and one raised hand, both clearly apart."""
+def scene(rng: random.Random, size: int = 64, detailed: bool = True) -> Picture:
+    """A person with a face and one raised hand at head height, clearly apart. `detailed=False`: the plain
+    scenes of stage 1 (bare face, mitten)."""
     bg_name, bg = _colour(rng, BACKGROUNDS)
     shirt_name, shirt = _colour(rng, SHIRTS)
     skin_name, skin = _colour(rng, SKINS)
+    _, hair = _colour(rng, HAIRS)
     k = size / 64
-    r = rng.uniform(7.5, 10.5) * k                     # face radius
-    s = rng.uniform(12, 16) * k                        # hand size
+    r = rng.uniform(11, 13.5) * k                      # face radius: about 3 latent cells across
+    s = rng.uniform(19, 23) * k                        # hand size
     side = rng.choice([-1, 1])                         # which side the raised hand is on
-    cx = size / 2 + rng.uniform(-8, 8) * k - side * 6 * k
-    cy = rng.uniform(20, 26) * k
-    hx = cx + side * rng.uniform(18, 22) * k
-    hy = cy + rng.uniform(-6, 2) * k
+    cx = size / 2 - side * rng.uniform(9, 12) * k
+    cy = rng.uniform(17, 22) * k
+    hx = cx + side * (r + s * 0.45 + rng.uniform(3, 6) * k)
+    hx = min(max(hx, s * 0.6), size - s * 0.6)
+    hy = cy + rng.uniform(-3, 3) * k
     image = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(image)
     top = cy + r * 0.9
-    d.rounded_rectangle((cx - 11 * k, top, cx + 11 * k, size + 4), radius=4 * k, fill=shirt)          # torso
-    d.line((cx + side * 9 * k, top + 5 * k, hx, hy + s * 0.45), fill=shirt, width=max(2, round(5 * k)))  # arm
-    draw_face(d, cx, cy, r, skin)
-    draw_hand(d, hx, hy, s, skin, mirror=side < 0)
+    d.rounded_rectangle((cx - 12 * k, top, cx + 12 * k, size + 4), radius=4 * k, fill=shirt)          # torso
+    d.line((cx + side * 9 * k, top + 5 * k, hx, hy + s * 0.5), fill=shirt, width=max(2, round(5 * k)))  # arm
+    draw_face(d, cx, cy, r, skin, hair, detailed=detailed)
+    draw_hand(d, hx, hy, s, skin, mirror=side < 0, detailed=detailed, cuff=shirt)
     masks = {"face": _mask(size, lambda m, v: draw_face(m, cx, cy, r, skin, fill=v)),
-             "hand": _mask(size, lambda m, v: draw_hand(m, hx, hy, s, skin, fill=v, mirror=side < 0))}
+             "hand": _mask(size, lambda m, v: draw_hand(m, hx, hy, s, skin, fill=v, mirror=side < 0,
+                                                        detailed=detailed))}
     masks["face"] &= ~masks["hand"]
     hand_word = "right" if side > 0 else "left"
     caption = rng.choice([
@@ -110,70 +137,91 @@ def scene(rng: random.Random, size: int = 64) -> Picture:
 
 
 def closeup(rng: random.Random, part: str, size: int = 64) -> Picture:
-    """A close-up of one face or one hand (the stage-2 data of that expert)."""
+    """A detailed close-up of one face or one hand (expert data of that part)."""
     bg_name, bg = _colour(rng, BACKGROUNDS)
     skin_name, skin = _colour(rng, SKINS)
+    _, hair = _colour(rng, HAIRS)
+    _, cuff = _colour(rng, SHIRTS)
     image = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(image)
     cx, cy = size / 2 + rng.uniform(-5, 5) * size / 64, size / 2 + rng.uniform(-5, 5) * size / 64
     if part == "face":
         r = rng.uniform(20, 26) * size / 64
-        draw_face(d, cx, cy, r, skin)
+        draw_face(d, cx, cy, r, skin, hair)
         mask = _mask(size, lambda m, v: draw_face(m, cx, cy, r, skin, fill=v))
         caption = f"a close-up of a smiling face, {skin_name} skin, {bg_name} background"
     else:
         s = rng.uniform(34, 42) * size / 64
         mirror = rng.random() < 0.5
-        draw_hand(d, cx, cy + s * 0.1, s, skin, mirror=mirror)
+        draw_hand(d, cx, cy + s * 0.1, s, skin, mirror=mirror, cuff=cuff)
         mask = _mask(size, lambda m, v: draw_hand(m, cx, cy + s * 0.1, s, skin, fill=v, mirror=mirror))
         caption = f"a close-up of an open hand, {skin_name} skin, {bg_name} background"
     empty = np.zeros_like(mask)
     return Picture(image, caption, {"face": mask if part == "face" else empty, "hand": mask if part == "hand" else empty})
 
 
-SETS = {"scenes": lambda rng, size: scene(rng, size), "faces": lambda rng, size: closeup(rng, "face", size),
-        "hands": lambda rng, size: closeup(rng, "hand", size)}
+SETS = {"scenes": lambda rng, size: scene(rng, size), "plain": lambda rng, size: scene(rng, size, detailed=False),
+        "faces": lambda rng, size: closeup(rng, "face", size), "hands": lambda rng, size: closeup(rng, "hand", size)}
 
 
 def write_set(folder: Path, kind: str, count: int, seed: int, size: int) -> Path:
-    """`count` pictures of `kind` as a kohya image folder (PNG + .caption) with masks in folder/masks/."""
+    """`count` pictures of `kind` as a kohya image folder (PNG + .caption), with masks in folder/masks/
+    (<stem>_<part>.png, for the evidence) and folder/<part>_masks/ (<stem>.png: kohya's conditioning_data_dir for
+    a loss masked to that part)."""
     rng = random.Random(f"{kind}:{seed}")
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for sub in ("masks", *(f"{part}_masks" for part in PARTS)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     for i in range(count):
         p = SETS[kind](rng, size)
         stem = f"{kind}_{i:04d}"
         p.image.save(folder / f"{stem}.png")
         (folder / f"{stem}.caption").write_text(p.caption)
         for part, m in p.masks.items():
-            Image.fromarray((m * 255).astype(np.uint8)).save(folder / "masks" / f"{stem}_{part}.png")
+            mask = Image.fromarray((m * 255).astype(np.uint8))
+            mask.save(folder / "masks" / f"{stem}_{part}.png")
+            mask.save(folder / f"{part}_masks" / f"{stem}.png")
     return folder
 
 
-def write_dataset_toml(path: Path, image_dir: Path, size: int, batch_size: int, flip: bool = True) -> Path:
-    path.write_text(f"[general]\ncaption_extension = \".caption\"\nflip_aug = {str(flip).lower()}\n\n"
-                    f"[[datasets]]\nresolution = {size}\nbatch_size = {batch_size}\n\n"
-                    f"  [[datasets.subsets]]\n  image_dir = \"{image_dir.name}\"\n")
+def write_dataset_toml(path: Path, subsets: dict[str, str | None], size: int, batch_size: int,
+                       flip: bool = True) -> Path:
+    """A kohya dataset TOML of image folders (names relative to the TOML), each with its loss-mask folder or
+    None."""
+    text = (f"[general]\ncaption_extension = \".caption\"\nflip_aug = {str(flip).lower()}\n\n"
+            f"[[datasets]]\nresolution = {size}\nbatch_size = {batch_size}\n")
+    for image_dir, masks in subsets.items():
+        text += f"\n  [[datasets.subsets]]\n  image_dir = \"{image_dir}\"\n"
+        if masks:
+            text += f"  conditioning_data_dir = \"{masks}\"\n"
+    path.write_text(text)
     return path
 
 
 def write_world(folder: Path, seed: int = 0, size: int = 64, train: int = 256, closeups: int = 128,
                 heldout: int = 48, batch_size: int = 8) -> dict[str, Path]:
-    """The whole world: training sets (scenes, faces, hands) with dataset TOMLs, and held-out sets with masks.
-    Written once; a folder whose world.json matches these settings is reused."""
+    """The whole world: training sets (plain scenes for stage 1; detailed scenes, faces and hands) with dataset
+    TOMLs (plain: stage 1; face_expert and hand_expert: detailed scenes and close-ups with the loss masked to the
+    part; scenes: the gates), and detailed held-out sets with masks. Written once; a folder whose world.json
+    matches these settings is reused."""
     folder = Path(folder)
     settings = {"version": VERSION, "seed": seed, "size": size, "train": train, "closeups": closeups,
                 "heldout": heldout, "batch_size": batch_size}
-    paths = {name: folder / name for name in ("scenes", "faces", "hands")}
+    paths = {name: folder / name for name in ("plain", "scenes", "faces", "hands")}
     paths.update({f"heldout_{name}": folder / "heldout" / name for name in ("scenes", "faces", "hands")})
-    paths.update({f"{name}_toml": folder / f"{name}.toml" for name in ("scenes", "faces", "hands")})
+    tomls = {"plain": {"plain": None}, "scenes": {"scenes": None},
+             "face_expert": {"scenes": "scenes/face_masks", "faces": "faces/face_masks"},
+             "hand_expert": {"scenes": "scenes/hand_masks", "hands": "hands/hand_masks"}}
+    paths.update({f"{name}_toml": folder / f"{name}.toml" for name in tomls})
     marker = folder / "world.json"
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return paths
-    counts = {"scenes": train, "faces": closeups, "hands": closeups}
+    counts = {"plain": train, "scenes": train, "faces": closeups, "hands": closeups}
     for name, count in counts.items():
         write_set(paths[name], name, count, seed, size)
-        write_set(paths[f"heldout_{name}"], name, heldout, seed + 10_000, size)
-        write_dataset_toml(paths[f"{name}_toml"], paths[name], size, batch_size)
+        if name != "plain":
+            write_set(paths[f"heldout_{name}"], name, heldout, seed + 10_000, size)
+    for name, subsets in tomls.items():
+        write_dataset_toml(paths[f"{name}_toml"], subsets, size, batch_size)
     marker.write_text(json.dumps(settings))
     return paths
 
