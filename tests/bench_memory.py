@@ -167,15 +167,31 @@ def storages_of(*tensors) -> dict[int, int]:
     return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
 
 
+def full_size_files(model) -> tuple[list, object]:
+    """Two rank-256 experts (alpha 64 and 128) and gates for a full-size SD1.5 model, with file hashes set as the
+    loader nodes would (so Apply MoLE shares them)."""
+    sys.path.insert(0, str(ROOT / "tests" / "ops"))
+    from mole_fakes import fake_expert, fake_gates
+
+    from comfyui_mole.mole_ops.layout import SD15
+
+    modules = dict(model.model.named_modules())
+    shapes = {k: (modules[k].weight.shape[1], modules[k].weight.shape[0], modules[k].weight.ndim == 4)
+              for k in SD15.layer_keys}
+    experts = [fake_expert("face", shapes, rank=256, alpha=64, seed=1),
+               fake_expert("hand", shapes, rank=256, alpha=128, seed=2)]
+    for e in experts:
+        e.sha256, e.path = f"full-size-{e.name}", f"{e.name}.safetensors"
+    gates = fake_gates(experts)
+    gates.sha256, gates.path = "full-size-gates", "gates.safetensors"
+    return experts, gates
+
+
 def table2() -> dict:
     """Peak RSS above the loaded UNet and files of the five-node ablation (CPU, fp32)."""
     import psutil
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests" / "ops"))
-    from mole_fakes import fake_expert, fake_gates
-
-    from comfyui_mole.mole_ops.layout import SD15
     from comfyui_mole.trainer.harness.host import use_comfy
 
     use_comfy(cpu=True)
@@ -185,15 +201,7 @@ def table2() -> dict:
     from comfyui_mole.trainer.harness.tiny_models import full_sd15
 
     model = full_sd15(seed=0, dtype=torch.float32)
-    modules = dict(model.model.named_modules())
-    shapes = {k: (modules[k].weight.shape[1], modules[k].weight.shape[0], modules[k].weight.ndim == 4)
-              for k in SD15.layer_keys}
-    experts = [fake_expert("face", shapes, rank=256, alpha=64, seed=1),
-               fake_expert("hand", shapes, rank=256, alpha=128, seed=2)]
-    for e in experts:
-        e.sha256, e.path = f"bench-{e.name}", f"{e.name}.safetensors"
-    gates = fake_gates(experts)
-    gates.sha256, gates.path = "bench-gates", "gates.safetensors"
+    experts, gates = full_size_files(model)
     gen = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, 77, 768, generator=gen), {}]]
     latent = torch.zeros(1, 4, 32, 32)

@@ -31,15 +31,11 @@ def run(script: str, *args: str) -> None:
 def memory_management() -> list[str]:
     """Check 3; returns the failures."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from bench_memory import load_package
+    from bench_memory import full_size_files, load_package
 
     load_package(ROOT)
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests" / "ops"))
-    from mole_fakes import fake_expert, fake_gates
-
-    from comfyui_mole.mole_ops.layout import SD15
     from comfyui_mole.trainer.harness.host import use_comfy
 
     use_comfy(cpu=False)
@@ -51,15 +47,7 @@ def memory_management() -> list[str]:
 
     failures = []
     model = full_sd15(seed=0, dtype=torch.float16)
-    modules = dict(model.model.named_modules())
-    shapes = {k: (modules[k].weight.shape[1], modules[k].weight.shape[0], modules[k].weight.ndim == 4)
-              for k in SD15.layer_keys}
-    experts = [fake_expert("face", shapes, rank=256, alpha=64, seed=1),
-               fake_expert("hand", shapes, rank=256, alpha=128, seed=2)]
-    for e in experts:
-        e.sha256, e.path = f"gpu-check-{e.name}", f"{e.name}.safetensors"
-    gates = fake_gates(experts)
-    gates.sha256, gates.path = "gpu-check-gates", "gates.safetensors"
+    experts, gates = full_size_files(model)
     gen = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, 77, 768, generator=gen), {}]]
     latent = torch.zeros(2, 4, 64, 64)
