@@ -37,6 +37,8 @@ COMMANDS = {
                              "per-region change in denoising error, before training gates"),
     "prompts": Command("benchmarks.prompts", "the paper's COCO and DiffusionDB human-prompt benchmarks from your "
                        "own copies: filtered, sampled k x repeats, with a report"),
+    "evaluate": Command("benchmarks.evaluate", "HPS v2, ImageReward and CLIP score of models on a prompt benchmark, "
+                        "through ComfyUI's sampler, with paired differences and error bars (the paper's tables)"),
     "prepare": Command("training.prepare", "dataset preparation as in the paper: sliding-window crops, caption "
                        "clean-up, optional CLIP score filter, kohya metadata"),
 }

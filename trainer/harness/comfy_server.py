@@ -77,16 +77,27 @@ def failure(status: dict) -> str:
     return str(status.get("status_str"))
 
 
+def _die_with_parent() -> None:
+    """In the server's process before exec (Linux): SIGTERM when the process that started it dies, so a client
+    killed hard (SIGKILL, the OOM killer) leaves no server behind in its own session."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+
+
 class ComfyServer:
-    """`python main.py --cpu` on a free loopback port; a context manager that stops it by PID."""
+    """`python main.py --cpu` (or on the GPU: cpu=False) on a free loopback port; a context manager that stops it
+    by PID."""
 
     def __init__(self, base_dir: Path, port: int | None = None, extra_args: list[str] | None = None,
-                 start_timeout: float = 120.0):
+                 start_timeout: float = 120.0, cpu: bool = True):
         self.base_dir = Path(base_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args or [])
         self.start_timeout = start_timeout
+        self.cpu = cpu
         self.log_path = self.base_dir / "server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -99,13 +110,14 @@ class ComfyServer:
 
     def start(self) -> None:
         comfy = comfyui_path()
-        cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, str(comfy / "main.py"), *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base_dir), "--use-pytorch-cross-attention",
                *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfy, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

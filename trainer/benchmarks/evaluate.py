@@ -1,0 +1,253 @@
+"""Did the experts and gates help, and by how much? The paper's Tables 1-3 on your own weights and scorers:
+
+    python -m trainer evaluate --prompts prompts/coco/prompts.csv --models models.toml --output_dir eval/coco \\
+        --hps HPS_v2_compressed.pt --imagereward ImageReward.pt --imagereward_config med_config.json \\
+        --imagereward_tokenizer bert-base-uncased/ --clip clip-vit-large-patch14/
+
+One image per prompt row (prompts.csv from `python -m trainer prompts`: repeat, prompt_id, seed, prompt) and model
+(models.toml: see benchmarks/models.py), made by a real ComfyUI with the shipped txt2img workflow's graph and
+sampler settings, the row's seed shared by every model. Then every image is scored (HPS v2, ImageReward, CLIP
+score; see benchmarks/scorers.py) and summarised per model: mean +- standard error over the repeats, the paired
+difference to the reference model with a 95% bootstrap interval, the win rate, plots and a contact sheet.
+
+Writes, under --output_dir: images/<model>/r<repeat>-p<prompt id>-s<seed>.png, scores.csv (one row per image),
+summary.json, summary.md, plots/<scorer>.png and contact_sheet.png. Interrupted, the same command continues:
+images and scores already written are kept (each is written whole, by rename), and a model whose file or
+definition changed since its images were made is refused rather than mixed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+from ...mole_ops.atomic import replacing, write_text
+from ..training.config import ConfigError
+from ..training.progress import bar
+from . import models as model_list
+from . import scorers as scoring
+from . import summary as summary_mod
+
+log = logging.getLogger("mole.evaluate")
+SCORERS = ("hps", "imagereward", "clip")
+COLUMNS = ("model", "repeat", "prompt_id", "seed", "prompt", "image")
+CHUNK = 8            # images per scoring batch; batches sit at fixed positions so a resumed run scores alike
+
+
+def read_prompts(path: Path, limit: int | None) -> tuple[list[dict], str]:
+    """The rows of a prompts.csv (a folder means its prompts.csv), and the benchmark's name."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "prompts.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ConfigError(f"--prompts {path}: {e}") from e
+    if not rows:
+        raise ConfigError(f"--prompts {path}: no prompt rows (make one with `python -m trainer prompts`)")
+    missing = {"repeat", "prompt_id", "seed", "prompt"} - set(rows[0])
+    if missing:
+        raise ConfigError(f"--prompts {path}: missing columns {sorted(missing)} (expected repeat, prompt_id, seed, "
+                          "prompt)")
+    out = []
+    for i, r in enumerate(rows, start=2):
+        try:
+            out.append({"repeat": int(r["repeat"]), "prompt_id": int(r["prompt_id"]), "seed": int(r["seed"]),
+                        "prompt": r["prompt"]})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--prompts {path}: line {i}: repeat, prompt_id and seed must be integers") from e
+        if not str(r["prompt"] or "").strip():
+            raise ConfigError(f"--prompts {path}: line {i}: empty prompt")
+    if limit:
+        counts: dict[int, int] = {}
+        kept = []
+        for r in out:
+            counts[r["repeat"]] = counts.get(r["repeat"], 0) + 1
+            if counts[r["repeat"]] <= limit:
+                kept.append(r)
+        out = kept
+    report = path.parent / "prompts_report.json"
+    name = path.parent.name
+    if report.is_file():
+        try:
+            name = json.loads(report.read_text()).get("benchmark", name)
+        except json.JSONDecodeError:
+            pass
+    return out, name
+
+
+def image_name(row: dict) -> str:
+    return f"r{row['repeat']}-p{row['prompt_id']}-s{row['seed']}.png"
+
+
+def settings_of(args) -> dict:
+    sampler = model_list.shipped_sampler()
+    for key in ("steps", "cfg", "sampler_name", "scheduler"):
+        if getattr(args, key) is not None:
+            sampler[key] = getattr(args, key)
+    return {"width": args.width, "height": args.height, "negative": args.negative, "sampler": sampler}
+
+
+def claim_folders(out: Path, models: list, settings: dict) -> None:
+    """Each model's image folder records what made its images; a different model or setting is refused."""
+    for m in models:
+        folder = out / "images" / m.slug
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = folder / "model.json"
+        mine = model_list.fingerprint(m, settings)
+        if stamp.exists() and stamp.read_text() != mine:
+            raise ConfigError(f"{stamp}: the images of model {m.name!r} in {folder} were made with another "
+                              f"definition, file or setting; use another --output_dir or delete {folder}")
+        if not stamp.exists():
+            write_text(stamp, mine)
+
+
+def generate(out: Path, specs: model_list.ModelList, rows: list[dict], settings: dict, device: str) -> dict:
+    """Make every missing image; returns {model name: error} for models that failed (the others go on)."""
+    todo = [(m, r) for m in specs.models for r in rows if not (out / "images" / m.slug / image_name(r)).exists()]
+    failed: dict[str, str] = {}
+    if not todo:
+        return failed
+    from ..harness.comfy_server import ComfyServer, ServerError, prepare_base_dir
+
+    names = model_list.server_names(specs.models)
+    base = out / "comfyui"
+    for path, (folder, name) in names.items():
+        dest = base / "models" / folder / name
+        if dest.is_symlink() and dest.resolve() != path:
+            dest.unlink()
+        if not dest.is_symlink():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(path, dest)
+    prepare_base_dir(base)
+    with ComfyServer(base, cpu=device == "cpu") as server, \
+            bar(total=len(todo), desc="images", unit="img") as progress:
+        for m, r in todo:
+            if m.name in failed:
+                progress.update(1)
+                continue
+            api = model_list.graph(m, names, r["prompt"], settings["negative"], r["seed"], settings["width"],
+                                   settings["height"], settings["sampler"], prefix=f"eval_{m.slug}")
+            try:
+                made = server.output_files(server.run(api, timeout=3600))
+            except ServerError as e:
+                failed[m.name] = (f"model {m.name!r} ({', '.join(str(p) for p in m.files)}): "
+                                  f"{e.summary()}")
+                log.error("%s; its other images are skipped", failed[m.name])
+                progress.update(1)
+                continue
+            os.replace(made[0], out / "images" / m.slug / image_name(r))
+            progress.update(1)
+    return failed
+
+
+def read_scores(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {(r["model"], int(r["repeat"]), int(r["prompt_id"]), int(r["seed"])): r for r in csv.DictReader(f)}
+
+
+def write_scores(path: Path, table: list[dict], columns: list[str]) -> None:
+    with replacing(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, list(COLUMNS) + columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(table)
+
+
+def score(out: Path, table: list[dict], makers: list, columns: list[str]) -> None:
+    """Fill the missing score columns of `table` (rows in a fixed order), writing scores.csv after every batch."""
+    path = out / "scores.csv"
+    for column, make in zip(columns, makers):
+        chunks = [table[i:i + CHUNK] for i in range(0, len(table), CHUNK)]
+        todo = [c for c in chunks if any(r.get(column) in (None, "") for r in c)]
+        if not todo:
+            continue
+        scorer = make()
+        try:
+            with bar(total=sum(len(c) for c in todo), desc=column, unit="img") as progress:
+                for chunk in todo:
+                    values = scorer.score([(out / r["image"], r["prompt"]) for r in chunk])
+                    for r, v in zip(chunk, values):
+                        r[column] = repr(float(v))
+                    write_scores(path, table, columns)
+                    progress.update(len(chunk))
+        finally:
+            scorer.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = model_list.__doc__
+    parser.add_argument("--prompts", type=Path, required=True, help="prompts.csv of `python -m trainer prompts` "
+                        "(or its folder)")
+    parser.add_argument("--models", type=Path, required=True, help="TOML file of the models to compare (below)")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--limit", type=int, help="only the first N prompts of each repeat (a quick run)")
+    g = parser.add_argument_group("scorers (local files; nothing is downloaded)")
+    g.add_argument("--hps", type=Path, help="HPS v2 checkpoint (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)")
+    g.add_argument("--hps_arch", default="ViT-H-14", help="its open_clip architecture: a name or a config JSON")
+    g.add_argument("--imagereward", type=Path, help="ImageReward.pt")
+    g.add_argument("--imagereward_config", type=Path, help="ImageReward's med_config.json")
+    g.add_argument("--imagereward_tokenizer", type=Path, help="folder of bert-base-uncased's tokenizer (vocab.txt);"
+                   " default: the Hugging Face cache")
+    g.add_argument("--imagereward_python", type=Path, default=scoring.DEFAULT_IMAGEREWARD_PYTHON,
+                   help="Python of ImageReward's own environment (default: .venv-imagereward, which "
+                   "scripts/imagereward-env.sh builds)")
+    g.add_argument("--clip", type=Path, help="CLIP for the CLIP-score column: a Hugging Face CLIP folder or an "
+                   "open_clip checkpoint file (with --clip_arch)")
+    g.add_argument("--clip_arch", default="ViT-L-14", help="open_clip architecture of a --clip checkpoint file")
+    s = parser.add_argument_group("generation (default: the shipped txt2img workflow's settings)")
+    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--height", type=int, default=512)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--cfg", type=float)
+    s.add_argument("--sampler_name")
+    s.add_argument("--scheduler")
+    s.add_argument("--negative", help="negative prompt (default: the shipped workflow's)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.negative is None:
+        from ..harness.workflows import NEGATIVE
+        args.negative = NEGATIVE
+    rows, benchmark = read_prompts(args.prompts, args.limit)
+    specs = model_list.load(args.models)
+    scoring.check_files(args)
+    device = scoring.pick_device(args.device)
+    out = args.output_dir
+    settings = settings_of(args)
+    claim_folders(out, specs.models, settings)
+    failed = generate(out, specs, rows, settings, device)
+    columns = [c for c, given in zip(SCORERS, (args.hps, args.imagereward, args.clip)) if given]
+    done = read_scores(out / "scores.csv")
+    table = []
+    for m in specs.models:
+        if m.name in failed:
+            continue
+        for r in rows:
+            key = (m.name, r["repeat"], r["prompt_id"], r["seed"])
+            old = done.get(key, {})
+            table.append({"model": m.name, **r, "image": f"images/{m.slug}/{image_name(r)}",
+                          **{c: old.get(c, "") for c in columns}})
+    score(out, table, scoring.from_args(args, device), columns)
+    for r in table:
+        r["path"] = out / r["image"]
+    names = [m.name for m in specs.models if m.name not in failed]
+    reference = specs.reference if specs.reference in names else names[0] if names else None
+    if reference is None:
+        raise ConfigError("no model made its images:\n" + "\n".join(failed.values()))
+    summary = summary_mod.write(table, names, columns, reference, benchmark, out)
+    print(summary_mod.markdown(summary))
+    print(f"\nwrote {out / 'summary.md'}, {out / 'scores.csv'}, {out / 'plots'}, {out / 'contact_sheet.png'}")
+    if failed:
+        print("\nFAILED (left out of the tables):\n" + "\n".join(failed.values()))
+        return 1
+    return 0
