@@ -6,7 +6,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: host demo serve test test-all bench
+.PHONY: host demo serve test test-all bench imagereward-env
 
 host:
 	@bash scripts/host.sh >/dev/null
@@ -17,6 +17,10 @@ demo: host
 # ComfyUI's UI on the demo's files (runs the demo first if they are missing); PORT=8188 by default
 serve: host
 	$(PY) -m trainer serve --port $(or $(PORT),8188)
+
+# ImageReward's own environment for `python -m trainer evaluate --imagereward ...` (.venv-imagereward)
+imagereward-env: host
+	bash scripts/imagereward-env.sh
 
 test: host
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -1,15 +1,13 @@
 """The evaluation's scorers on random-weight models of the real architectures (tests/ops/tiny_scorers.py)."""
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_scorers import TINY_H14, write_tiny_hps
 
-pytest.importorskip("open_clip", reason="the [eval] extra (open_clip) is part of the test environment")
-
-from tiny_scorers import TINY_H14, write_tiny_hps  # noqa: E402
-
-from comfyui_mole.trainer.benchmarks.scorers import OpenClipScorer, ScorerError  # noqa: E402
+from comfyui_mole.trainer.benchmarks.scorers import OpenClipScorer, ScorerError
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +76,32 @@ def test_the_tiny_model_keeps_the_vit_h_14_layout():
     assert {k: real["vision_cfg"][k] for k in ("image_size", "patch_size")} == \
         {k: TINY_H14["vision_cfg"][k] for k in ("image_size", "patch_size")}
     assert real["text_cfg"]["vocab_size"] == TINY_H14["text_cfg"]["vocab_size"]
+
+
+def test_a_hugging_face_clip_folder_gives_the_clip_score(tmp_path, images):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from comfyui_mole.trainer.benchmarks.scorers import HFClipScorer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<|pad|>": 2}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")).save_pretrained(tmp_path)
+    config = CLIPConfig(text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77,
+                                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 64, "patch_size": 16},
+                        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path)
+    scorer = HFClipScorer(tmp_path)
+    items = [(images[0], "a woman waving"), (images[1], "a man")]
+    values = scorer.score(items)
+    assert values == HFClipScorer(tmp_path).score(items) and all(0 <= v <= 100 for v in values)
+    with pytest.raises(ScorerError, match="not a Hugging Face CLIP folder"):
+        HFClipScorer(tmp_path / "nothing")
