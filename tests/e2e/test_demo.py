@@ -42,8 +42,13 @@ def test_quick_demo_end_to_end(quick_demo):
     assert "synthetic world" in report
     found = json.loads((results / "evidence.json").read_text())
     assert set(found["local"]) == {"t=800", "t=500", "t=200", "mean"}
-    assert set(found["loss"]) >= {"tiny base", "+ stage 1", "+ experts, fixed scale (no gates)",
+    assert set(found["loss"]) == {"tiny base", "+ stage 1", "+ experts, fixed scale 0.25", "+ experts, fixed scale 0.5",
+                                  "+ experts, fixed scale 1 (no gates)", "+ untrained gates (both)",
                                   "+ gates, both (MoLE)", "+ gates, local only", "+ gates, global only"}
+    summary = json.loads((results / "evaluation" / "summary.json").read_text())
+    assert summary["scorers"] == ["loss", "loss_face", "loss_hand", "loss_background"]
+    assert summary["models"]["+ stage 1"]["loss"]["vs_reference"]["mean"] == 0.0
+    assert "| + gates, both (MoLE) | " in report and "Tables 2-3" in report
     for name in ("heldout_gate_overlay.png", "mole_sd15_gate_grid_00001_.png", "mole_sd15_gate_overlay_00001_.png",
                  "mole_sd15_gate_curves_00001_.png", "mole_sd15_ablation_00001_.png", "mole_sd15_stage1_loss.png",
                  "mole_sd15_face_loss.png", "mole_sd15_gates_loss.png"):
@@ -95,3 +100,25 @@ def test_serve_opens_the_demo_files_and_stops_cleanly(quick_demo):
     assert "stopping ComfyUI" in rest
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=5)
+
+
+def test_the_in_world_evaluation_is_the_evaluate_command(quick_demo, tmp_path):
+    """`evaluate --heldout` with the demo's models.toml on its held-out scenes gives the demo's own table, number for
+    number; a second call only summarises (every model's rows are kept)."""
+    results = quick_demo / "results" / "evaluation"
+    scenes = quick_demo / "world" / "heldout" / "scenes"
+    args = ["evaluate", "--models", str(results / "models.toml"), "--heldout", str(scenes), "--masks",
+            str(scenes / "masks"), "--seeds", "0", "--output_dir", str(tmp_path / "eval"), "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    mine = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
+    demo = (results / "scores.csv").read_text().splitlines()
+    assert [line.split(",")[-4:] for line in mine] == [line.split(",")[-4:] for line in demo]
+    assert "## held-out denoising loss, hand cells (lower is better)" in done.stdout
+    again = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "9/9" in again.stderr and "loading" not in again.stderr.lower()
+    wrong = subprocess.run([sys.executable, "-m", "trainer", *args[:-4], "--seeds", "0", "1", "--output_dir",
+                            str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert wrong.returncode != 0 and "holds an evaluation of other models, pictures or seeds" in wrong.stderr

@@ -1,4 +1,6 @@
 """The evaluation's model list (TOML) and the graph it makes per model: the shipped txt2img workflow's."""
+from pathlib import Path
+
 import pytest
 
 from comfyui_mole.trainer.benchmarks import models as M
@@ -123,3 +125,21 @@ def test_each_kind_of_model_gets_its_loaders(files):
     authors, _ = graph_of(files, "authors")
     loader = next(n for n in authors.values() if n["class_type"] == "MoLE_LoadSet")["inputs"]
     assert (loader["role_1"], loader["role_2"], loader["gate_file"]) == ("face", "hand", "gates.safetensors")
+
+
+def test_the_in_world_scorer_splits_a_pictures_error_by_region():
+    import numpy as np
+    import torch
+
+    from comfyui_mole.trainer.benchmarks.heldout import region_losses
+    from comfyui_mole.trainer.training.expert_effect import Picture
+
+    face = np.zeros((64, 64), bool)
+    face[:16, :16] = True                                  # latent cells (0..1, 0..1) of an 8x8 map
+    hand = np.zeros((64, 64), bool)
+    hand[40:56, 40:43] = True                              # 3/8 of a cell wide: no hand cell at all
+    errors = torch.zeros(8, 8)
+    errors[:2, :2] = 1.0                                   # an expert that changes the face only
+    row = region_losses(errors, Picture(Path("x.png"), "a face", {"face": face, "hand": hand}), ["face", "hand"])
+    assert float(row["loss"]) == pytest.approx(4 / 64) and float(row["loss_face"]) == 1.0
+    assert row["loss_hand"] == "" and float(row["loss_background"]) == 0.0

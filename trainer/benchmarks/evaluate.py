@@ -149,7 +149,8 @@ def read_scores(path: Path) -> dict[tuple, dict]:
     if not path.exists():
         return {}
     with open(path, newline="") as f:
-        return {(r["model"], int(r["repeat"]), int(r["prompt_id"]), int(r["seed"])): r for r in csv.DictReader(f)}
+        rows = [{**r, **{k: int(r[k]) for k in ("repeat", "prompt_id", "seed")}} for r in csv.DictReader(f)]
+    return {(r["model"], r["repeat"], r["prompt_id"], r["seed"]): r for r in rows}
 
 
 def write_scores(path: Path, table: list[dict], columns: list[str]) -> None:
@@ -184,8 +185,7 @@ def score(out: Path, table: list[dict], makers: list, columns: list[str]) -> Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = model_list.__doc__
-    parser.add_argument("--prompts", type=Path, required=True, help="prompts.csv of `python -m trainer prompts` "
-                        "(or its folder)")
+    parser.add_argument("--prompts", type=Path, help="prompts.csv of `python -m trainer prompts` (or its folder)")
     parser.add_argument("--models", type=Path, required=True, help="TOML file of the models to compare (below)")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--limit", type=int, help="only the first N prompts of each repeat (a quick run)")
@@ -211,10 +211,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--scheduler")
     s.add_argument("--negative", help="negative prompt (default: the shipped workflow's)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda")
+    w = parser.add_argument_group("in-world scorer, instead of --prompts: held-out denoising loss per region "
+                                  "(benchmarks/heldout.py)")
+    w.add_argument("--heldout", type=Path, help="folder of held-out images with caption files (.caption)")
+    w.add_argument("--masks", type=Path, help="their region masks, <image stem>_<region>.png (face, hand, ...)")
+    w.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="noise seeds: the repeats")
     parser.set_defaults(run=run)
 
 
+def heldout_evaluation(specs: model_list.ModelList, images: Path, masks: Path, seeds: list[int], out: Path,
+                       device: str = "cpu", benchmark: str | None = None) -> dict:
+    """The in-world evaluation: every model's held-out loss per region (benchmarks/heldout.py), summarised as the
+    image scores are. scores.csv is written after each model; a model whose rows are all there is not measured
+    again, so a second call on the same folder only summarises."""
+    from ..harness.host import use_comfy
+    from . import heldout
+
+    pictures = heldout.read_pictures(images, masks)
+    use_comfy(cpu=device == "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    columns = heldout.columns(pictures)
+    path = out / "scores.csv"
+    stamp = out / "heldout.json"
+    mine = json.dumps({"models": [m.describe() for m in specs.models], "images": str(images),
+                       "pictures": len(pictures), "seeds": seeds}, sort_keys=True)
+    if stamp.exists() and stamp.read_text() != mine:
+        raise ConfigError(f"{stamp}: {out} holds an evaluation of other models, pictures or seeds; use another "
+                          "--output_dir or delete it")
+    write_text(stamp, mine)
+    done = read_scores(path)
+    table, cache = [], {}
+    with bar(total=len(specs.models), desc="models", unit="model") as progress:
+        for m in specs.models:
+            have = [done.get((m.name, i, j, s)) for i, s in enumerate(seeds) for j in range(len(pictures))]
+            table += have if all(have) else heldout.score_model(m, pictures, seeds, cache)
+            write_scores(path, table, columns)
+            progress.update(1)
+    cache.clear()
+    return summary_mod.write(table, [m.name for m in specs.models], columns, specs.reference,
+                             benchmark or f"held-out pictures of {images}", out)
+
+
+def run_heldout(args: argparse.Namespace) -> int:
+    if args.masks is None:
+        raise ConfigError("--heldout needs --masks (region masks <image stem>_<region>.png)")
+    if args.hps or args.imagereward or args.clip:
+        raise ConfigError("--hps, --imagereward and --clip score generated images; --heldout measures denoising "
+                          "loss on held-out pictures instead: give one or the other")
+    specs = model_list.load(args.models)
+    summary = heldout_evaluation(specs, args.heldout, args.masks, args.seeds, args.output_dir,
+                                 scoring.pick_device(args.device))
+    print(summary_mod.markdown(summary))
+    print(f"\nwrote {args.output_dir / 'summary.md'}, {args.output_dir / 'scores.csv'}, {args.output_dir / 'plots'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if (args.prompts is None) == (args.heldout is None):
+        raise ConfigError("give --prompts (generate and score images) or --heldout with --masks (the in-world "
+                          "scorer: held-out denoising loss per region), not both")
+    if args.heldout is not None:
+        return run_heldout(args)
     if args.negative is None:
         from ..harness.workflows import NEGATIVE
         args.negative = NEGATIVE

@@ -22,10 +22,20 @@ from ...mole_ops.atomic import replacing, write_text
 BOOTSTRAP = 2000
 
 
+def lower_is_better(scorer: str) -> bool:
+    """Losses (the in-world scorer's columns) are better low; every image score is better high."""
+    return scorer == "loss" or scorer.startswith("loss_")
+
+
+def _values(rows: list[dict], scorer: str, model: str) -> dict[tuple, float]:
+    return {(r["repeat"], r["prompt_id"], r["seed"]): float(r[scorer]) for r in rows
+            if r["model"] == model and r.get(scorer) not in (None, "")}
+
+
 def stats(rows: list[dict], scorer: str, model: str, reference: str, seed: int = 0) -> dict:
-    """The figures of one model under one scorer (see the module docstring)."""
-    mine = {(r["repeat"], r["prompt_id"], r["seed"]): float(r[scorer]) for r in rows if r["model"] == model}
-    ref = {(r["repeat"], r["prompt_id"], r["seed"]): float(r[scorer]) for r in rows if r["model"] == reference}
+    """The figures of one model under one scorer (see the module docstring). Rows without a value for the scorer
+    (a picture without that region) are left out."""
+    mine, ref = _values(rows, scorer, model), _values(rows, scorer, reference)
     by_repeat = defaultdict(list)
     for (repeat, _, _), value in mine.items():
         by_repeat[repeat].append(value)
@@ -43,7 +53,8 @@ def stats(rows: list[dict], scorer: str, model: str, reference: str, seed: int =
         boot = diff[rng.integers(0, len(diff), (BOOTSTRAP, len(diff)))].mean(axis=1)
         out["vs_reference"] = {"mean": float(diff.mean()), "ci95": [float(np.percentile(boot, 2.5)),
                                                                      float(np.percentile(boot, 97.5))],
-                               "win_rate": float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / len(diff)),
+                               "win_rate": float(((diff < 0 if lower_is_better(scorer) else diff > 0).sum()
+                                                  + 0.5 * (diff == 0).sum()) / len(diff)),
                                "pairs": len(diff)}
     return out
 
@@ -53,23 +64,33 @@ def summarise(rows: list[dict], models: list[str], scorers: list[str], reference
             "models": {m: {s: stats(rows, s, m, reference) for s in scorers} for m in models}}
 
 
-LABELS = {"hps": "HPS v2 (100 x cosine)", "imagereward": "ImageReward", "clip": "CLIP score (100 x cosine)"}
+LABELS = {"hps": "HPS v2 (100 x cosine)", "imagereward": "ImageReward", "clip": "CLIP score (100 x cosine)",
+          "loss": "held-out denoising loss, all cells (lower is better)"}
+
+
+def label(scorer: str) -> str:
+    if scorer.startswith("loss_"):
+        return f"held-out denoising loss, {scorer[5:]} cells (lower is better)"
+    return LABELS.get(scorer, scorer)
 
 
 def markdown(summary: dict) -> str:
     lines = [f"# Evaluation: {summary['benchmark']}", "",
-             f"{summary['images']} images. Reference: {summary['reference']}. Mean +- standard error over the "
-             "repeats' means; the difference to the reference is paired (same prompt and seed) with a 95% bootstrap "
-             "interval; win rate: share of pairs the model scores higher (ties count half).", ""]
+             f"{summary['images']} rows. Reference: {summary['reference']}. Mean +- standard error over the "
+             "repeats' means; the difference to the reference is paired (same prompt or picture, same seed) with a "
+             "95% bootstrap interval; win rate: share of pairs in which the model does better (a higher score, a "
+             "lower loss; ties count half).", ""]
     for scorer in summary["scorers"]:
-        lines += [f"## {LABELS.get(scorer, scorer)}", "", "| model | mean +- s.e. | vs reference [95% CI] | win rate "
-                  "| images |", "|---|---|---|---|---|"]
+        digits = 4 if lower_is_better(scorer) else 3
+        lines += [f"## {label(scorer)}", "", "| model | mean +- s.e. | vs reference [95% CI] | win rate "
+                  "| n |", "|---|---|---|---|---|"]
         for model, by in summary["models"].items():
             s = by[scorer]
-            se = f"{s['mean']:.3f} +- {s['se']:.3f}" + (" (over prompts: 1 repeat)" if s["se_over"] == "prompts"
-                                                         else "")
+            se = f"{s['mean']:.{digits}f} +- {s['se']:.{digits}f}" + (" (over prompts: 1 repeat)"
+                                                                       if s["se_over"] == "prompts" else "")
             v = s.get("vs_reference")
-            diff = f"{v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" if v else "-"
+            diff = (f"{v['mean']:+.{digits}f} [{v['ci95'][0]:+.{digits}f}, {v['ci95'][1]:+.{digits}f}]"
+                    if v else "-")
             win = f"{v['win_rate']:.2f}" if v else "-"
             lines.append(f"| {model} | {se} | {diff} | {win} | {s['images']} |")
         lines.append("")
@@ -86,10 +107,10 @@ def plots(rows: list[dict], summary: dict, folder: Path) -> list[Path]:
     made = []
     for scorer in summary["scorers"]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(models), 4.2))
-        data = [[float(r[scorer]) for r in rows if r["model"] == m] for m in models]
+        data = [list(_values(rows, scorer, m).values()) for m in models]
         left.boxplot(data, showmeans=True)
         left.set_xticks(range(1, len(models) + 1), [textwrap.fill(m, 14) for m in models], fontsize=8)
-        left.set_title(f"{LABELS.get(scorer, scorer)} per image")
+        left.set_title(textwrap.fill(f"{label(scorer)} per image", 50), fontsize=9)
         diffs = [summary["models"][m][scorer].get("vs_reference") for m in models]
         for i, d in enumerate(diffs):
             if d:
@@ -97,7 +118,8 @@ def plots(rows: list[dict], summary: dict, folder: Path) -> list[Path]:
                                fmt="o", capsize=4)
         right.axhline(0, color="grey", lw=0.8)
         right.set_xticks(range(len(models)), [textwrap.fill(m, 14) for m in models], fontsize=8)
-        right.set_title(f"paired difference to {summary['reference']} (95% CI)")
+        right.set_title(textwrap.fill(f"paired difference to {summary['reference']} (95% CI)", 50), fontsize=9)
+        right.set_xlim(-0.5, len(models) - 0.5)
         fig.tight_layout()
         path = folder / f"{scorer}.png"
         with replacing(path) as tmp:
@@ -151,5 +173,6 @@ def write(rows: list[dict], models: list[str], scorers: list[str], reference: st
     write_text(folder / "summary.json", json.dumps(summary, indent=1))
     write_text(folder / "summary.md", markdown(summary) + "\n")
     plots(rows, summary, folder / "plots")
-    contact_sheet(rows, models, folder / "contact_sheet.png")
+    if not any(lower_is_better(s) for s in scorers):        # held-out pictures are the same for every model
+        contact_sheet(rows, models, folder / "contact_sheet.png")
     return summary

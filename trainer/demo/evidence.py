@@ -7,8 +7,8 @@ section 7 lays out; numbers are reported whatever they show.
   A latent cell counts as a part when at least half of its pixels belong to it, as background when none do;
   partly covered cells are left out.
 - Global gates: mean global gate of each expert on face close-ups and on hand close-ups.
-- Held-out denoising loss (fixed noise and timesteps): tiny base, + stage 1, + experts at fixed scale, + gates
-  (both), local only, global only.
+The held-out denoising loss of every model (overall and per region) is the in-world evaluation's
+(benchmarks/evaluate.py, run by the pipeline); the report puts both together.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ...mole_ops.mixture import build
 from ...mole_ops.ops import GateSettings
 from ...mole_ops.trace import COND, GateTrace
 from ..training.data import load_image
-from ..training.evaluation import batches, cell_fractions, held_out_loss, image_size
+from ..training.evaluation import batches, cell_fractions, image_size
 from .world import load_masks
 
 TIMESTEPS = (800, 500, 200)
@@ -106,42 +106,22 @@ def local_gate_report(maps: np.ndarray, samples: list[Sample], order: tuple[str,
     return out
 
 
-def heldout_loss(base, samples: list[Sample], seed: int, settings: GateSettings | None = None, mole=None) -> float:
-    """The held-out denoising loss (training/evaluation.py) of the scenes, with MoLE attached under `settings`."""
-    with attached(base.model, mole, HookState(settings)):
-        return held_out_loss(base, [(s.image, s.caption) for s in samples], seed)
-
-
 def samples_of(folder: Path, limit: int | None = None) -> list[Sample]:
     return [Sample(i, c, m) for i, c, m in load_masks(folder)][:limit]
 
 
-def measure(tiny_base: Path, stage1: Path, experts: list, gates, world: dict, seed: int = 0,
-            limit: int | None = None) -> dict:
-    """Every figure of the report (see the module docstring)."""
-    import comfy.model_management
-
+def measure(stage1: Path, experts: list, gates, world: dict, seed: int = 0, limit: int | None = None) -> dict:
+    """The gate figures of the report (see the module docstring)."""
     from ..training.model import Base
 
     scenes = samples_of(world["heldout_scenes"], limit)
     faces, hands = samples_of(world["heldout_faces"], limit), samples_of(world["heldout_hands"], limit)
     results = {}
-    base0 = Base(tiny_base)
-    results["loss"] = {"tiny base": heldout_loss(base0, scenes, seed)}
-    del base0
-    comfy.model_management.unload_all_models()
     base = Base(stage1)
     trained = build(experts, gates, base.layout)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         untrained = build(experts, None, base.layout)
-    loss = results["loss"]
-    loss["+ stage 1"] = heldout_loss(base, scenes, seed)
-    loss["+ experts, fixed scale (no gates)"] = heldout_loss(base, scenes, seed, GateSettings("none"), trained)
-    loss["+ untrained gates (both)"] = heldout_loss(base, scenes, seed, GateSettings("both"), untrained)
-    for mode, label in (("local", "+ gates, local only"), ("global", "+ gates, global only"),
-                        ("both", "+ gates, both (MoLE)")):
-        loss[label] = heldout_loss(base, scenes, seed, GateSettings(mode), trained)
     maps, _ = gate_maps(base, trained, scenes, seed)
     results["local"] = local_gate_report(maps, scenes, trained.order)
     control, _ = gate_maps(base, untrained, scenes, seed)

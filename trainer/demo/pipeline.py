@@ -6,7 +6,8 @@
    on the scenes), through the trainer;
 4. a real ComfyUI server running the shipped workflows on the trained files (MoLE txt2img with gate maps and
    curves, the ablation grid);
-5. the evidence on held-out pictures (gate AUCs, global gates on close-ups, the stage ablation) and a report.
+5. the evidence on held-out pictures (gate AUCs, global gates on close-ups), the in-world evaluation (`evaluate
+   --heldout`: held-out denoising loss per region of every model of the paper's Tables 2-3) and a report.
 
 Every artefact is cached in --output_dir: a second run skips what exists (delete a file to redo that part).
 """
@@ -139,6 +140,56 @@ def precondition(results: Path, stage1: Path, experts: dict[str, Path], world: d
     return path
 
 
+# The models of the in-world evaluation (the paper's Tables 2-3): label -> (model keys, experts' mode, strength)
+EVALUATED = (("tiny base", "tiny", None, None), ("+ stage 1", "stage1", None, None),
+             ("+ experts, fixed scale 0.25", "stage1", "none", 0.25),
+             ("+ experts, fixed scale 0.5", "stage1", "none", 0.5),
+             ("+ experts, fixed scale 1 (no gates)", "stage1", "none", 1.0),
+             ("+ untrained gates (both)", "stage1", "untrained", None),
+             ("+ gates, local only", "stage1", "local", None), ("+ gates, global only", "stage1", "global", None),
+             ("+ gates, both (MoLE)", "stage1", "both", None))
+REFERENCE = "+ stage 1"
+
+
+def untrained_gates(path: Path, models: dict[str, Path], seed: int) -> Path:
+    """The control: gates of the demo's experts with PyTorch's default init (seeded), as a gate file."""
+    from ...mole_ops import expert_file, gate_file
+    from ...mole_ops.mixture import build
+    from ..training.model import Base
+
+    if not path.exists():
+        experts = [expert_file.load(models[r], r) for r in ("face", "hand")]
+        layout = Base(models["stage1"]).layout
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            gate_file.save(path, build(experts, None, layout).export_gates(experts))
+    return path
+
+
+def in_world_evaluation(results: Path, models: dict[str, Path], world: dict, seed: int) -> dict:
+    """`python -m trainer evaluate --heldout` on the held-out scenes: every model of EVALUATED against stage 1, with
+    the demo's seed as the noise seed. Its files go to results/evaluation (models.toml: the command to repeat it)."""
+    from ..benchmarks import models as model_list
+    from ..benchmarks.evaluate import heldout_evaluation
+
+    folder = results / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    untrained = untrained_gates(folder / "untrained_gates.safetensors", models, seed)
+    experts = json.dumps([str(models["face"]), str(models["hand"])])
+    lines = [f"reference = {json.dumps(REFERENCE)}"]
+    for label, checkpoint, mode, strength in EVALUATED:
+        lines += ["", "[[model]]", f"name = {json.dumps(label)}", f"checkpoint = {json.dumps(str(models[checkpoint]))}"]
+        if mode is not None:
+            gates = untrained if mode == "untrained" else models["gates"]
+            lines += [f"experts = {experts}", f"mode = {json.dumps('both' if mode == 'untrained' else mode)}"]
+            lines += [f"strengths = [{strength}, {strength}]"] if mode == "none" else \
+                [f"gates = {json.dumps(str(gates))}"]
+    (folder / "models.toml").write_text("\n".join(lines) + "\n")
+    scenes = world["heldout_scenes"]
+    return heldout_evaluation(model_list.load(folder / "models.toml"), scenes, scenes / "masks", [seed], folder,
+                              "cpu", "held-out scenes of the demo world")
+
+
 def comfy_base(out: Path, models: dict[str, Path]) -> Path:
     """The demo's ComfyUI base directory: the stage-1 checkpoint, the experts and the gates under the names the
     shipped workflows expect."""
@@ -190,8 +241,9 @@ def run(args: argparse.Namespace) -> int:
     for curve in (out / "models").rglob("train/*_loss.png"):
         shutil.copy2(curve, results / curve.name)
     images = run_workflows(out, models, recipe, results)
+    evaluation = in_world_evaluation(results, models, world, args.seed)
     from . import report
 
-    path = report.write(results, models, world, images, args.seed, time.monotonic() - start)
+    path = report.write(results, models, world, images, evaluation, args.seed, time.monotonic() - start)
     log.info("demo finished in %.1f s; report: %s", time.monotonic() - start, path)
     return 0

@@ -37,20 +37,29 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def held_out_loss(base, pictures: Sequence[tuple[Path, str]], seed: int, repeats: int = 4, batch: int = 8,
-                  size: tuple[int, int] | None = None) -> float:
-    """Mean eps-MSE of (image, caption) pairs under fixed draws; images at `size` (default: each group's first
-    image's own size)."""
-    total, count = 0.0, 0
+def held_out_cell_errors(base, pictures: Sequence[tuple[Path, str]], seed: int, repeats: int = 4, batch: int = 8,
+                         size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Per picture, the eps error of each latent cell (mean over channels of (eps_hat - eps)^2), averaged over the
+    `repeats` fixed draws: a list of (h, w) maps in the pictures' order; images at `size` (default: each group's
+    first image's own size)."""
+    maps = []
     for group in batches(list(pictures), batch):
         group_size = size or image_size(group[0][0])
         x0 = base.encode_images(torch.stack([load_image(path, group_size) for path, _ in group]))
         cond = base.encode_text([caption for _, caption in group], group_size)
         gen = torch.Generator().manual_seed(seed)
+        total = torch.zeros(len(group), *x0.shape[-2:])
         for _ in range(repeats):
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, len(base.alphas_cumprod), (len(group),), generator=gen)
             eps = base.predict(base.noisy(x0, noise, t), t, cond)
-            total += float(((eps - noise) ** 2).mean(dim=(1, 2, 3)).sum())
-            count += len(group)
-    return total / count
+            total += ((eps.float() - noise.float()) ** 2).mean(dim=1).cpu()
+        maps += list(total / repeats)
+    return maps
+
+
+def held_out_loss(base, pictures: Sequence[tuple[Path, str]], seed: int, repeats: int = 4, batch: int = 8,
+                  size: tuple[int, int] | None = None) -> float:
+    """Mean eps-MSE of (image, caption) pairs under fixed draws (the mean of held_out_cell_errors' maps)."""
+    maps = held_out_cell_errors(base, pictures, seed, repeats, batch, size)
+    return float(torch.stack([m.mean() for m in maps]).mean())
