@@ -105,3 +105,34 @@ def test_a_hugging_face_clip_folder_gives_the_clip_score(tmp_path, images):
     assert values == HFClipScorer(tmp_path).score(items) and all(0 <= v <= 100 for v in values)
     with pytest.raises(ScorerError, match="not a Hugging Face CLIP folder"):
         HFClipScorer(tmp_path / "nothing")
+
+
+def test_a_planted_better_model_wins_under_a_real_scorer(hps, tmp_path):
+    """Per prompt, the planted model's image is the one the scorer prefers among candidates that include the
+    reference model's image: it must win every pair, with an interval above zero."""
+    from comfyui_mole.trainer.benchmarks.evaluate import score
+    from comfyui_mole.trainer.benchmarks.summary import summarise
+
+    config, checkpoint = hps
+    scorer = OpenClipScorer("hps", checkpoint, str(config), "--hps")
+    rng = np.random.default_rng(3)
+    prompts = ["a woman waving", "a man with a dog", "two kids playing", "a girl smiling", "a person reading",
+               "an old man"]
+    table = []
+    for i, prompt in enumerate(prompts):
+        candidates = []
+        for j in range(4):
+            path = tmp_path / f"{i}_{j}.png"
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+            candidates.append(path)
+        scores = scorer.score([(p, prompt) for p in candidates])
+        best = int(np.argmax(scores))
+        reference = 0 if best != 0 else 1           # the reference model drew another candidate
+        for model, k in (("reference", reference), ("planted", best)):
+            table.append({"model": model, "repeat": i % 2, "prompt_id": i, "seed": 10 + i, "prompt": prompt,
+                          "image": candidates[k].name, "hps": ""})
+    score(tmp_path, table, [lambda: scorer], ["hps"])           # the evaluation's own scoring pass
+    assert (tmp_path / "scores.csv").read_text().count("\n") == 13
+    summary = summarise(table, ["reference", "planted"], ["hps"], "reference", "planted")
+    v = summary["models"]["planted"]["hps"]["vs_reference"]
+    assert v["win_rate"] == 1.0 and v["ci95"][0] > 0 and v["pairs"] == 6
