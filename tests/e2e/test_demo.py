@@ -42,6 +42,7 @@ def test_quick_demo_end_to_end(quick_demo):
     assert "synthetic world" in report
     found = json.loads((results / "evidence.json").read_text())
     assert set(found["local"]) == {"t=800", "t=500", "t=200", "mean"}
+    assert 5 < found["vae_psnr"]["mean"] < 60 and "dB PSNR" in report
     assert set(found["loss"]) == {"tiny base", "+ stage 1", "+ experts, fixed scale 0.25", "+ experts, fixed scale 0.5",
                                   "+ experts, fixed scale 1 (no gates)", "+ untrained gates (both)",
                                   "+ gates, both (MoLE)", "+ gates, local only", "+ gates, global only"}

@@ -7,6 +7,8 @@ section 7 lays out; numbers are reported whatever they show.
   A latent cell counts as a part when at least half of its pixels belong to it, as background when none do;
   partly covered cells are left out.
 - Global gates: mean global gate of each expert on face close-ups and on hand close-ups.
+- The VAE: PSNR of its reconstructions of the held-out scenes (how much detail any model can show at all).
+
 The held-out denoising loss of every model (overall and per region) is the in-world evaluation's
 (benchmarks/evaluate.py, run by the pipeline); the report puts both together.
 """
@@ -106,6 +108,21 @@ def local_gate_report(maps: np.ndarray, samples: list[Sample], order: tuple[str,
     return out
 
 
+@torch.no_grad()
+def vae_psnr(base, samples: list[Sample], batch: int = 8) -> dict:
+    """PSNR (dB, pixels in [0, 1]) of encode-then-decode on the pictures: mean over pictures and its s.e."""
+    values = []
+    for group in batches(samples, batch):
+        size = image_size(group[0].image)
+        pixels = torch.stack([load_image(s.image, size) for s in group])
+        back = base.decode(base.encode_images(pixels)).float().clamp(0, 1).reshape(pixels.shape)
+        mse = ((back - pixels) ** 2).mean(dim=(1, 2, 3)).clamp(min=1e-10)
+        values += (10 * torch.log10(1 / mse)).tolist()
+    v = np.array(values)
+    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
+            "pictures": len(v)}
+
+
 def samples_of(folder: Path, limit: int | None = None) -> list[Sample]:
     return [Sample(i, c, m) for i, c, m in load_masks(folder)][:limit]
 
@@ -122,6 +139,7 @@ def measure(stage1: Path, experts: list, gates, world: dict, seed: int = 0, limi
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         untrained = build(experts, None, base.layout)
+    results["vae_psnr"] = vae_psnr(base, scenes)
     maps, _ = gate_maps(base, trained, scenes, seed)
     results["local"] = local_gate_report(maps, scenes, trained.order)
     control, _ = gate_maps(base, untrained, scenes, seed)

@@ -119,6 +119,10 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
               "`python -m trainer evaluate --models evaluation/models.toml --heldout IMAGES --masks MASKS` "
               "(evaluation/summary.md has every column's interval).", ""]
     lines += evaluation_table(evaluation)
+    if "vae_psnr" in found:
+        psnr = found["vae_psnr"]
+        lines += ["", f"The world's VAE reconstructs the held-out scenes at {psnr['mean']:.1f} +- {psnr['se']:.1f} dB "
+                  f"PSNR ({psnr['pictures']} pictures): the most detail any model here can show."]
     lines += ["", "## The shipped workflows on the trained files", ""]
     lines += [f"![{p.stem}]({p.name})" for p in images]
     lines += ["", "## Training curves", ""]
