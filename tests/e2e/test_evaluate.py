@@ -119,6 +119,16 @@ def test_bad_inputs_fail_early_with_the_file_named(world, tmp_path, mole_files):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "missing_hps.pt: no such file" in out and "Traceback" not in out, out
 
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    del state["text_projection"]
+    torch.save({"state_dict": state}, tmp_path / "wrong_hps.pt")
+    proc = _cli(world, tmp_path / "o4", "--hps", str(tmp_path / "wrong_hps.pt"))
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "wrong_hps.pt: not a ViT-H-14-tiny checkpoint: 1 missing keys" in out, out
+    assert not list((tmp_path / "o4").glob("images/*/*.png")), "images were made before the scorer was checked"
+
     models = tmp_path / "bad_models.toml"
     models.write_text(f'[[model]]\nname = "x"\ncheckpoint = "{tmp_path / "nope.safetensors"}"\n')
     proc = _cli(world, tmp_path / "o3", "--models", str(models))

@@ -135,6 +135,8 @@ def generate(out: Path, specs: model_list.ModelList, rows: list[dict], settings:
             try:
                 made = server.output_files(server.run(api, timeout=3600))
             except ServerError as e:
+                if server.proc is None or server.proc.poll() is not None:
+                    raise                                   # the server itself died: nothing more can be made
                 failed[m.name] = (f"model {m.name!r} ({', '.join(str(p) for p in m.files)}): "
                                   f"{e.summary()}")
                 log.error("%s; its other images are skipped", failed[m.name])
@@ -143,6 +145,13 @@ def generate(out: Path, specs: model_list.ModelList, rows: list[dict], settings:
             os.replace(made[0], out / "images" / m.slug / image_name(r))
             progress.update(1)
     return failed
+
+
+def check_scorers(makers: list, columns: list[str]) -> None:
+    """Load every scorer once (and let it go): its files are the right model before any image is made."""
+    for column, make in zip(columns, makers):
+        log.info("checking the %s scorer's files", column)
+        make().close()
 
 
 def read_scores(path: Path) -> dict[tuple, dict]:
@@ -282,8 +291,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.output_dir
     settings = settings_of(args)
     claim_folders(out, specs.models, settings)
-    failed = generate(out, specs, rows, settings, device)
     columns = [c for c, given in zip(SCORERS, (args.hps, args.imagereward, args.clip)) if given]
+    makers = scoring.from_args(args, device)
+    if any(not (out / "images" / m.slug / image_name(r)).exists() for m in specs.models for r in rows):
+        check_scorers(makers, columns)             # a wrong scorer file must not wait for a night of sampling
+    failed = generate(out, specs, rows, settings, device)
     done = read_scores(out / "scores.csv")
     table = []
     for m in specs.models:
@@ -294,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             old = done.get(key, {})
             table.append({"model": m.name, **r, "image": f"images/{m.slug}/{image_name(r)}",
                           **{c: old.get(c, "") for c in columns}})
-    score(out, table, scoring.from_args(args, device), columns)
+    score(out, table, makers, columns)
     for r in table:
         r["path"] = out / r["image"]
     names = [m.name for m in specs.models if m.name not in failed]
