@@ -116,6 +116,20 @@ def _images(paths, transform, device):
     return torch.stack(batch).to(device)
 
 
+@torch.no_grad()
+def cosine_scores(scorer, items: list[tuple[Path, str]], clamp: bool) -> list[float]:
+    """100 x the cosine of image and prompt features (clamped at 0 for the CLIP score), in batches of the
+    scorer's batch_size; `scorer.features(images, prompts)` gives the two feature batches."""
+    out = []
+    for i in range(0, len(items), scorer.batch_size):
+        chunk = items[i:i + scorer.batch_size]
+        a, b = scorer.features(_images([p for p, _ in chunk], scorer.transform, scorer.device), [t for _, t in chunk])
+        cos = (torch.nn.functional.normalize(a.float(), dim=-1) * torch.nn.functional.normalize(b.float(), dim=-1))
+        cos = cos.sum(-1)
+        out += (100 * (cos.clamp(min=0) if clamp else cos)).tolist()
+    return out
+
+
 @dataclass
 class OpenClipScorer:
     """HPS v2 (clamp=False) or the CLIP score (clamp=True) with an open_clip model."""
@@ -133,19 +147,13 @@ class OpenClipScorer:
         size = self.model.visual.image_size
         self.transform = clip_transform(size[0] if isinstance(size, (tuple, list)) else size)
 
-    @torch.no_grad()
+    def features(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.tokenizer(prompts).to(self.device)
+        with torch.autocast("cuda", enabled=self.device.startswith("cuda")):
+            return self.model.encode_image(images), self.model.encode_text(text)
+
     def score(self, items: list[tuple[Path, str]]) -> list[float]:
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            chunk = items[i:i + self.batch_size]
-            images = _images([p for p, _ in chunk], self.transform, self.device)
-            text = self.tokenizer([t for _, t in chunk]).to(self.device)
-            with torch.autocast("cuda", enabled=self.device.startswith("cuda")):
-                a = torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
-                b = torch.nn.functional.normalize(self.model.encode_text(text).float(), dim=-1)
-            cos = (a * b).sum(-1)
-            out += (100 * (cos.clamp(min=0) if self.clamp else cos)).tolist()
-        return out
+        return cosine_scores(self, items, self.clamp)
 
     def close(self) -> None:
         self.model = None
@@ -172,20 +180,14 @@ class HFClipScorer:
             raise ScorerError(f"--clip {self.folder}: {e}") from e
         self.transform = clip_transform(self.model.config.vision_config.image_size)
 
-    @torch.no_grad()
+    def features(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        a = self.model.get_image_features(pixel_values=images)
+        b = self.model.get_text_features(**{k: v.to(self.device) for k, v in text.items()})
+        return getattr(a, "pooler_output", a), getattr(b, "pooler_output", b)
+
     def score(self, items: list[tuple[Path, str]]) -> list[float]:
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            chunk = items[i:i + self.batch_size]
-            images = _images([p for p, _ in chunk], self.transform, self.device)
-            text = self.tokenizer([t for _, t in chunk], padding=True, truncation=True, return_tensors="pt")
-            a = self.model.get_image_features(pixel_values=images)
-            b = self.model.get_text_features(**{k: v.to(self.device) for k, v in text.items()})
-            a = getattr(a, "pooler_output", a)
-            b = getattr(b, "pooler_output", b)
-            cos = (torch.nn.functional.normalize(a.float(), dim=-1) * torch.nn.functional.normalize(b.float(), dim=-1))
-            out += (100 * cos.sum(-1).clamp(min=0)).tolist()
-        return out
+        return cosine_scores(self, items, clamp=True)
 
     def close(self) -> None:
         self.model = None
