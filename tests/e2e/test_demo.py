@@ -33,7 +33,7 @@ def test_quick_demo_end_to_end(quick_demo):
     out = quick_demo
     results = out / "results"
     report = (results / "report.md").read_text()
-    for heading in ("Local gates on held-out scenes", "Global gates on held-out close-ups",
+    for heading in ("The goals at a glance", "Local gates on held-out scenes", "Global gates on held-out close-ups",
                     "Held-out denoising loss", "The shipped workflows", "Before the gates: does each expert help"):
         assert heading in report
     effect = json.loads((results / "expert_effect.json").read_text())

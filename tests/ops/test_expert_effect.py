@@ -109,3 +109,22 @@ def test_read_pictures_pairs_masks_by_stem(tmp_path):
     got = expert_effect.read_pictures(images, images / "masks")
     assert [p.image.stem for p in got] == ["a", "b"] and sorted(got[0].masks) == ["face", "left_hand"]
     assert got[0].masks["face"].all() and not got[0].masks["left_hand"].any() and got[1].masks == {}
+
+
+def test_held_out_errors_reuse_the_encodings_they_are_given(tmp_path):
+    """Several models on one checkpoint (the in-world evaluation): the pictures are encoded once, and the maps are
+    the same as without the cache."""
+    from comfyui_mole.trainer.training.evaluation import held_out_cell_errors
+
+    base = StandInBase({})
+    calls = []
+    encode = base.encode_images
+    base.encode_images = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    pics = [(p.image, p.caption) for p in pictures(tmp_path, n=5)]
+    plain = held_out_cell_errors(base, pics, seed=3, repeats=2, batch=2)
+    assert calls == [2, 2, 1]
+    encoded = {}
+    first = held_out_cell_errors(base, pics, seed=3, repeats=2, batch=2, encoded=encoded)
+    second = held_out_cell_errors(base, pics, seed=3, repeats=2, batch=2, encoded=encoded)
+    assert calls == [2, 2, 1] * 2 and len(encoded) == 3
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, second))

@@ -48,15 +48,15 @@ def score_model(spec: ModelSpec, pictures, seeds: list[int], base_cache: dict) -
     from ..training.model import Base
 
     if spec.checkpoint not in base_cache:
-        base_cache.clear()                      # one base in memory at a time
-        base_cache[spec.checkpoint] = Base(spec.checkpoint)
-    base = base_cache[spec.checkpoint]
+        base_cache.clear()                      # one base in memory at a time, with its pictures' encodings
+        base_cache[spec.checkpoint] = Base(spec.checkpoint), {}
+    base, encoded = base_cache[spec.checkpoint]
     regions = sorted({r for p in pictures for r in p.masks})
     mole, settings = load_mole(spec, base.layout)
     rows = []
     for repeat, seed in enumerate(seeds):
         with attached(base.model, mole, HookState(settings)):
-            maps = held_out_cell_errors(base, [(p.image, p.caption) for p in pictures], seed)
+            maps = held_out_cell_errors(base, [(p.image, p.caption) for p in pictures], seed, encoded=encoded)
         for i, (p, m) in enumerate(zip(pictures, maps)):
             rows.append({"model": spec.name, "repeat": repeat, "prompt_id": i, "seed": seed, "prompt": p.caption,
                          "image": str(p.image), **region_losses(m, p, regions)})

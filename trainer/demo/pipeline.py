@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(stage: str, out: Path, name: str, base: Path, **options) -> Path:
-    """Run one trainer stage unless its file exists; returns the file."""
+    """Run one trainer stage unless its file exists; returns the file. Latents are kept on disk in the stage's
+    train/ folder, so the experts and the gates (one folder) encode each picture once."""
     import comfy.model_management
 
     from ..training.config import TrainConfig, validate
@@ -73,7 +74,7 @@ def _train(stage: str, out: Path, name: str, base: Path, **options) -> Path:
         log.info("reusing %s", target)
         return target
     config = TrainConfig(stage=stage, pretrained_model_name_or_path=str(base), output_dir=str(out / "train"),
-                         output_name=name, cache_latents=True, resolution="64", **options)
+                         output_name=name, cache_latents_to_disk=True, resolution="64", **options)
     validate(config)
     run_ = Run(config)
     produced = run_.train()
@@ -86,21 +87,27 @@ def _train(stage: str, out: Path, name: str, base: Path, **options) -> Path:
     return target
 
 
-def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str, Path]:
+def build_stage1(out: Path, recipe: Recipe, seed: int, world: dict) -> tuple[Path, Path]:
+    """The tiny base (with the world's VAE) and stage 1: (tiny, stage1)."""
     from ..harness.tiny_models import write_detectable_checkpoint
     from .vae import train_taesd
 
-    models = out / "models"
-    ckpts, mole = models / "checkpoints", models / "mole"
+    ckpts = out / "models" / "checkpoints"
     tiny = ckpts / TINY_BASE
     if not tiny.exists():
         images = [p for name in ("plain", "scenes", "faces", "hands") for p in sorted(world[name].glob("*.png"))]
         write_detectable_checkpoint(tiny, seed=seed, vae=train_taesd(images, 64, recipe.vae_steps, seed=seed))
-    # stage 1 learns plain people (bare faces, mittens); the experts bring the detail, each from detailed scenes
-    # and close-ups with its loss masked to its own part
+    # stage 1 learns plain people (bare faces, mittens); the experts bring the detail
     stage1 = _train("finetune", ckpts, SD15["checkpoint"].removesuffix(".safetensors"), tiny,
                     dataset_config=str(world["plain_toml"]), max_train_steps=recipe.stage1_steps, learning_rate=2e-4,
                     seed=seed, lr_scheduler="cosine", lr_warmup_steps=min(20, recipe.stage1_steps - 1))
+    return tiny, stage1
+
+
+def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str, Path]:
+    tiny, stage1 = build_stage1(out, recipe, seed, world)
+    mole = out / "models" / "mole"
+    # each expert learns from detailed scenes and close-ups with its loss masked to its own part
     experts = {}
     for role in ("face", "hand"):
         experts[role] = _train("expert", mole, SD15[role].removesuffix(".safetensors"), stage1,

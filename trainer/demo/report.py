@@ -57,6 +57,54 @@ def evaluation_table(evaluation: dict) -> list[str]:
     return lines
 
 
+# The targets of issue 17 / SPEC.md section 7 that the report checks
+IDENTITY_TARGET, OWN_OTHER_TARGET, GLOBAL_TARGET = 0.75, 0.15, 0.05
+FIXED_SCALES = ("+ experts, fixed scale 0.25", "+ experts, fixed scale 0.5", "+ experts, fixed scale 1 (no gates)")
+GATED = "+ gates, both (MoLE)"
+
+
+def goals(found: dict, evaluation: dict, effect: dict | None) -> list[dict]:
+    """Each goal the demo is meant to show: what was measured, the target and whether it is met."""
+    rows = []
+    if effect is not None:
+        from ..training import expert_effect
+
+        for expert, v in expert_effect.verdicts(effect).items():
+            mean = effect["delta"][expert]["mean"]
+            rows.append({"goal": f"precondition: the {expert} expert lowers the error on {v['own']} most",
+                         "measured": ", ".join(f"{r} {d:+.4f}" for r, d in mean.items()), "target": "own smallest",
+                         "met": v["passes"]})
+    bands = {band: row["identity (face - hand) in glyphs"] for band, row in found["local"].items()}
+    best = max(bands, key=lambda b: -1 if math.isnan(bands[b]) else bands[b])
+    rows.append({"goal": "identity AUC (face gate - hand gate tells face from hand cells), best band",
+                 "measured": f"{bands[best]:.3f} ({best})", "target": f">= {IDENTITY_TARGET}",
+                 "met": bands[best] >= IDENTITY_TARGET})
+    mean = found["local"]["mean"]
+    for expert, other in (("face", "hand"), ("hand", "face")):
+        gap = mean[f"{expert} map vs {expert} mask"] - mean[f"{expert} map vs {other} mask"]
+        rows.append({"goal": f"{expert} map: AUC against the {expert} mask minus against the {other} mask",
+                     "measured": f"{gap:+.3f}", "target": f">= {OWN_OTHER_TARGET}", "met": gap >= OWN_OTHER_TARGET})
+    for expert, other in (("face", "hand"), ("hand", "face")):
+        on = found["global"][f"{expert} close-ups"]
+        gap = on[expert] - on[other]
+        rows.append({"goal": f"global gate: {expert} minus {other} on {expert} close-ups", "measured": f"{gap:+.3f}",
+                     "target": f">= {GLOBAL_TARGET}", "met": gap >= GLOBAL_TARGET})
+    models = evaluation["models"]
+    if GATED in models and all(m in models for m in FIXED_SCALES):
+        best_fixed = min(FIXED_SCALES, key=lambda m: models[m]["loss"]["mean"])
+        gated, fixed = models[GATED]["loss"]["mean"], models[best_fixed]["loss"]["mean"]
+        rows.append({"goal": "gated held-out loss below the best fixed expert scale",
+                     "measured": f"{gated:.4f} vs {fixed:.4f} ({best_fixed.removeprefix('+ experts, ')})",
+                     "target": "lower", "met": gated < fixed})
+    return rows
+
+
+def goals_table(rows: list[dict]) -> list[str]:
+    lines = ["| goal | measured | target | met? |", "|---|---|---|---|"]
+    return lines + [f"| {r['goal']} | {r['measured']} | {r['target']} | {'yes' if r['met'] else '**no**'} |"
+                    for r in rows]
+
+
 def _example_figure(path: Path, example: dict) -> None:
     """Held-out scenes with the face expert's and the hand expert's mean local-gate map laid over them."""
     from ..training.data import load_image
@@ -83,9 +131,14 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
              "face glyph and a raised hand glyph; face and hand close-ups), a tiny SD1.5-shaped checkpoint, stage 1, "
              "a face and a hand expert, and the gates. It is a synthetic world, not Stable Diffusion: the numbers "
              "show whether the machinery behaves as the paper describes, not image quality.", "",
-             f"Run time: {seconds:.0f} s (cached parts are skipped on a second run).", "",
-             "## Local gates on held-out scenes (ROC AUC at latent resolution)", "",
-             "Trained gates:", ""]
+             f"Run time: {seconds:.0f} s (cached parts are skipped on a second run).", ""]
+    effect_path = results / "expert_effect.json"
+    effect = json.loads(effect_path.read_text()) if effect_path.exists() else None
+    lines += ["## The goals at a glance", "",
+              "What the demo is meant to show (SPEC.md section 7), measured on the held-out sets below:", "",
+              *goals_table(goals(found, evaluation, effect)), "",
+              "## Local gates on held-out scenes (ROC AUC at latent resolution)", "",
+              "Trained gates:", ""]
     lines += _table(found["local"], "timestep")
     lines += ["", "Control, untrained gates (PyTorch default init):", ""]
     lines += _table(found["local_untrained"], "timestep")
@@ -96,11 +149,10 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
               "contrast stretched per map, mean over the three timesteps)", "",
               "## Global gates on held-out close-ups (mean)", ""]
     lines += _table(found["global"], "pictures")
-    effect = results / "expert_effect.json"
-    if effect.exists():
+    if effect is not None:
         from ..training import expert_effect
 
-        measured = json.loads(effect.read_text())
+        measured = effect
         lines += ["", "## Before the gates: does each expert help its own part more than the others?", "",
                   "The change in eps-prediction error per latent cell that each expert alone (its own scale) makes "
                   "against stage 1, on the held-out scenes with fixed noise (negative = lower error). A gate can "

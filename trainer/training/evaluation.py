@@ -38,15 +38,22 @@ def image_size(path: Path) -> tuple[int, int]:
 
 @torch.no_grad()
 def held_out_cell_errors(base, pictures: Sequence[tuple[Path, str]], seed: int, repeats: int = 4, batch: int = 8,
-                         size: tuple[int, int] | None = None) -> list[torch.Tensor]:
+                         size: tuple[int, int] | None = None, encoded: dict | None = None) -> list[torch.Tensor]:
     """Per picture, the eps error of each latent cell (mean over channels of (eps_hat - eps)^2), averaged over the
     `repeats` fixed draws: a list of (h, w) maps in the pictures' order; images at `size` (default: each group's
-    first image's own size)."""
+    first image's own size). `encoded`: a dict kept by the caller to reuse the latents and text encodings of the
+    same pictures on the same base (several models on one checkpoint)."""
     maps = []
     for group in batches(list(pictures), batch):
         group_size = size or image_size(group[0][0])
-        x0 = base.encode_images(torch.stack([load_image(path, group_size) for path, _ in group]))
-        cond = base.encode_text([caption for _, caption in group], group_size)
+        key = (tuple(group), group_size)
+        if encoded is None or key not in encoded:
+            x0 = base.encode_images(torch.stack([load_image(path, group_size) for path, _ in group]))
+            cond = base.encode_text([caption for _, caption in group], group_size)
+            if encoded is not None:
+                encoded[key] = x0, cond
+        else:
+            x0, cond = encoded[key]
         gen = torch.Generator().manual_seed(seed)
         total = torch.zeros(len(group), *x0.shape[-2:])
         for _ in range(repeats):
