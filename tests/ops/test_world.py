@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from comfyui_mole.trainer.demo.evidence import auc, cell_labels
-from comfyui_mole.trainer.demo.world import BACKGROUNDS, closeup, load_masks, scene, write_world
+from comfyui_mole.trainer.demo.world import BACKGROUNDS, closeup, detail_contrast, load_masks, scene, write_world
 
 
 def nearest(colour, table):
@@ -47,6 +47,27 @@ def test_plain_scenes_have_the_silhouettes_without_the_detail(seed):
             inside = pixels[p.masks[part]]
             deviation = np.abs(inside - np.median(inside, axis=0)).sum(-1)
             assert (deviation.max() <= 2) if spread == 0 else (deviation.max() > spread), (part, deviation.max())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_only_the_named_parts_are_detailed(seed):
+    """An expert's own-part scenes: its part detailed, the other drawn as stage 1 knows it; same geometry."""
+    both, face_only, hand_only, plain = (scene(random.Random(seed), 64, detailed=d)
+                                         for d in (True, ("face",), ("hand",), False))
+    pixels = {k: np.asarray(p.image).astype(int) for k, p in
+              {"both": both, "face": face_only, "hand": hand_only, "plain": plain}.items()}
+    for part, other in (("face", "hand"), ("hand", "face")):
+        own, rest = both.masks[part], both.masks[other]
+        assert np.array_equal(pixels[part][own], pixels["both"][own])
+        assert np.array_equal(pixels[part][rest], pixels["plain"][rest])
+
+
+def test_both_parts_carry_comparable_detail():
+    """The precondition of the world itself: a hand's detail (against a mitten) is not much fainter than a
+    face's (against a bare disc); in world version 2 it was a third of it."""
+    for seed in (0, 1):
+        contrast = detail_contrast(seed, count=24)
+        assert min(contrast.values()) >= 0.5 * max(contrast.values()) and min(contrast.values()) > 0.02, contrast
 
 
 @pytest.mark.parametrize("part", ["face", "hand"])

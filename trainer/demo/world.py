@@ -4,9 +4,11 @@ Scenes: a stylised person (torso, a raised arm) with a face (a skin-coloured dis
 raised hand (a palm with four fingers, a thumb, knuckle lines and a cuff) at varied positions, sizes and colours,
 on a coloured background; a caption from templates naming what is there; pixel masks of the face and the hand.
 The parts are large (the face about 3 latent cells across at 64 px, the hand about 2.5) and told apart by more
-than their shared skin tone: hair and a face's features against fingers, knuckles and a cuff.
+than their shared skin tone: hair and a face's features against fingers, dark lines between them and over the
+knuckles, and a cuff. Since world version 3 a hand's detail is about as strong as a face's (`detail_contrast`):
+in version 2 it was a third of it in pixels and a sixth in the VAE's latents.
 
-Detail is what the experts must bring (world version 2): stage 1 learns from "plain" scenes whose face is a bare
+Detail is what the experts must bring (since world version 2): stage 1 learns from "plain" scenes whose face is a bare
 skin disc and whose hand is a mitten (same silhouettes, no features), while the experts learn from detailed scenes
 and close-ups with their loss masked to their own part, and the held-out pictures are detailed. So an expert
 knows something about its part that the base does not, which is what a gate can learn to switch on there.
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 2
+VERSION = 3
 BACKGROUNDS = {"blue": (52, 84, 178), "green": (60, 140, 72), "purple": (112, 64, 150), "grey": (120, 120, 124),
                "orange": (214, 120, 40), "teal": (40, 140, 140)}
 SHIRTS = {"red": (200, 40, 44), "yellow": (228, 200, 48), "white": (236, 236, 236), "black": (28, 28, 32),
@@ -84,6 +86,9 @@ def draw_hand(d: ImageDraw.ImageDraw, cx: float, cy: float, s: float, skin, fill
         d.rounded_rectangle((cx - s * 0.35, cy - s * 0.55, cx + s * 0.35, cy + s * 0.5), radius=s * 0.2, fill=colour)
         d.rounded_rectangle((min(x0, x1), cy + s * 0.05, max(x0, x1), cy + s * 0.22), radius=fw * 0.4, fill=colour)
         return
+    # detail as coarse as a face's hair (world version 3): dark lines between the fingers and over the knuckles
+    # and a tall cuff, so that a detailed hand differs from a mitten about as much as a detailed face differs from
+    # a bare disc (detail_contrast measures it)
     d.rounded_rectangle((cx - s * 0.35, cy - s * 0.1, cx + s * 0.35, cy + s * 0.5), radius=s * 0.12, fill=colour)
     for i in range(4):
         fx = cx - s * 0.3 + i * s * 0.2
@@ -92,17 +97,20 @@ def draw_hand(d: ImageDraw.ImageDraw, cx: float, cy: float, s: float, skin, fill
                             fill=colour)
     d.rounded_rectangle((min(x0, x1), cy + s * 0.05, max(x0, x1), cy + s * 0.22), radius=fw * 0.4, fill=colour)
     if fill is None:
+        dark, line = tuple(int(c * 0.5) for c in skin), max(1, round(s * 0.06))
         for i in range(3):
+            gap = cx - s * 0.3 + i * s * 0.2 + s * 0.1
+            d.line((gap, cy - s * 0.42, gap, cy - s * 0.05), fill=dark, width=line)      # between the fingers
             x = cx - s * 0.2 + i * s * 0.2
-            d.line((x, cy + s * 0.05, x, cy + s * 0.25), fill=tuple(int(c * 0.7) for c in skin),
-                   width=max(1, round(s * 0.04)))
+            d.line((x, cy + s * 0.02, x, cy + s * 0.22), fill=dark, width=line)          # knuckles
         if cuff is not None:
-            d.rectangle((cx - s * 0.35, cy + s * 0.38, cx + s * 0.35, cy + s * 0.5), fill=cuff)
+            d.rectangle((cx - s * 0.35, cy + s * 0.3, cx + s * 0.35, cy + s * 0.5), fill=cuff)
 
 
-def scene(rng: random.Random, size: int = 64, detailed: bool = True) -> Picture:
+def scene(rng: random.Random, size: int = 64, detailed: bool | tuple[str, ...] = True) -> Picture:
     """A person with a face and one raised hand at head height, clearly apart. `detailed=False`: the plain
-    scenes of stage 1 (bare face, mitten)."""
+    scenes of stage 1 (bare face, mitten); a tuple of parts: only those detailed (the others plain)."""
+    detail = {part: (part in detailed) if isinstance(detailed, tuple) else bool(detailed) for part in PARTS}
     bg_name, bg = _colour(rng, BACKGROUNDS)
     shirt_name, shirt = _colour(rng, SHIRTS)
     skin_name, skin = _colour(rng, SKINS)
@@ -121,11 +129,11 @@ def scene(rng: random.Random, size: int = 64, detailed: bool = True) -> Picture:
     top = cy + r * 0.9
     d.rounded_rectangle((cx - 12 * k, top, cx + 12 * k, size + 4), radius=4 * k, fill=shirt)          # torso
     d.line((cx + side * 9 * k, top + 5 * k, hx, hy + s * 0.5), fill=shirt, width=max(2, round(5 * k)))  # arm
-    draw_face(d, cx, cy, r, skin, hair, detailed=detailed)
-    draw_hand(d, hx, hy, s, skin, mirror=side < 0, detailed=detailed, cuff=shirt)
+    draw_face(d, cx, cy, r, skin, hair, detailed=detail["face"])
+    draw_hand(d, hx, hy, s, skin, mirror=side < 0, detailed=detail["hand"], cuff=shirt)
     masks = {"face": _mask(size, lambda m, v: draw_face(m, cx, cy, r, skin, fill=v)),
              "hand": _mask(size, lambda m, v: draw_hand(m, hx, hy, s, skin, fill=v, mirror=side < 0,
-                                                        detailed=detailed))}
+                                                        detailed=detail["hand"]))}
     masks["face"] &= ~masks["hand"]
     hand_word = "right" if side > 0 else "left"
     caption = rng.choice([
@@ -161,7 +169,28 @@ def closeup(rng: random.Random, part: str, size: int = 64) -> Picture:
 
 
 SETS = {"scenes": lambda rng, size: scene(rng, size), "plain": lambda rng, size: scene(rng, size, detailed=False),
-        "faces": lambda rng, size: closeup(rng, "face", size), "hands": lambda rng, size: closeup(rng, "hand", size)}
+        "faces": lambda rng, size: closeup(rng, "face", size), "hands": lambda rng, size: closeup(rng, "hand", size),
+        "face_scenes": lambda rng, size: scene(rng, size, detailed=("face",)),
+        "hand_scenes": lambda rng, size: scene(rng, size, detailed=("hand",))}
+
+
+def detail_contrast(seed: int = 0, count: int = 48, size: int = 64) -> dict[str, float]:
+    """Per part, the mean squared pixel difference (pixels in [0, 1]) inside the part between detailed scenes and
+    the same scenes drawn plain: how much an expert of that part has to learn beyond stage 1. A part whose detail
+    is much fainter than the other's (world version 2's hands: a third of the face's in pixels, a sixth at latent
+    resolution) leaves its expert little of its own to learn. The parts' masks are the detailed silhouettes."""
+    rng = random.Random(f"contrast:{seed}")
+    sums = {part: 0.0 for part in PARTS}
+    for _ in range(count):
+        state = rng.getstate()
+        detailed = scene(rng, size)
+        again = random.Random()
+        again.setstate(state)
+        plain = scene(again, size, detailed=False)
+        diff = ((np.asarray(detailed.image, np.float32) - np.asarray(plain.image, np.float32)) / 255) ** 2
+        for part in PARTS:
+            sums[part] += float(diff.mean(-1)[detailed.masks[part]].mean())
+    return {part: v / count for part, v in sums.items()}
 
 
 def write_set(folder: Path, kind: str, count: int, seed: int, size: int) -> Path:

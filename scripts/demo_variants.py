@@ -1,0 +1,209 @@
+"""The demo's variant studies (issue 17): recipes tried on a validation split, never on the demo's held-out sets.
+
+    .venv/bin/python scripts/demo_variants.py stage1  --demo D --seed S
+    .venv/bin/python scripts/demo_variants.py experts --demo D --seed S --output_dir X [--variants A B C D]
+    .venv/bin/python scripts/demo_variants.py gates   --demo D --seed S --experts X/A --output_dir G
+
+`stage1` builds the world, the tiny base and stage 1 of a demo folder and stops there (nothing held-out is
+measured). `experts` and `gates` train variants on that stage 1 and print a markdown table of their measures.
+Validation pictures come from the world's own drawing under the streams "<set>:<20000 + seed>" (the demo's training
+sets use <seed>, its held-out sets <10000 + seed>), 48 per set.
+
+Protocol of `experts` (fixed before any variant was measured, 2026-11-30): which expert recipe satisfies the
+precondition for gates (SPEC.md section 7)?
+- Measure: expert-effect (each expert alone at scale 1 against stage 1, t = 800, 500, 200, fixed noise seeded with
+  the world seed) on the validation scenes; the verdict per expert is the one the demo reports (own region's delta
+  the smallest on the mean over timesteps); margin = smallest (other region's delta - own delta) on that mean.
+- Variants (everything else as the demo: rank 16, 200 steps, lr 1e-3, weight decay 0.01, seed + 1):
+  A  the demo's: detailed scenes and close-ups of the part, the loss masked to the part;
+  B  close-ups of the part only, the loss masked to the part;
+  C  scenes in which only the expert's part is detailed (the other drawn plain, as stage 1 learned it) and
+     close-ups, the loss masked to the part;
+  D  the scenes of C with the loss on the whole picture (no mask), close-ups masked to the part;
+  P  a control with nothing new to learn: stage 1's own plain scenes, the loss masked to the part (what 200 more
+     steps of training do by themselves, added 2026-11-30 after A failed in world versions 2-4).
+- Rule: a variant qualifies when both experts pass on both seeds (0 and 1); among qualifying variants the largest
+  smallest margin wins. If none qualifies, the demo keeps A and its report says so.
+
+Protocol of `gates` (fixed before any gate variant was measured, 2026-11-30): on which data do gates learn content?
+- Variants (everything else as the demo: 300 steps, lr 1e-3, seed + 2, plain eps-MSE):
+  G1 the demo's: the detailed scenes;
+  G2 the detailed scenes and the face and hand close-ups (a sample-level gate can only learn "this picture is a
+     close-up of a face" from pictures that differ in that way; every scene holds both parts).
+- Measures (the demo's evidence) on the validation scenes and close-ups: identity AUC (best of t = 800, 500, 200
+  and their mean); own-mask minus other-mask AUC of each expert's map (mean over timesteps); global gate of the
+  matching expert minus the other's on each part's close-ups.
+- Rule: G2 is adopted when, averaged over seeds 0 and 1, it is higher than G1 on at least 3 of these 4 measures
+  (identity, face own-other, hand own-other, the smaller global difference).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+spec = importlib.util.spec_from_file_location("comfyui_mole", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+sys.modules["comfyui_mole"] = package = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(package)
+
+EXPERT_VARIANTS = {"A": {"scenes": True, "closeups": True}, "B": {"closeups": True},
+                   "C": {"own_scenes": True, "closeups": True}, "D": {"own_scenes": False, "closeups": True},
+                   "P": {"plain": True}}
+GATE_VARIANTS = {"G1": ("scenes",), "G2": ("scenes", "faces", "hands")}
+CLOSEUPS = {"face": "faces", "hand": "hands"}
+VALIDATION = 20_000
+
+
+def validation_set(out: Path, kind: str, seed: int) -> Path:
+    from comfyui_mole.trainer.demo import world as world_module
+
+    folder = out / "validation" / kind
+    if not (folder / "masks").is_dir():
+        world_module.write_set(folder, kind, 48, VALIDATION + seed, 64)
+    return folder
+
+
+def demo_files(args) -> tuple[Path, Path]:
+    """(world folder, stage-1 file) of the demo folder, checked to be of this seed."""
+    world = args.demo.resolve() / "world"
+    stage1 = args.demo.resolve() / "models" / "checkpoints" / "mole_sd15_stage1.safetensors"
+    if json.loads((world / "world.json").read_text())["seed"] != args.seed:
+        raise SystemExit(f"{args.demo} is a demo of another seed")
+    return world, stage1
+
+
+def stage1(args) -> int:
+    from comfyui_mole.trainer.demo.pipeline import FULL, build_stage1
+    from comfyui_mole.trainer.demo.world import write_world
+
+    out = args.demo.resolve()
+    world = write_world(out / "world", args.seed, 64, FULL.scenes, FULL.closeups, FULL.heldout)
+    print(build_stage1(out, FULL, args.seed, world)[1])
+    return 0
+
+
+def experts(args) -> int:
+    import torch
+
+    from comfyui_mole.mole_ops import expert_file
+    from comfyui_mole.trainer.demo import world as world_module
+    from comfyui_mole.trainer.demo.pipeline import FULL, _train
+    from comfyui_mole.trainer.training import expert_effect
+    from comfyui_mole.trainer.training.model import Base
+
+    out = args.output_dir.resolve()
+    world, stage1_file = demo_files(args)
+    for part in world_module.PARTS:
+        if not (out / "data" / f"{part}_scenes").is_dir():
+            world_module.write_set(out / "data" / f"{part}_scenes", f"{part}_scenes", FULL.scenes, args.seed,
+                                   64)
+    validation = validation_set(out, "scenes", args.seed)
+    pictures = [expert_effect.Picture(i, c, m) for i, c, m in world_module.load_masks(validation)]
+    results = {}
+    for name in args.variants:
+        trained = {}
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for part in world_module.PARTS:
+            folders = {"scenes": world / "scenes", "plain": world / "plain",
+                       "own_scenes": out / "data" / f"{part}_scenes",
+                       "closeups": world / CLOSEUPS[part]}
+            subsets = {str(folders[kind]): str(folders[kind] / f"{part}_masks") if masked else None
+                       for kind, masked in EXPERT_VARIANTS[name].items()}
+            toml = world_module.write_dataset_toml(out / name / f"{part}.toml", subsets, 64, 8)
+            trained[part] = _train("expert", out / name, part, stage1_file, dataset_config=str(toml),
+                                   expert_name=part, masked_loss=True, network_dim=FULL.rank,
+                                   network_alpha=float(FULL.rank), max_train_steps=FULL.expert_steps,
+                                   learning_rate=1e-3, seed=args.seed + 1, optimizer_args=["weight_decay=0.01"])
+        if not (out / name / "expert_effect.json").exists():
+            base = Base(stage1_file)
+            loaded = [expert_file.load(path, role) for role, path in trained.items()]
+            with torch.random.fork_rng():
+                expert_effect.write(expert_effect.measure(base, loaded, pictures, seed=args.seed), out / name)
+        result = json.loads((out / name / "expert_effect.json").read_text())
+        results[name] = {}
+        for expert, by_t in result["delta"].items():
+            mean = by_t["mean"]
+            margin = min(v - mean[expert] for r, v in mean.items() if r != expert)
+            results[name][expert] = {"passes": result["verdicts"][expert]["passes"], "margin": margin, **mean}
+    (out / "variants.json").write_text(json.dumps(results, indent=1))
+    print("| variant | expert | face | hand | background | passes | margin |\n|---|---|---|---|---|---|---|")
+    for name, by_expert in results.items():
+        for expert, r in by_expert.items():
+            print(f"| {name} | {expert} | {r['face']:+.5f} | {r['hand']:+.5f} | {r['background']:+.5f} | "
+                  f"{'yes' if r['passes'] else 'no'} | {r['margin']:+.5f} |")
+    return 0
+
+
+def gates(args) -> int:
+    from comfyui_mole.mole_ops import expert_file, gate_file
+    from comfyui_mole.trainer.demo import evidence
+    from comfyui_mole.trainer.demo import world as world_module
+    from comfyui_mole.trainer.demo.pipeline import FULL, _train
+
+    out = args.output_dir.resolve()
+    world, stage1_file = demo_files(args)
+    validation = {f"heldout_{kind}": validation_set(out, kind, args.seed) for kind in ("scenes", "faces", "hands")}
+    files = {part: args.experts.resolve() / f"{part}.safetensors" for part in world_module.PARTS}
+    results = {}
+    for name, sets in GATE_VARIANTS.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        toml = world_module.write_dataset_toml(out / name / "gates.toml", {str(world / s): None for s in sets}, 64, 8)
+        trained = _train("gates", out / name, "gates", stage1_file, dataset_config=str(toml),
+                         experts=[f"{r}={p}" for r, p in files.items()], max_train_steps=FULL.gate_steps,
+                         learning_rate=1e-3, seed=args.seed + 2)
+        path = out / name / "evidence.json"
+        if not path.exists():
+            loaded = [expert_file.load(p, r) for r, p in files.items()]
+            measured = evidence.measure(stage1_file, loaded, gate_file.load(trained), validation, seed=args.seed)
+            measured.pop("example")
+            path.write_text(json.dumps(measured, indent=1))
+        results[name] = gate_measures(json.loads(path.read_text()))
+    (out / "variants.json").write_text(json.dumps(results, indent=1))
+    print("| variant | identity (best band) | face own-other | hand own-other | global: face on faces - hand | "
+          "global: hand on hands - face |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['identity']:.3f} ({r['identity_band']}) | {r['face_own_other']:+.3f} | "
+              f"{r['hand_own_other']:+.3f} | {r['global_face']:+.3f} | {r['global_hand']:+.3f} |")
+    return 0
+
+
+def gate_measures(measured: dict) -> dict:
+    local = measured["local"]
+    bands = {band: row["identity (face - hand) in glyphs"] for band, row in local.items()}
+    best = max(bands, key=bands.get)
+    mean, glob = local["mean"], measured["global"]
+    return {"identity": bands[best], "identity_band": best,
+            "face_own_other": mean["face map vs face mask"] - mean["face map vs hand mask"],
+            "hand_own_other": mean["hand map vs hand mask"] - mean["hand map vs face mask"],
+            "global_face": glob["face close-ups"]["face"] - glob["face close-ups"]["hand"],
+            "global_hand": glob["hand close-ups"]["hand"] - glob["hand close-ups"]["face"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, fn in (("stage1", stage1), ("experts", experts), ("gates", gates)):
+        sub = commands.add_parser(name)
+        sub.add_argument("--demo", type=Path, required=True, help="the demo folder (its world and stage 1)")
+        sub.add_argument("--seed", type=int, required=True)
+        if name != "stage1":
+            sub.add_argument("--output_dir", type=Path, required=True)
+        if name == "experts":
+            sub.add_argument("--variants", nargs="+", default=list(EXPERT_VARIANTS), choices=list(EXPERT_VARIANTS))
+        if name == "gates":
+            sub.add_argument("--experts", type=Path, required=True, help="a folder with face.safetensors and "
+                                                                         "hand.safetensors")
+        sub.set_defaults(run=fn)
+    args = parser.parse_args()
+    from comfyui_mole.trainer.harness.host import use_comfy
+
+    use_comfy()
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
