@@ -46,7 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-spec = importlib.util.spec_from_file_location("comfyui_mole", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+spec = importlib.util.spec_from_file_location("comfyui_mole", ROOT / "__init__.py",
+                                              submodule_search_locations=[str(ROOT)])
 sys.modules["comfyui_mole"] = package = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(package)
 
