@@ -90,8 +90,15 @@ def test_a_planted_expert_is_found_on_its_region_and_nowhere_else(tmp_path):
         assert -1.1 < mean["face"] < -0.9                     # the base's +1 of squared error on face cells, undone
         assert abs(mean["hand"]) < 0.02 and abs(mean["background"]) < 0.02
     verdicts = expert_effect.verdicts(result)
-    assert verdicts["face"] == {"own": "face", "holds": {"5": True, "1": True, "mean": True}, "passes": True}
+    face = verdicts["face"]
+    assert {k: face[k] for k in ("own", "holds", "passes")} == {"own": "face", "passes": True,
+                                                                "holds": {"5": True, "1": True, "mean": True}}
     assert verdicts["hand"]["own"] == "hand" and not verdicts["hand"]["passes"]   # it helps faces, not hands
+    # the margin (smallest other region's delta minus the own region's) and its interval over pictures
+    assert 0.9 < face["margin"] < 1.1 and 0 < face["margin_ci95"][0] <= face["margin"] <= face["margin_ci95"][1]
+    assert -1.1 < verdicts["hand"]["margin"] < -0.9 and verdicts["hand"]["margin_ci95"][1] < 0
+    assert "margin +" in expert_effect.verdict_lines(result)[0] and "within the noise" not in "".join(
+        expert_effect.verdict_lines(result))
     md = expert_effect.write(result, tmp_path / "out")
     assert "| face | mean |" in md.read_text() and (tmp_path / "out" / "expert_effect.png").stat().st_size > 1000
 
@@ -128,3 +135,20 @@ def test_held_out_errors_reuse_the_encodings_they_are_given(tmp_path):
     second = held_out_cell_errors(base, pics, seed=3, repeats=2, batch=2, encoded=encoded)
     assert calls == [2, 2, 1] * 2 and len(encoded) == 3
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, second))
+
+
+def test_a_margin_within_noise_is_said_so_and_old_results_have_no_interval(tmp_path):
+    """Two pictures where the expert helps its region on one and hurts it on the other: the margin's interval
+    spans 0 and the verdict says so; a result written before per-picture sums were kept gets no interval."""
+    regions = ["face", "background"]
+    result = {"regions": regions, "delta": {"face": {"1": {"face": -0.1, "background": 0.0},
+                                                     "mean": {"face": -0.1, "background": 0.0}}},
+              "per_picture": {"counts": [[2, 2], [2, 2]],
+                              "sums": {"base": {"1": [[1.0, 1.0], [1.0, 1.0]]},
+                                       "face": {"1": [[0.2, 1.0], [1.4, 1.0]]}}}}
+    v = expert_effect.verdicts(result)["face"]
+    assert v["passes"] and v["margin_ci95"][0] < 0 < v["margin_ci95"][1]
+    assert "within the noise" in expert_effect.verdict_lines(result)[0]
+    del result["per_picture"]
+    assert expert_effect.verdicts(result)["face"]["margin_ci95"] is None
+    assert "margin +0.10000 (" in expert_effect.verdict_lines(result)[0]

@@ -71,9 +71,11 @@ def goals(found: dict, evaluation: dict, effect: dict | None) -> list[dict]:
 
         for expert, v in expert_effect.verdicts(effect).items():
             mean = effect["delta"][expert]["mean"]
+            ci = v.get("margin_ci95")
+            margin = f"; margin {v['margin']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
             rows.append({"goal": f"precondition: the {expert} expert lowers the error on {v['own']} most",
-                         "measured": ", ".join(f"{r} {d:+.4f}" for r, d in mean.items()), "target": "own smallest",
-                         "met": v["passes"]})
+                         "measured": ", ".join(f"{r} {d:+.4f}" for r, d in mean.items()) + margin,
+                         "target": "own smallest", "met": v["passes"]})
     bands = {band: row["identity (face - hand) in glyphs"] for band, row in found["local"].items()}
     best = max(bands, key=lambda b: -1 if math.isnan(bands[b]) else bands[b])
     rows.append({"goal": "identity AUC (face gate - hand gate tells face from hand cells), best band",

@@ -10,7 +10,9 @@ at chosen timesteps and fixed noise: per latent cell, the change in eps-predicti
 (eps_hat - eps)^2, expert minus base), averaged over the cells of each region (a cell is a region's when at least
 half of it is covered) and over the background (cells no region touches). Negative = the expert lowers the error
 there. An expert named like a region passes when it lowers the error on its own region more than on every other
-region (its own delta is the smallest), per timestep and on the mean over timesteps. Writes expert_effect.json,
+region (its own delta is the smallest), per timestep and on the mean over timesteps; its margin (the smallest other
+region's delta minus its own) comes with a 95% bootstrap interval over pictures, so a pass or a fail within the
+noise of the pictures is said to be one. Writes expert_effect.json,
 expert_effect.md (the table and verdicts) and expert_effect.png (a bar plot).
 """
 from __future__ import annotations
@@ -91,6 +93,8 @@ def measure(base, experts: list, pictures: list[Picture], timesteps=TIMESTEPS, s
     moles = {e.name: build([e], None, base.layout) for e in experts}
     sums = {who: {t: {r: 0.0 for r in names} for t in timesteps} for who in ["base", *moles]}
     counts = {t: {r: 0 for r in names} for t in timesteps}
+    # per picture and region, for intervals over pictures: cell counts and error sums per model and timestep
+    picture_counts, picture_sums = [], {who: {t: [] for t in timesteps} for who in sums}
     for group in batches(pictures, batch):
         group_size = size or image_size(group[0].image)
         x0 = base.encode_images(torch.stack([load_image(p.image, group_size) for p in group]))
@@ -106,12 +110,15 @@ def measure(base, experts: list, pictures: list[Picture], timesteps=TIMESTEPS, s
                     tt = torch.full((len(group),), t)
                     eps = base.predict(base.noisy(x0, noise, tt), tt, cond)
                     errors[who, t] = ((eps.float() - noise.float()) ** 2).mean(dim=1).cpu()      # (B, h, w)
+        picture_counts += [[int(c[r].sum()) for r in names] for c in cells]
         for t in timesteps:
             for i, c in enumerate(cells):
                 for r in names:
                     counts[t][r] += int(c[r].sum())
                     for who in sums:
                         sums[who][t][r] += float(errors[who, t][i][c[r]].sum())
+                for who in sums:
+                    picture_sums[who][t].append([float(errors[who, t][i][c[r]].sum()) for r in names])
     mean = {who: {t: {r: sums[who][t][r] / counts[t][r] if counts[t][r] else float("nan") for r in names}
                   for t in timesteps} for who in sums}
     delta = {e: {t: {r: mean[e][t][r] - mean["base"][t][r] for r in names} for t in timesteps} for e in moles}
@@ -120,7 +127,35 @@ def measure(base, experts: list, pictures: list[Picture], timesteps=TIMESTEPS, s
     return {"regions": names, "timesteps": list(timesteps), "pictures": len(pictures), "strength": strength,
             "cells": {r: counts[timesteps[0]][r] for r in names},
             "base": {str(t): mean["base"][t] for t in timesteps},
-            "delta": {e: {str(t): v for t, v in d.items()} for e, d in delta.items()}}
+            "delta": {e: {str(t): v for t, v in d.items()} for e, d in delta.items()},
+            "per_picture": {"counts": picture_counts,
+                            "sums": {who: {str(t): v for t, v in by_t.items()} for who, by_t in picture_sums.items()}}}
+
+
+def margin_interval(result: dict, expert: str, own: str, resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval over pictures of an expert's margin on the mean over timesteps (the smallest other
+    region's delta minus its own region's; positive = it helps its own region most). None for a result without
+    per-picture sums (written before they were kept)."""
+    per = result.get("per_picture")
+    if not per or not per["counts"]:
+        return None
+    names = result["regions"]
+    counts = np.asarray(per["counts"], dtype=np.float64)                     # (pictures, regions)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(counts), size=(resamples, len(counts)))
+    n = counts[idx].sum(axis=1)                                               # (resamples, regions)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        deltas = [np.asarray(per["sums"][expert][t])[idx].sum(axis=1) / n -
+                  np.asarray(per["sums"]["base"][t])[idx].sum(axis=1) / n for t in per["sums"]["base"]]
+        delta = np.nanmean(np.stack(deltas), axis=0) if len(deltas) > 1 else deltas[0]
+    o = names.index(own)
+    others = np.delete(delta, o, axis=1) - delta[:, [o]]
+    with np.errstate(invalid="ignore"):
+        margins = np.nanmin(np.where(np.isnan(others), np.inf, others), axis=1)
+    margins = margins[np.isfinite(margins)]
+    if not len(margins):
+        return None
+    return [float(np.percentile(margins, 2.5)), float(np.percentile(margins, 97.5))]
 
 
 def verdicts(result: dict) -> dict[str, dict]:
@@ -135,6 +170,11 @@ def verdicts(result: dict) -> dict[str, dict]:
                 others = [v for r, v in d.items() if r != own and not np.isnan(v)]
                 holds[t] = bool(not np.isnan(d[own]) and all(d[own] < v for v in others))
         out[expert] = {"own": own, "holds": holds, "passes": bool(holds) and holds.get("mean", False)}
+        if own is not None:
+            mean = by_t["mean"]
+            others = [v - mean[own] for r, v in mean.items() if r != own and not np.isnan(v)]
+            out[expert]["margin"] = float(min(others)) if others else float("nan")
+            out[expert]["margin_ci95"] = margin_interval(result, expert, own)
     return out
 
 
@@ -159,9 +199,13 @@ def verdict_lines(result: dict) -> list[str]:
             lines.append(f"- {expert}: no region is named {expert!r}; no verdict")
             continue
         at = ", ".join(f"{t} {'yes' if ok else 'no'}" for t, ok in v["holds"].items())
+        ci = v.get("margin_ci95")
+        margin = f"margin {v['margin']:+.5f}" + (f" [{ci[0]:+.5f}, {ci[1]:+.5f}]" if ci else "")
+        noise = "; the interval spans 0: within the noise of these pictures" if ci and ci[0] < 0 < ci[1] else ""
         lines.append(f"- {expert}: {'PASSES' if v['passes'] else 'FAILS'}: it "
                      f"{'lowers' if v['passes'] else 'does not lower'} the error on {v['own']} more than on every "
-                     f"other region, on the mean over timesteps (per timestep: {at})")
+                     f"other region, on the mean over timesteps (per timestep: {at}); {margin} (the smallest other "
+                     f"region's change minus its own, 95% bootstrap interval over pictures){noise}")
     return lines
 
 
