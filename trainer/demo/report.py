@@ -154,13 +154,12 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
     if effect is not None:
         from ..training import expert_effect
 
-        measured = effect
         lines += ["", "## Before the gates: does each expert help its own part more than the others?", "",
                   "The change in eps-prediction error per latent cell that each expert alone (its own scale) makes "
                   "against stage 1, on the held-out scenes with fixed noise (negative = lower error). A gate can "
                   "only learn to open on faces where the face expert helps faces more than hands, and the reverse "
                   "(SPEC.md section 7); `python -m trainer expert-effect` measures the same on real data.", "",
-                  *expert_effect.table(measured), "", *expert_effect.verdict_lines(measured), "",
+                  *expert_effect.table(effect), "", *expert_effect.verdict_lines(effect), "",
                   "![expert effect per region](expert_effect.png)"]
     first = next(iter(evaluation["models"].values()))["loss"]
     lines += ["", "## Held-out denoising loss per region: the paper's Tables 2-3 in this world", "",
