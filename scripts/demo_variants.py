@@ -25,6 +25,12 @@ precondition for gates (SPEC.md section 7)?
 - Rule: a variant qualifies when both experts pass on both seeds (0 and 1); among qualifying variants the largest
   smallest margin wins. If none qualifies, the demo keeps A and its report says so.
 
+Protocol of the VAE change (fixed 2026-12-01, before any model was trained with it): the world's VAE becomes the
+shipped one (`python -m trainer world-vae`: 6000 steps once instead of 400 per demo run), adopted on its validation
+PSNR alone (the readability goal). The world stays version 3. With it, `stage1` and `experts --variants A` run on
+seeds 0 and 1 and are reported as they come; the demo keeps recipe A unless it fails, and then D (world 2's best)
+is measured under the rule above.
+
 Protocol of `gates` (fixed before any gate variant was measured, 2026-11-30): on which data do gates learn content?
 - Variants (everything else as the demo: 300 steps, lr 1e-3, seed + 2, plain eps-MSE):
   G1 the demo's: the detailed scenes;

@@ -29,6 +29,7 @@ COMMANDS = {
                         "files in a real ComfyUI and its frontend (needs chromium)"),
     "serve": Command("demo.serve", "ComfyUI's UI on the demo's trained files (built first if missing), with "
                      "demo-sized workflows"),
+    "world-vae": Command("demo.vae", "train the demo world's VAE (a TAESD) once; the demo ships and uses it"),
     "workflows": Command("harness.workflows", "rewrite workflows/ (UI format and API twins) from the node "
                          "definitions of a real ComfyUI"),
     "audit": Command("audit", "EMoE prompt audit: uncertainty score per prompt, quartiles, per-group statistics "

@@ -1,9 +1,10 @@
 """The main job: the whole MoLE pipeline on this machine, in a synthetic human-centric world.
 
 1. the world (scenes with a face and a raised hand, face and hand close-ups, held-out sets with masks);
-2. a tiny base checkpoint the stock loader detects (random UNet and text encoder, a TAESD trained on the world);
-3. stage 1 (the UNet fine-tuned on the world), stage 2 (a face and a hand expert on the close-ups), stage 3 (gates
-   on the scenes), through the trainer;
+2. a tiny base checkpoint the stock loader detects (random UNet and text encoder, the world's VAE: a
+   TAESD trained once on the world and shipped, vae.py);
+3. stage 1 (the UNet fine-tuned on plain scenes), stage 2 (a face and a hand expert on detailed scenes and
+   close-ups, the loss masked to their part), stage 3 (gates on the scenes), through the trainer;
 4. a real ComfyUI server running the shipped workflows on the trained files (MoLE txt2img with gate maps and
    curves, the ablation grid);
 5. the evidence on held-out pictures (gate AUCs, global gates on close-ups), the in-world evaluation (`evaluate
@@ -37,7 +38,6 @@ class Recipe:
     scenes: int = 256
     closeups: int = 128
     heldout: int = 48
-    vae_steps: int = 400
     stage1_steps: int = 400
     expert_steps: int = 200
     gate_steps: int = 300
@@ -46,7 +46,7 @@ class Recipe:
 
 
 FULL = Recipe()
-QUICK = Recipe(scenes=24, closeups=16, heldout=8, vae_steps=20, stage1_steps=4, expert_steps=3, gate_steps=3,
+QUICK = Recipe(scenes=24, closeups=16, heldout=8, stage1_steps=4, expert_steps=3, gate_steps=3,
                rank=4, sample_steps=3)
 WORKFLOWS = {"mole_sd15_txt2img": "MoLE txt2img with gate maps and curves",
              "mole_sd15_ablation": "ablation grid: base, face only, hand only, local, global, both"}
@@ -88,15 +88,14 @@ def _train(stage: str, out: Path, name: str, base: Path, **options) -> Path:
 
 
 def build_stage1(out: Path, recipe: Recipe, seed: int, world: dict) -> tuple[Path, Path]:
-    """The tiny base (with the world's VAE) and stage 1: (tiny, stage1)."""
+    """The tiny base (random UNet and text encoder, the world's shipped VAE) and stage 1: (tiny, stage1)."""
     from ..harness.tiny_models import write_detectable_checkpoint
-    from .vae import train_taesd
+    from . import vae
 
     ckpts = out / "models" / "checkpoints"
     tiny = ckpts / TINY_BASE
     if not tiny.exists():
-        images = [p for name in ("plain", "scenes", "faces", "hands") for p in sorted(world[name].glob("*.png"))]
-        write_detectable_checkpoint(tiny, seed=seed, vae=train_taesd(images, 64, recipe.vae_steps, seed=seed))
+        write_detectable_checkpoint(tiny, seed=seed, vae=vae.load())
     # stage 1 learns plain people (bare faces, mittens); the experts bring the detail
     stage1 = _train("finetune", ckpts, SD15["checkpoint"].removesuffix(".safetensors"), tiny,
                     dataset_config=str(world["plain_toml"]), max_train_steps=recipe.stage1_steps, learning_rate=2e-4,
