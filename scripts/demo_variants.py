@@ -41,6 +41,9 @@ Protocol of `gates` (fixed before any gate variant was measured, 2026-11-30): on
   matching expert minus the other's on each part's close-ups.
 - Rule: G2 is adopted when, averaged over seeds 0 and 1, it is higher than G1 on at least 3 of these 4 measures
   (identity, face own-other, hand own-other, the smaller global difference).
+- Repeated with the world VAE (fixed 2026-12-01 before its first number): the same variants, measures and rule,
+  with the experts of `experts --variants A` trained with it (which pass the precondition on both seeds); if G2
+  qualifies now, the demo adopts it.
 """
 from __future__ import annotations
 

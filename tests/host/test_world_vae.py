@@ -28,6 +28,14 @@ def test_shipped_vae_is_of_this_world_and_sharp(shipped):
     assert abs(latents.mean().item()) < 0.3 and 0.6 < latents.std().item() < 1.6
 
 
+def test_reconstruction_sheet(shipped, tmp_path):
+    from PIL import Image
+
+    path = vae.reconstruction_sheet(shipped, tmp_path / "sheet.png", per_row=3, zoom=1)
+    with Image.open(path) as im:
+        assert im.size == (3 * 64, 6 * 64)
+
+
 def test_loader_errors_name_the_file_and_the_problem(comfy, tmp_path):
     with pytest.raises(MoLEError, match="missing; `python -m trainer world-vae`"):
         vae.load(tmp_path / "absent.safetensors")
