@@ -96,7 +96,11 @@ def test_serve_opens_the_demo_files_and_stops_cleanly(quick_demo):
         assert len(client.output_files(outputs)) == 4           # the image, gate grid, overlay and curves
     finally:
         serving.send_signal(signal.SIGINT)
-        rest = serving.communicate(timeout=60)[0]
+        try:
+            rest = serving.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            serving.kill()
+            pytest.fail("serve did not stop within 60 s of Ctrl-C:\n" + serving.communicate()[0][-3000:])
     assert serving.returncode == 0, rest[-3000:]
     assert "stopping ComfyUI" in rest
     with pytest.raises(OSError):

@@ -49,8 +49,19 @@ def demo_workflows(base: Path, steps: int) -> list[Path]:
     return written
 
 
-def _stop_on_sigterm(*_):
-    raise KeyboardInterrupt
+class _Stop:
+    """Ctrl-C (SIGINT) or SIGTERM asks the server loop to stop. The handler only sets a flag: an exception raised
+    inside Popen.poll() can leave its lock held, and the stop's wait() then blocks forever. A second Ctrl-C
+    interrupts the stop itself."""
+
+    def __init__(self):
+        self.asked = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+    def __call__(self, *_):
+        self.asked = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,20 +74,20 @@ def run(args: argparse.Namespace) -> int:
     base = comfy_base(out, models)
     saved = demo_workflows(base, recipe.sample_steps)
     server = ComfyServer(base, port=args.port)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     log.info("starting ComfyUI on the demo's files (log: %s)", server.log_path)
-    server.start()
+    stop = _Stop()
     try:
+        server.start()
         print(f"ComfyUI with the MoLE demo: {server.url}  (Ctrl-C stops it)\n"
               f"  open the Workflows sidebar for the demo-sized workflows: {', '.join(p.stem for p in saved)}\n"
               "  the templates (Workflow > Browse Templates > ComfyUI-MoLE) are sized for real SD1.5 files",
               flush=True)
-        while server.proc.poll() is None:
+        while not stop.asked and server.proc.poll() is None:
             time.sleep(0.5)
+        if stop.asked:
+            log.info("stopping ComfyUI")
+            return 0
         log.error("ComfyUI exited with code %s; its log: %s", server.proc.returncode, server.log_path)
         return 1
-    except KeyboardInterrupt:
-        log.info("stopping ComfyUI")
-        return 0
     finally:
         server.stop()
