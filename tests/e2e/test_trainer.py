@@ -320,6 +320,51 @@ def test_masked_loss_through_the_trainer(detectable, train_images, tmp_path, cap
     assert expert_file.load(tmp_path / "trained" / "masked.safetensors", "face").metadata["ss_steps"] == "3"
 
 
+def test_text_encoder_outputs_cached_per_caption_and_on_disk(detectable, train_images, tmp_path, caplog):
+    """A frozen text encoder's cached outputs are bitwise what it computes, keyed by its weights and clip skip
+    (another Base of the same file shares them); a training text encoder is never cached;
+    --cache_text_encoder_outputs_to_disk encodes every caption up front into output_dir/text_cache, and a later
+    run reads them back instead of encoding; shuffle_caption with it is refused before the model loads."""
+    from comfyui_mole.trainer.training.config import ConfigError
+    from comfyui_mole.trainer.training.model import TEXT_CACHE, Base
+
+    captions = sorted({p.read_text().strip() for p in train_images.glob("*.caption")})
+    base = Base(detectable)
+    fresh = torch.cat([base.encode_caption(c)[0] for c in captions])
+    assert torch.equal(base.encode_text(captions, (64, 64)).context, fresh)
+    hits = TEXT_CACHE.hits
+    assert torch.equal(Base(detectable).encode_text(captions, (64, 64)).context, fresh)
+    assert TEXT_CACHE.hits == hits + len(captions)
+    assert Base(detectable, clip_skip=2).text_encoder_id != base.text_encoder_id
+    training = Base(detectable)
+    training.make_text_encoder_trainable()
+    before = (TEXT_CACHE.hits, TEXT_CACHE.misses)
+    training.encode_text(captions[:1], (64, 64))
+    assert (TEXT_CACHE.hits, TEXT_CACHE.misses) == before
+
+    def train(out):
+        r = run(make_config(detectable, train_images, out, "expert", max_train_steps=1,
+                            cache_text_encoder_outputs_to_disk=True))
+        r.train()
+        r.stage.detach()
+
+    train(tmp_path / "a")
+    assert len(list((tmp_path / "a" / "text_cache").glob("*.safetensors"))) == len(captions)
+    TEXT_CACHE.memory.clear()
+    TEXT_CACHE.bytes = 0
+    with caplog.at_level(logging.INFO):
+        train(tmp_path / "a")
+    assert f"text encoder outputs cached: {len(captions)} captions, 0 encoded, {len(captions)} reused" in caplog.text
+    toml = tmp_path / "shuffled.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "{train_images}"\n'
+                    '  shuffle_caption = true\n')
+    c = TrainConfig(stage="expert", pretrained_model_name_or_path=str(detectable), dataset_config=str(toml),
+                    output_dir=str(tmp_path / "s"), output_name="s", cache_text_encoder_outputs=True)
+    validate(c)
+    with pytest.raises(ConfigError, match="shuffle_caption .* makes a new caption every step"):
+        run(c)
+
+
 def test_expert_effect_command_on_real_files(detectable, train_images, mole_files, tmp_path):
     """`python -m trainer expert-effect` on the detectable checkpoint with generated experts and region masks:
     a table per region, verdicts, JSON and a plot; a bad expert argument is one clear line."""

@@ -100,3 +100,7 @@ def test_stage1_text_encoder_options(paths):
     toml.write_text("train_text_encoder = true\n")
     with pytest.raises(ConfigError, match="'train_text_encoder' is not used by train-gates"):
         parse("gates", ["--config_file", str(toml)] + base_args(paths) + ["--experts", f"face={paths['expert']}"])
+    with pytest.raises(ConfigError, match="--cache_text_encoder_outputs needs a frozen text encoder"):
+        parse("finetune", base_args(paths) + ["--train_text_encoder", "--cache_text_encoder_outputs_to_disk"])
+    c = parse("finetune", base_args(paths) + ["--cache_text_encoder_outputs_to_disk"])
+    assert c.text_encoder_outputs_cached and not c.cache_text_encoder_outputs     # _to_disk implies caching

@@ -113,6 +113,35 @@ def test_latent_cache_key_follows_image_size_flip_and_vae(tmp_path):
     assert LatentCache(tmp_path / "cache").get(key) is None     # re-encoded, never fatal
 
 
+def test_text_cache_keys_bound_and_disk(tmp_path):
+    """Text-encoder outputs by encoder id and caption: another encoder or caption is another entry; beyond its
+    byte limit the least recently used entry goes; on disk a later cache reads them back, and a damaged file or
+    one of another caption under the same name is a miss, never an error."""
+    from comfyui_mole.trainer.training.model import TextCache
+
+    context, pooled = torch.randn(1, 77, 8), torch.randn(1, 4)
+    cache = TextCache(limit=3 * context.nbytes)
+    cache.put("te1", "a face", context, None)
+    assert cache.get("te2", "a face") is None and cache.get("te1", "a hand") is None
+    assert torch.equal(cache.get("te1", "a face")[0], context)
+    for caption in ("b", "c", "d"):
+        cache.put("te1", caption, context + 1, None)
+    assert cache.get("te1", "a face") is None and cache.get("te1", "d") is not None   # the oldest went
+    assert cache.bytes == 3 * context.nbytes
+
+    folder = tmp_path / "text"
+    TextCache().put("te1", "a face", context, pooled, folder=folder)
+    again = TextCache()
+    hit = again.get("te1", "a face", folder)
+    assert torch.equal(hit[0], context) and torch.equal(hit[1], pooled) and again.hits == 1
+    (path,) = folder.glob("*.safetensors")
+    path.write_bytes(b"damaged")
+    assert TextCache().get("te1", "a face", folder) is None
+    TextCache().put("te1", "another caption", context, None, folder=tmp_path / "other")
+    (tmp_path / "other" / next((tmp_path / "other").iterdir()).name).rename(path)
+    assert TextCache().get("te1", "a face", folder) is None       # a file that is not this caption's
+
+
 def test_masks_from_a_conditioning_folder_and_from_alpha_follow_crop_and_flip(tmp_path):
     """kohya's masked-loss inputs: a mask image of the same name (red channel) or the image's alpha channel,
     cropped and mirrored exactly like the image; images without a mask are counted."""

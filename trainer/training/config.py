@@ -55,6 +55,12 @@ class TrainConfig:
     bucket_no_upscale: bool = _opt("never enlarge an image: small images get a bucket of their own size", False)
     cache_latents: bool = _opt("encode every image once before training, keep latents in memory", False)
     cache_latents_to_disk: bool = _opt("like --cache_latents, also kept on disk across runs", False)
+    cache_text_encoder_outputs: bool = _opt("encode every caption once before training and keep the outputs for "
+                                            "the run (a frozen text encoder's outputs are reused anyway: this "
+                                            "does it up front, with a progress bar); not with --train_text_encoder",
+                                            False)
+    cache_text_encoder_outputs_to_disk: bool = _opt("like --cache_text_encoder_outputs, also kept on disk (in "
+                                                    "output_dir/text_cache) for later runs", False)
     masked_loss: bool = _opt("compute the loss only where each image's mask is white (gray = partly), the mask "
                              "downsampled to latent resolution: masks from a subset's conditioning_data_dir (same "
                              "file names) or, with alpha_mask, the images' alpha channel", False)
@@ -121,6 +127,11 @@ class TrainConfig:
     def latents_cached(self) -> bool:
         """--cache_latents_to_disk implies --cache_latents (as in kohya)."""
         return bool(self.cache_latents or self.cache_latents_to_disk)
+
+    @property
+    def text_encoder_outputs_cached(self) -> bool:
+        """--cache_text_encoder_outputs_to_disk implies --cache_text_encoder_outputs (as in kohya)."""
+        return bool(self.cache_text_encoder_outputs or self.cache_text_encoder_outputs_to_disk)
 
     def expert_paths(self) -> dict[str, Path]:
         out = {}
@@ -274,6 +285,9 @@ def validate(c: TrainConfig) -> None:
     if bool(c.sample_prompts) != bool(c.sample_every_n_steps):
         raise ConfigError("--sample_prompts and --sample_every_n_steps go together")
     _check_device_options(c)
+    if c.text_encoder_outputs_cached and c.train_text_encoder:
+        raise ConfigError("--cache_text_encoder_outputs needs a frozen text encoder: a training one changes its "
+                          "outputs every step (drop --train_text_encoder or the caching)")
     if c.stage == "finetune":
         if c.learning_rate_te is not None and not c.train_text_encoder:
             raise ConfigError("--learning_rate_te goes with --train_text_encoder")

@@ -23,7 +23,7 @@ import torch
 
 from ..harness.host import use_comfy
 from . import state
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image, load_mask
 from .dist import World, peak_rss_mib
 from .logbook import Logbook
@@ -64,10 +64,16 @@ class Run:
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.datasets = datasets_from_config(config)           # fails fast, before the model loads
+        shuffled = [str(s.image_dir) for d in self.datasets for s in d.subsets if s.shuffle_caption]
+        if config.text_encoder_outputs_cached and shuffled:
+            raise ConfigError(f"--cache_text_encoder_outputs: shuffle_caption (subset {shuffled[0]}) makes a new "
+                              "caption every step, so nothing can be encoded up front; drop one of them")
         self.prompts = samples.parse_prompt_file(config.sample_prompts, config.size) if config.sample_prompts else []
         self.gen = torch.Generator().manual_seed(config.seed)
         use_comfy()
         self.base = Base(config.pretrained_model_name_or_path, config.clip_skip)
+        if config.cache_text_encoder_outputs_to_disk:
+            self.base.text_folder = self.out / "text_cache"
         self.stage = STAGES[config.stage](self.base, config, self.gen)
         if config.gradient_checkpointing:
             n = self.base.checkpoint_activations(text_encoder=bool(config.train_text_encoder))
@@ -80,7 +86,6 @@ class Run:
         self.plan = BatchPlan(self.datasets, processes=self.world.size)
         self.cache = LatentCache(self.out / "latent_cache" if config.cache_latents_to_disk else None) \
             if config.latents_cached else None
-        self.text_cache: dict[tuple, object] = {}
         self.mask_cache: dict[tuple, torch.Tensor] = {}
         self.progress = state.Progress()
 
@@ -138,18 +143,31 @@ class Run:
         return torch.stack(out).to(self.base.device)
 
     def text(self, captions: list[str], size: tuple[int, int]):
-        from .model import Conditioning
+        # a training text encoder changes every step: its encodings are never cached
+        return self.base.encode_text(captions, size, grad=bool(self.config.train_text_encoder)
+                                     and torch.is_grad_enabled())
 
-        if self.config.train_text_encoder and torch.is_grad_enabled():
-            return self.base.encode_text(captions, size, grad=True)    # changes every step: no cache
-        conds = []
-        for caption in captions:
-            key = (caption, size)
-            if key not in self.text_cache:
-                self.text_cache[key] = self.base.encode_text([caption], size)
-            conds.append(self.text_cache[key])
-        y = torch.cat([c.y for c in conds]) if conds[0].y is not None else None
-        return Conditioning(torch.cat([c.context for c in conds]), y)
+    def precache_text(self) -> None:
+        """--cache_text_encoder_outputs: encode every caption once before training (kept for the whole run), with
+        a progress bar; each process encodes its share and the encodings are exchanged under torchrun."""
+        from .model import TEXT_CACHE
+        from .progress import bar
+
+        TEXT_CACHE.limit = None
+        encoder, folder = self.base.text_encoder_id, self.base.text_folder
+        captions = sorted({caption for d in self.plan.datasets for _, caption, _ in d.items})
+        mine, encoded = captions[self.world.rank::self.world.size], 0
+        for caption in bar(mine, desc="caching text encoder outputs", unit="caption", disable=not self.world.main):
+            if TEXT_CACHE.get(encoder, caption, folder) is None:
+                TEXT_CACHE.put(encoder, caption, *self.base.encode_caption(caption), folder=folder)
+                encoded += 1
+        if self.world.distributed:
+            for part in self.world.gather({c: TEXT_CACHE.get(encoder, c) for c in mine}):
+                for caption, entry in part.items():
+                    TEXT_CACHE.put(encoder, caption, *entry)
+        encoded = sum(self.world.gather(encoded))
+        log.info("text encoder outputs cached: %d captions, %d encoded, %d reused", len(captions), encoded,
+                 len(captions) - encoded)
 
     # -- one optimizer step ----------------------------------------------------------------------------------
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
@@ -205,6 +223,8 @@ class Run:
         c, world = self.config, self.world
         if self.cache is not None:
             self.precache()
+        if c.text_encoder_outputs_cached:
+            self.precache_text()
         if c.resume:
             self.resume(Path(c.resume))
         batch = self.plan.datasets[0].batch_size if self.plan.datasets else c.train_batch_size

@@ -7,16 +7,21 @@ with sigma = sqrt((1 - abar) / abar), which is this same x_t, so the UNet is cal
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ...mole_ops import safetensors_io
 from ...mole_ops.errors import MoLEError
 from ...mole_ops.fingerprint import fingerprint
 from ...mole_ops.layout import UNetLayout
 
 FAMILIES = {"SD15": "SD1.5", "SDXL": "SDXL"}
+# CLIP-L's projection: no pooled output of CLIP-L is used (SD1.5 files do not even hold it; ComfyUI leaves it unset)
+UNUSED_TEXT_TENSORS = {"clip_l.transformer.text_projection.weight"}
 
 
 def ddpm_alphas_cumprod(steps: int = 1000, start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
@@ -35,6 +40,84 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) 
 class Conditioning:
     context: torch.Tensor          # (B, 77, D) text tokens
     y: torch.Tensor | None = None  # (B, adm) SDXL's pooled text + size embedding
+
+
+class TextCache:
+    """Text-encoder outputs (context (1, 77, D), pooled (1, P) or None) by text encoder id and caption, shared by
+    every Base of the process: a stage-1 file whose text encoder did not train keeps its base's, so each caption is
+    encoded once for all stages, evaluations and checks of one run. The least recently used entries are dropped
+    beyond `limit` bytes (None: keep all, as --cache_text_encoder_outputs asks). With a folder, an entry is also
+    kept there as one safetensors file (atomic writes), so a later run reuses it; a damaged or foreign file there
+    is encoded again, never fatal."""
+
+    def __init__(self, limit: int | None = 2 << 30):
+        self.memory: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.limit, self.bytes = limit, 0
+        self.hits = self.misses = 0
+        self.saved: set[Path] = set()           # files written or read by this cache (not written again)
+
+    @staticmethod
+    def key(encoder_id: str, caption: str) -> str:
+        return hashlib.sha256(f"{encoder_id}\0{caption}".encode()).hexdigest()[:32]
+
+    def get(self, encoder_id: str, caption: str, folder: Path | None = None):
+        """(context, pooled) or None; with a folder, a hit held only in memory is written there too."""
+        key = self.key(encoder_id, caption)
+        entry = self.memory.get(key)
+        if entry is None and folder is not None:
+            entry = self._read(folder / f"{key}.safetensors", encoder_id, caption)
+            if entry is not None:
+                self._keep(key, entry)
+                self.saved.add(folder / f"{key}.safetensors")
+        if entry is None:
+            self.misses += 1
+            return None
+        self.memory.move_to_end(key)
+        self.hits += 1
+        if folder is not None:
+            self._write(folder, key, encoder_id, caption, entry)
+        return entry
+
+    def put(self, encoder_id: str, caption: str, context: torch.Tensor, pooled: torch.Tensor | None,
+            folder: Path | None = None) -> None:
+        key = self.key(encoder_id, caption)
+        entry = (context.detach().cpu(), None if pooled is None else pooled.detach().cpu())
+        self._keep(key, entry)
+        if folder is not None:
+            self._write(folder, key, encoder_id, caption, entry)
+
+    @staticmethod
+    def _read(path: Path, encoder_id: str, caption: str):
+        if not path.exists():
+            return None
+        try:
+            tensors, metadata, _ = safetensors_io.read(path)
+        except MoLEError:
+            return None
+        if "context" not in tensors or metadata.get("caption") != caption or \
+                metadata.get("text_encoder") != encoder_id:
+            return None
+        return tensors["context"], tensors.get("pooled")
+
+    def _write(self, folder: Path, key: str, encoder_id: str, caption: str, entry) -> None:
+        path = folder / f"{key}.safetensors"
+        if path in self.saved:
+            return
+        tensors = {"context": entry[0]} | ({} if entry[1] is None else {"pooled": entry[1]})
+        safetensors_io.write(path, tensors, {"caption": caption, "text_encoder": encoder_id})
+        self.saved.add(path)
+
+    def _keep(self, key: str, entry: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        if key in self.memory:
+            self.bytes -= sum(t.nbytes for t in self.memory.pop(key) if t is not None)
+        self.memory[key] = entry
+        self.bytes += sum(t.nbytes for t in entry if t is not None)
+        while self.limit is not None and self.bytes > self.limit and len(self.memory) > 1:
+            _, dropped = self.memory.popitem(last=False)
+            self.bytes -= sum(t.nbytes for t in dropped if t is not None)
+
+
+TEXT_CACHE = TextCache()
 
 
 class Base:
@@ -67,10 +150,12 @@ class Base:
         self.alphas_cumprod = ddpm_alphas_cumprod()
         self.fingerprint = fingerprint(self.unet)
         self.vae_id = self._vae_id()
+        self.clip_skip = clip_skip
+        self.text_folder: Path | None = None       # where TEXT_CACHE also keeps this base's encodings on disk
+        self._text_encoder_id: str | None = None
+        self._text_encoder_trains = False      # set for good by make_text_encoder_trainable
 
     def _vae_id(self) -> str:
-        import hashlib
-
         digest = hashlib.sha256()
         for name, p in sorted(self.vae.first_stage_model.state_dict().items())[:8]:
             digest.update(name.encode())
@@ -93,15 +178,19 @@ class Base:
 
     def encode_text(self, captions: list[str], size: tuple[int, int], grad: bool = False) -> Conditioning:
         """Text tokens per caption, cut at 75 tokens (the first CLIP chunk), clip skip applied; with `grad`, in
-        the autograd graph (when the text encoder trains)."""
+        the autograd graph (when the text encoder trains). A frozen text encoder's outputs come from TEXT_CACHE
+        when it holds them (and go there when not), in memory and, when `text_folder` is set, on disk."""
         contexts, pooled = [], []
+        cached = not grad and not self._text_encoder_trains
         with torch.set_grad_enabled(grad):
             for caption in captions:
-                tokens = self.clip.tokenize(caption)
-                tokens = {k: v[:1] for k, v in tokens.items()}          # 75 tokens + start/end: one chunk
-                cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)
-                contexts.append(cond)
-                pooled.append(pool)
+                hit = TEXT_CACHE.get(self.text_encoder_id, caption, self.text_folder) if cached else None
+                if hit is None:
+                    hit = self.encode_caption(caption)
+                    if cached:
+                        TEXT_CACHE.put(self.text_encoder_id, caption, *hit, folder=self.text_folder)
+                contexts.append(hit[0])
+                pooled.append(hit[1])
         context = torch.cat(contexts).to(self.device)
         y = None
         if self.family == "SDXL":
@@ -109,6 +198,27 @@ class Base:
             y = self.model.encode_adm(pooled_output=torch.cat(pooled), width=width, height=height, crop_w=0,
                                       crop_h=0, target_width=width, target_height=height).to(self.device)
         return Conditioning(context, y)
+
+    def encode_caption(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context (1, 77, D), pooled (1, P) or None) of one caption, never cached."""
+        tokens = self.clip.tokenize(caption)
+        tokens = {k: v[:1] for k, v in tokens.items()}          # 75 tokens + start/end: one chunk
+        return self.clip.encode_from_tokens(tokens, return_pooled=True)
+
+    @property
+    def text_encoder_id(self) -> str:
+        """Hash of the text encoder's weights (taken once: a text encoder that trains is never cached) and the
+        clip skip: the same in a stage-1 file whose text encoder did not train as in its base, so later stages
+        and evaluations reuse the base's encodings."""
+        if self._text_encoder_id is None:
+            digest = hashlib.sha256(f"{self.family}|clip_skip={self.clip_skip}".encode())
+            for name, p in sorted(self.text_encoder.state_dict().items()):
+                if name in UNUSED_TEXT_TENSORS or name.endswith("logit_scale"):
+                    continue                  # never read for the encodings, and left uninitialised by ComfyUI
+                digest.update(name.encode())
+                digest.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+            self._text_encoder_id = digest.hexdigest()[:16]
+        return self._text_encoder_id
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -149,11 +259,12 @@ class Base:
 
         import comfy.clip_model
 
+        self._text_encoder_trains = True         # its outputs change from now on: TEXT_CACHE is not used
         for m in self.text_encoder.modules():
             if isinstance(m, comfy.clip_model.CLIPLayer):
                 m.forward = types.MethodType(_clip_layer_forward, m)
         for name, p in self.text_encoder.named_parameters():
-            p.requires_grad_(not (name.endswith("logit_scale") or name == "clip_l.transformer.text_projection.weight"))
+            p.requires_grad_(not (name.endswith("logit_scale") or name in UNUSED_TEXT_TENSORS))
         return self.text_encoder
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
