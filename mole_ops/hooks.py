@@ -50,11 +50,10 @@ def check_modules(root: nn.Module, mole: MoLE) -> dict[str, nn.Module]:
 def run_layer(key: str, layer: MoLELayer, x, output, settings: GateSettings, trace: GateTrace | None,
               rows: torch.Tensor | None = None):
     """The hook body shared by every dispatcher: the gated experts on one layer, recorded into `trace` if given."""
-    record = None
-    if trace is not None:
-        def record(local, glob, names):
-            trace.record(key, local, glob, names)
-    return layer(x, output, settings, record, rows)
+    def record(local, glob, names):
+        trace.record(key, local, glob, names)
+
+    return layer(x, output, settings, record if trace is not None else None, rows)
 
 
 def _hook(key: str, layer: MoLELayer, state: HookState):

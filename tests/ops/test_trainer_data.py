@@ -173,8 +173,8 @@ def test_masks_from_a_conditioning_folder_and_from_alpha_follow_crop_and_flip(tm
     assert alpha[:, 62:].min() == 1 and alpha[:, :58].max() == 0
 
     toml = tmp_path / "data.toml"
-    toml.write_text(f'[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "img"\n'
-                    f'  caption_extension = ".txt"\n  conditioning_data_dir = "masks"\n')
+    toml.write_text('[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "img"\n'
+                    '  caption_extension = ".txt"\n  conditioning_data_dir = "masks"\n')
     (d,) = datasets_from_config(config(dataset_config=str(toml), masked_loss=True))
     assert sorted(m is not None for m in d.masks.values()) == [False, True, True]
     plan = BatchPlan([d])

@@ -12,7 +12,6 @@ Requires `trainer.host.use_comfy()` to have run.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
