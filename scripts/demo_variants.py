@@ -68,7 +68,8 @@ spec.loader.exec_module(package)
 EXPERT_VARIANTS = {"A": {"scenes": True, "closeups": True}, "B": {"closeups": True},
                    "C": {"own_scenes": True, "closeups": True}, "D": {"own_scenes": False, "closeups": True},
                    "P": {"plain": True}}
-GATE_VARIANTS = {"G1": (("scenes",), 1), "G2": (("scenes", "faces", "hands"), 1), "G1x2": (("scenes",), 2)}
+# gate variants: (training sets, steps); the demo trained its gates for 300 steps until the gate-steps study
+GATE_VARIANTS = {"G1": (("scenes",), 300), "G2": (("scenes", "faces", "hands"), 300), "G1x2": (("scenes",), 600)}
 CLOSEUPS = {"face": "faces", "hand": "hands"}
 VALIDATION = 20_000
 
@@ -157,7 +158,7 @@ def gates(args) -> int:
     from comfyui_mole.mole_ops import expert_file, gate_file
     from comfyui_mole.trainer.demo import evidence
     from comfyui_mole.trainer.demo import world as world_module
-    from comfyui_mole.trainer.demo.pipeline import FULL, _train
+    from comfyui_mole.trainer.demo.pipeline import _train
 
     out = args.output_dir.resolve()
     world, stage1_file = demo_files(args)
@@ -168,7 +169,7 @@ def gates(args) -> int:
         (out / name).mkdir(parents=True, exist_ok=True)
         toml = world_module.write_dataset_toml(out / name / "gates.toml", {str(world / s): None for s in sets}, 64, 8)
         trained = _train("gates", out / name, "gates", stage1_file, dataset_config=str(toml),
-                         experts=[f"{r}={p}" for r, p in files.items()], max_train_steps=FULL.gate_steps * steps,
+                         experts=[f"{r}={p}" for r, p in files.items()], max_train_steps=steps,
                          learning_rate=1e-3, seed=args.seed + 2)
         path = out / name / "evidence.json"
         if not path.exists():
