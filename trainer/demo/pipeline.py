@@ -40,7 +40,7 @@ class Recipe:
     heldout: int = 48
     stage1_steps: int = 400
     expert_steps: int = 200
-    gate_steps: int = 600            # 300 until the gate-steps study (scripts/demo_variants.py)
+    gate_steps: int = 300
     rank: int = 16
     sample_steps: int = 20
 
