@@ -67,16 +67,21 @@ def stage1(detectable, train_images, module_tmp):
     out = module_tmp("stage1")
     common = ["train-base", "--pretrained_model_name_or_path", str(detectable), "--train_data_dir",
               str(train_images), "--resolution", "64", "--max_train_steps", "4", "--learning_rate", "1e-4",
-              "--output_name", "base", "--seed", "3", "--cache_latents", "--min_snr_gamma", "5"]
+              "--output_name", "base", "--seed", "3", "--cache_latents", "--min_snr_gamma", "5",
+              "--cache_text_encoder_outputs_to_disk"]
     one = finish(launch(common + ["--train_batch_size", "4", "--output_dir", str(out / "one")], 1))
     two = finish(launch(common + ["--train_batch_size", "2", "--output_dir", str(out / "two")], 2))
     return out, one, two, common
 
 
-def test_stage1_two_processes_equal_one(stage1, detectable):
+def test_stage1_two_processes_equal_one(stage1, detectable, train_images):
     out, one, two, _ = stage1
     assert "1 process(es) x batch 4 x accumulation 1 = global batch 4" in one
     assert "2 process(es) x batch 2 x accumulation 1 = global batch 4" in two
+    captions = len({p.read_text().strip() for p in train_images.glob("*.caption")})
+    for output in (one, two):     # each caption encoded once, by one of the processes, and shared with the other
+        assert f"text encoder outputs cached: {captions} captions, {captions} encoded, 0 reused" in output
+    assert len(list((out / "two" / "text_cache").glob("*.safetensors"))) == captions
     assert two.count("wrote ") == 1 and "peak memory" in two and " + " in two.split("peak memory")[1]   # rank 0 logs
     a, _, _ = safetensors_io.read(out / "one" / "base.safetensors")
     b, _, _ = safetensors_io.read(out / "two" / "base.safetensors")
@@ -85,7 +90,8 @@ def test_stage1_two_processes_equal_one(stage1, detectable):
     unet = [k for k in a if k.startswith("model.diffusion_model.")]
     assert_same_training(a, b, start, unet)
     assert losses(out / "one", "base") == pytest.approx(losses(out / "two", "base"), rel=1e-5)
-    assert sorted(p.name for p in (out / "two").iterdir()) == ["base.safetensors", "base_log.csv", "base_loss.png"]
+    assert sorted(p.name for p in (out / "two").iterdir()) == ["base.safetensors", "base_log.csv", "base_loss.png",
+                                                               "text_cache"]
 
 
 def kill_after(process: subprocess.Popen, state: Path, final: Path) -> None:
