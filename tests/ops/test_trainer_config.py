@@ -71,6 +71,7 @@ def test_bad_toml_fails(paths, toml, message):
     (["--resolution", "65"], "multiples of 8"),
     (["--network_module", "lycoris.kohya"], "only networks.lora"),
     (["--expert_name", "face hand"], "expert name 'face hand'"),
+    (["--caption_dropout_rate", "1.5"], "--caption_dropout_rate must be from 0 to 1"),
 ])
 def test_contradictions_fail_before_work(paths, extra, message):
     with pytest.raises(ConfigError, match=message):

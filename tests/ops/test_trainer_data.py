@@ -96,6 +96,30 @@ def test_shuffle_caption_keeps_the_first_tokens():
     assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in shuffled)
 
 
+def test_caption_dropout_empties_that_share_of_captions_and_draws_only_when_asked(tmp_path):
+    """kohya's caption_dropout_rate: a subset key, and the flag's value for subsets that do not set it."""
+    gen = torch.Generator().manual_seed(0)
+    dropped = [process_caption("a person", Subset("x", caption_dropout_rate=0.25), gen) for _ in range(2000)]
+    assert set(dropped) == {"", "a person"} and 0.2 < dropped.count("") / 2000 < 0.3
+    state = gen.get_state()
+    assert process_caption("a person", Subset("x"), gen) == "a person"
+    assert torch.equal(gen.get_state(), state)              # rate 0: no draw, so earlier runs stay bitwise alike
+    images(tmp_path / "a", 1)
+    images(tmp_path / "b", 1)
+    toml = tmp_path / "data.toml"
+    toml.write_text('[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = "a"\n'
+                    '  caption_extension = ".txt"\n  caption_dropout_rate = 0.5\n'
+                    '  [[datasets.subsets]]\n  image_dir = "b"\n  caption_extension = ".txt"\n')
+    (d,) = datasets_from_config(config(dataset_config=str(toml), caption_dropout_rate=0.1))
+    assert [s.caption_dropout_rate for s in d.subsets] == [0.5, 0.1]
+    (d,) = datasets_from_config(config(train_data_dir=str(tmp_path / "a"), caption_extension=".txt",
+                                       caption_dropout_rate=0.3))
+    assert d.subsets[0].caption_dropout_rate == 0.3
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  caption_dropout_rate = 2\n')
+    with pytest.raises(ConfigError, match=r"subset #1: caption_dropout_rate = 2 should be a number from 0 to 1"):
+        datasets_from_config(config(dataset_config=str(toml)))
+
+
 def test_latent_cache_key_follows_image_size_flip_and_vae(tmp_path):
     images(tmp_path, 1)
     path = tmp_path / "im0.png"

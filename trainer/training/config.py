@@ -61,6 +61,9 @@ class TrainConfig:
                                             False)
     cache_text_encoder_outputs_to_disk: bool = _opt("like --cache_text_encoder_outputs, also kept on disk (in "
                                                     "output_dir/text_cache) for later runs", False)
+    caption_dropout_rate: float = _opt("train on an empty caption with this probability (the unconditional "
+                                       "prediction classifier-free guidance needs; also a dataset subset key)",
+                                       0.0)
     masked_loss: bool = _opt("compute the loss only where each image's mask is white (gray = partly), the mask "
                              "downsampled to latent resolution: masks from a subset's conditioning_data_dir (same "
                              "file names) or, with alpha_mask, the images' alpha channel", False)
@@ -274,6 +277,8 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--lr_warmup_steps needs a scheduler with warm-up (constant_with_warmup, cosine, linear)")
     if c.lr_warmup_steps >= c.max_train_steps:
         raise ConfigError("--lr_warmup_steps must be smaller than --max_train_steps")
+    if not 0 <= c.caption_dropout_rate <= 1:
+        raise ConfigError(f"--caption_dropout_rate must be from 0 to 1, got {c.caption_dropout_rate}")
     if c.min_snr_gamma is not None and c.min_snr_gamma <= 0:
         raise ConfigError("--min_snr_gamma must be > 0 (5 in the paper's stage 1)")
     if c.clip_skip is not None and not 1 <= c.clip_skip <= 12:

@@ -34,7 +34,7 @@ from .config import ConfigError, TrainConfig, parse_resolution
 log = logging.getLogger("mole.trainer")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SUBSET_KEYS = {"image_dir", "caption_extension", "num_repeats", "metadata_file", "shuffle_caption", "keep_tokens",
-               "flip_aug", "conditioning_data_dir", "alpha_mask"}
+               "flip_aug", "conditioning_data_dir", "alpha_mask", "caption_dropout_rate"}
 BUCKET_KEYS = {"enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
 DATASET_KEYS = {"resolution", "batch_size"} | BUCKET_KEYS
 
@@ -50,6 +50,7 @@ class Subset:
     flip_aug: bool = False
     conditioning_data_dir: str | None = None
     alpha_mask: bool = False
+    caption_dropout_rate: float = 0.0
 
 
 @dataclass
@@ -93,7 +94,8 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
             settings.get("resolution"), list) else settings.get("resolution", config.resolution), where)
         batch = int(settings.get("batch_size", config.train_batch_size))
         buckets = _bucket_settings({k: settings.get(k, getattr(config, k)) for k in BUCKET_KEYS}, resolution)
-        subset_defaults = {k: v for k, v in settings.items() if k in SUBSET_KEYS}
+        subset_defaults = {"caption_dropout_rate": config.caption_dropout_rate,
+                           **{k: v for k, v in settings.items() if k in SUBSET_KEYS}}
         subsets = []
         for j, sub in enumerate(table.get("subsets") or []):
             sub = {**subset_defaults, **_take(sub, SUBSET_KEYS, f"{where} [[datasets.subsets]] #{j + 1}")}
@@ -101,6 +103,7 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
                 raise ConfigError(f"{where} subset #{j + 1}: image_dir is required")
             folders = {key: str(_relative(path, sub[key])) for key in ("metadata_file", "conditioning_data_dir")
                        if sub.get(key)}
+            _check_dropout(sub["caption_dropout_rate"], f"{where} subset #{j + 1}")
             subsets.append(Subset(**{**sub, "image_dir": str(_relative(path, sub["image_dir"])), **folders}))
         if not subsets:
             raise ConfigError(f"{where}: no [[datasets.subsets]]")
@@ -118,7 +121,8 @@ def datasets_from_config(config: TrainConfig) -> list[Dataset]:
         datasets = load_dataset_toml(Path(config.dataset_config), config)
     else:
         subset = Subset(config.train_data_dir, config.caption_extension, metadata_file=config.in_json,
-                        conditioning_data_dir=config.conditioning_data_dir, alpha_mask=config.alpha_mask)
+                        conditioning_data_dir=config.conditioning_data_dir, alpha_mask=config.alpha_mask,
+                        caption_dropout_rate=config.caption_dropout_rate)
         buckets = _bucket_settings({k: getattr(config, k) for k in BUCKET_KEYS}, config.size)
         datasets = [Dataset(config.size, config.train_batch_size, [subset], buckets=buckets)]
     for d in datasets:
@@ -277,8 +281,17 @@ def load_mask(path: Path, alpha: bool, size: tuple[int, int], flip: bool = False
         return torch.from_numpy(np.asarray(_fit(channel, size, flip)).astype(np.float32) / 255.0)
 
 
+def _check_dropout(rate, where: str) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise ConfigError(f"{where}: caption_dropout_rate = {rate!r} should be a number from 0 to 1")
+
+
 def process_caption(caption: str, subset: Subset, gen: torch.Generator) -> str:
-    """kohya's shuffle_caption: shuffle the comma-separated tags after the first keep_tokens."""
+    """kohya's caption_dropout_rate (the caption becomes empty with that probability: the model learns the
+    unconditional prediction that classifier-free guidance needs) and shuffle_caption (shuffle the
+    comma-separated tags after the first keep_tokens). Draws from `gen` only where a subset asks for either."""
+    if subset.caption_dropout_rate and torch.rand((), generator=gen).item() < subset.caption_dropout_rate:
+        return ""
     if not subset.shuffle_caption:
         return caption
     tags = [t.strip() for t in caption.split(",")]

@@ -155,7 +155,8 @@ class Run:
 
         TEXT_CACHE.limit = None
         encoder, folder = self.base.text_encoder_id, self.base.text_folder
-        captions = sorted({caption for d in self.plan.datasets for _, caption, _ in d.items})
+        captions = sorted({caption for d in self.plan.datasets for _, caption, _ in d.items} |
+                          ({""} if any(s.caption_dropout_rate for d in self.plan.datasets for s in d.subsets) else set()))
         mine, encoded = captions[self.world.rank::self.world.size], 0
         for caption in bar(mine, desc="caching text encoder outputs", unit="caption", disable=not self.world.main):
             if TEXT_CACHE.get(encoder, caption, folder) is None:
