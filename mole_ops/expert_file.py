@@ -23,7 +23,7 @@ ARCHITECTURES = {"SD1.5": "stable-diffusion-v1/lora", "SDXL": "stable-diffusion-
 
 
 def check_role_name(name: str) -> str:
-    if not ROLE_NAME.match(name or ""):
+    if not isinstance(name, str) or not ROLE_NAME.match(name):
         raise FormatError(f"expert name {name!r}: use letters, digits, '_' or '-' (e.g. face, hand, feet)")
     return name
 

@@ -86,10 +86,7 @@ def _order(groups, metadata, where) -> tuple[tuple[str, ...], str]:
     if variant not in ("official", "paper"):
         raise FormatError(f"{where}: mole.variant {variant!r} is not 'official' or 'paper'")
     if "mole.experts" in metadata:
-        try:
-            order = tuple(json.loads(metadata["mole.experts"]))
-        except ValueError as e:
-            raise FormatError(f"{where}: metadata mole.experts is not a JSON list: {metadata['mole.experts']!r}") from e
+        order = tuple(safetensors_io.json_metadata(metadata, "mole.experts", where, "names", []))
     else:
         roles = sorted({p[: -len("_scale.weight")] for p in parts if p.endswith("_scale.weight")})
         if variant != "official" or set(roles) != set(AUTHORS_ORDER):
@@ -132,10 +129,7 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str
                 raise FormatError(f"{where}: moe_{layer}.softmoe.global_gate has weight {tuple(gw.shape)}; "
                                   f"expected {tuple(lw.shape)} like Phi_1")
         layers[layer] = GateWeights(lw, lb, gw, gb)
-    try:
-        info = json.loads(metadata.get("mole.expert_info") or "{}")
-    except ValueError as e:
-        raise FormatError(f"{where}: metadata mole.expert_info is not JSON") from e
+    info = safetensors_io.json_metadata(metadata, "mole.expert_info", where, "object of objects", {})
     return GateFile(variant, order, layers, info, metadata.get("mole.base_model", ""), dict(metadata), where)
 
 

@@ -36,11 +36,10 @@ def load(path: str | Path) -> tuple[list[expert_file.ExpertFile], gate_file.Gate
     if not is_pack(metadata):
         raise FormatError(f"{where}: not a MoLE pack (no mole.pack_version metadata); load it as an expert or a "
                           "gate file instead")
-    try:
-        names = json.loads(metadata["mole.pack_experts"])
-        expert_meta = json.loads(metadata.get("mole.expert_metadata") or "{}")
-    except (KeyError, ValueError) as e:
-        raise FormatError(f"{where}: pack metadata mole.pack_experts / mole.expert_metadata missing or not JSON") from e
+    names = safetensors_io.json_metadata(metadata, "mole.pack_experts", where, "names")
+    if names is None:
+        raise FormatError(f"{where}: pack metadata mole.pack_experts is missing (the experts' names, in order)")
+    expert_meta = safetensors_io.json_metadata(metadata, "mole.expert_metadata", where, "object of objects", {})
     stray = [k for k in tensors if not k.startswith(("expert.", "gate."))]
     if stray:
         raise FormatError(f"{where}: unexpected keys {stray[:3]}; a pack holds only 'expert.*' and 'gate.*' keys")

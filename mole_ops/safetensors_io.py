@@ -72,3 +72,24 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: d
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def json_metadata(metadata: dict[str, str], key: str, where: str, kind: str, default=None):
+    """A metadata value that holds JSON, parsed and checked against its one declared kind: "names" (a list of
+    strings), "object" (a JSON object) or "object of objects". Missing: `default`. Anything else is a FormatError
+    naming the file, the key, what was found and what was expected."""
+    expected = {"names": "a JSON list of expert names (strings)", "object": "a JSON object",
+                "object of objects": "a JSON object of JSON objects"}[kind]
+    text = metadata.get(key)
+    if text in (None, ""):
+        return default
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = ...
+    ok = {"names": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+          "object": lambda v: isinstance(v, dict),
+          "object of objects": lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())}[kind]
+    if value is ... or not ok(value):
+        raise FormatError(f"{where}: metadata {key} should be {expected}, found {text[:80]!r}")
+    return value

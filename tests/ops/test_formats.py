@@ -1,5 +1,7 @@
 """Expert, gate and pack files: round trips, the authors' layout, validation, and every error message."""
 
+import re
+
 import pytest
 import torch
 from mole_fakes import SD15_DIMS, SDXL_DIMS, fake_expert, fake_gates, layer_shapes
@@ -172,7 +174,7 @@ def test_gate_file_errors(tmp_path, sd15_shapes):
         ({k: v for k, v in good.items() if k != f"{one}.softmoe.hand_scale.bias"}, {}, "missing"),
         ({**good, f"{one}.softmoe.Phi_1.weight": torch.ones(3, 320)}, {}, r"Phi_1 has weight \(3, 320\)"),
         ({k.replace("face_scale", "feet_scale"): v for k, v in good.items()}, {}, "not the authors'"),
-        (good, {"mole.experts": "face,hand"}, "not a JSON list"),
+        (good, {"mole.experts": "face,hand"}, "metadata mole.experts should be a JSON list of expert names"),
         (good, {"mole.variant": "softmax"}, "not 'official' or 'paper'"),
         ({**good, f"{one}.softmoe.face_scale.weight": torch.ones(2, 320)}, {}, "expected \\(1, d_out\\)"),
     ]
@@ -220,11 +222,41 @@ def test_pack_and_writer_errors(tmp_path, sd15_shapes):
     with pytest.raises(FormatError, match="not listed in mole.pack_experts"):
         pack_file.load(orphan)
     broken = _write(tmp_path, tensors, "b.safetensors", {**metadata, "mole.pack_experts": "face"})
-    with pytest.raises(FormatError, match="missing or not JSON"):
+    with pytest.raises(FormatError, match="b.safetensors: metadata mole.pack_experts should be a JSON list"):
         pack_file.load(broken)
+    unnamed = _write(tmp_path, tensors, "u.safetensors", {k: v for k, v in metadata.items()
+                                                          if k != "mole.pack_experts"})
+    with pytest.raises(FormatError, match="u.safetensors: pack metadata mole.pack_experts is missing"):
+        pack_file.load(unnamed)
     with pytest.raises(FormatError, match="metadata must be strings"):
         safetensors_io.write(tmp_path / "m.safetensors", {"a": torch.ones(1)}, {"steps": 3})
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("mole.experts", "null", r"a JSON list of expert names \(strings\)"),     # issue 31: raw TypeErrors before
+    ("mole.experts", "5", r"a JSON list of expert names \(strings\)"),
+    ("mole.experts", "[1, 2]", r"a JSON list of expert names \(strings\)"),
+    ("mole.pack_experts", "null", r"a JSON list of expert names \(strings\)"),
+    ("mole.pack_experts", "[1, 2]", r"a JSON list of expert names \(strings\)"),
+    ("mole.expert_info", "[1]", "a JSON object of JSON objects"),
+    ("mole.expert_metadata", "{\"face\": 3}", "a JSON object of JSON objects"),
+])
+def test_metadata_of_the_wrong_json_type_is_a_clear_error(tmp_path, sd15_shapes, key, value, expected):
+    """Metadata that is valid JSON of another type names the file, the key, what it found and what it expected
+    (these raised a raw TypeError: "'NoneType' object is not iterable")."""
+    shapes = dict(list(sd15_shapes.items())[:4])
+    experts = [fake_expert(n, shapes, seed=i) for i, n in enumerate(["face", "hand"])]
+    gates = fake_gates(experts)
+    if key in ("mole.pack_experts", "mole.expert_metadata"):
+        good, load = pack_file.save(tmp_path / "p.safetensors", experts, gates), pack_file.load
+    else:
+        good, load = gate_file.save(tmp_path / "g.safetensors", gates), gate_file.load
+    tensors, metadata, _ = safetensors_io.read(good)
+    path = _write(tmp_path, tensors, "typed.safetensors", {**metadata, key: value})
+    with pytest.raises(FormatError, match=rf"typed.safetensors: metadata {key} should be {expected}, found "
+                                          rf"'{re.escape(value)}'"):
+        load(path)
 
 
 def test_mixture_refuses_unpairable_experts(sd15_shapes):
