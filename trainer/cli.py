@@ -30,6 +30,10 @@ COMMANDS = {
     "serve": Command("demo.serve", "ComfyUI's UI on the demo's trained files (built first if missing), with "
                      "demo-sized workflows"),
     "world-vae": Command("demo.vae", "train the demo world's VAE (a TAESD) once; the demo ships and uses it"),
+    "world-base": Command("demo.world_base", "pretrain the demo world's base model once on plain scenes; the demo "
+                          "ships it and starts from it"),
+    "world-judge": Command("demo.judge", "train the demo world's judge once (finds person, face and hand in a "
+                           "picture and scores their detail); the demo ships it"),
     "workflows": Command("harness.workflows", "rewrite workflows/ (UI format and API twins) from the node "
                          "definitions of a real ComfyUI"),
     "audit": Command("audit", "EMoE prompt audit: uncertainty score per prompt, quartiles, per-group statistics "

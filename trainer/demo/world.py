@@ -43,6 +43,7 @@ class Picture:
     image: Image.Image
     caption: str
     masks: dict[str, np.ndarray]        # "face"/"hand" -> (H, W) bool
+    person: np.ndarray | None = None    # (H, W) bool: everything of the person (torso, arm, face, hand)
 
 
 def _colour(rng: random.Random, table: dict, avoid: str | None = None) -> tuple[str, tuple]:
@@ -135,13 +136,18 @@ def scene(rng: random.Random, size: int = 64, detailed: bool | tuple[str, ...] =
              "hand": _mask(size, lambda m, v: draw_hand(m, hx, hy, s, skin, fill=v, mirror=side < 0,
                                                         detailed=detail["hand"]))}
     masks["face"] &= ~masks["hand"]
+
+    def body(m, v):
+        m.rounded_rectangle((cx - 12 * k, top, cx + 12 * k, size + 4), radius=4 * k, fill=v)
+        m.line((cx + side * 9 * k, top + 5 * k, hx, hy + s * 0.5), fill=v, width=max(2, round(5 * k)))
+    person = _mask(size, body) | masks["face"] | masks["hand"]
     hand_word = "right" if side > 0 else "left"
     caption = rng.choice([
         f"a smiling person in a {shirt_name} shirt raising the {hand_word} hand, {bg_name} background",
         f"a person waving, {shirt_name} shirt, {skin_name} skin, {bg_name} background",
         f"a happy person with a raised hand on a {bg_name} background, {shirt_name} shirt",
     ])
-    return Picture(image, caption, masks)
+    return Picture(image, caption, masks, person)
 
 
 def closeup(rng: random.Random, part: str, size: int = 64) -> Picture:
@@ -165,7 +171,8 @@ def closeup(rng: random.Random, part: str, size: int = 64) -> Picture:
         mask = _mask(size, lambda m, v: draw_hand(m, cx, cy + s * 0.1, s, skin, fill=v, mirror=mirror))
         caption = f"a close-up of an open hand, {skin_name} skin, {bg_name} background"
     empty = np.zeros_like(mask)
-    return Picture(image, caption, {"face": mask if part == "face" else empty, "hand": mask if part == "hand" else empty})
+    return Picture(image, caption, {"face": mask if part == "face" else empty, "hand": mask if part == "hand" else empty},
+                   mask)
 
 
 SETS = {"scenes": lambda rng, size: scene(rng, size), "plain": lambda rng, size: scene(rng, size, detailed=False),

@@ -118,39 +118,52 @@ ARCHITECTURES = {"SD15": "stable-diffusion-v1", "SDXL": "stable-diffusion-xl-v1-
 
 
 def detectable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16, family: str = "SD15",
-                          vae: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+                          vae: torch.nn.Module | None = None,
+                          unet: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """State dict of the smallest checkpoint the stock loader detects as `family` (SD15: UNet, CLIP-L, TAESD;
-    SDXL: UNet, CLIP-L + CLIP-G (full size, 820M), TAESD), in the single-file checkpoint's key names.
-    `vae`: a trained TAESD module to use instead of a random one."""
+    SDXL: UNet, CLIP-L + CLIP-G (full size, 820M), TAESD), in the single-file checkpoint's key names: the UNet's
+    weights from `seed`, the text encoder's from `seed + 1`. `vae`: a trained TAESD module to use instead of a
+    random one; `unet`: trained UNet weights (`model.diffusion_model.*`) instead of random ones."""
     import comfy.supported_models
     import comfy.taesd.taesd
 
     model_config = getattr(comfy.supported_models, family)(dict(DETECTABLE[family]))
-    unet = model_config.get_model({}).diffusion_model
     clip = model_config.clip_target().clip(device="cpu", dtype=torch.float32)
-    trained_vae = vae is not None
-    vae = vae if trained_vae else comfy.taesd.taesd.TAESD()
+    init_parameters(clip, seed + 1)
     state = {}
-    for offset, module in enumerate((unet, clip) if trained_vae else (unet, clip, vae)):
-        init_parameters(module, seed + offset)
-    state.update({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()})
+    if unet is None:
+        unet_module = init_parameters(model_config.get_model({}).diffusion_model, seed)
+        state.update({"model.diffusion_model." + k: v for k, v in unet_module.state_dict().items()})
+    else:
+        state.update(unet)
     state.update(model_config.process_clip_state_dict_for_saving(clip.state_dict()))
+    if vae is None:
+        vae = init_parameters(comfy.taesd.taesd.TAESD(), seed + 2)
     state.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
     return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
 
 
 def write_detectable_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float16,
-                                family: str = "SD15", vae: torch.nn.Module | None = None) -> Path:
+                                family: str = "SD15", vae: torch.nn.Module | None = None,
+                                unet: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the detectable checkpoint as safetensors (temp file + rename); returns the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(detectable_state_dict(seed, dtype, family, vae), str(tmp),
+    save_file(detectable_state_dict(seed, dtype, family, vae, unet), str(tmp),
               metadata={"modelspec.architecture": ARCHITECTURES[family]})
     tmp.replace(path)
     return path
+
+
+def unet_shapes(family: str, config: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of a `family` UNet built from `config` (default: the detectable one)."""
+    import comfy.supported_models
+
+    unet = getattr(comfy.supported_models, family)(dict(config or DETECTABLE[family])).get_model({}).diffusion_model
+    return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
 def layer_shapes(family: str, config: dict | None = None) -> dict[str, tuple[int, int, bool]]:
