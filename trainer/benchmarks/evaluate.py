@@ -34,6 +34,7 @@ from . import summary as summary_mod
 log = logging.getLogger("mole.evaluate")
 SCORERS = ("hps", "imagereward", "clip")
 COLUMNS = ("model", "repeat", "prompt_id", "seed", "prompt", "image")
+JUDGE_FILE = Path(__file__).resolve().parents[1] / "demo" / "world_judge.safetensors"
 CHUNK = 8            # images per scoring batch; batches sit at fixed positions so a resumed run scores alike
 
 
@@ -211,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", type=Path, help="CLIP for the CLIP-score column: a Hugging Face CLIP folder or an "
                    "open_clip checkpoint file (with --clip_arch)")
     g.add_argument("--clip_arch", default="ViT-L-14", help="open_clip architecture of a --clip checkpoint file")
+    g.add_argument("--world_judge", type=Path, nargs="?", const=JUDGE_FILE, help="the demo world's judge (its "
+                   "pictures only): person, face and hand found, face and hand detail; default: the shipped "
+                   "file")
     s = parser.add_argument_group("generation (default: the shipped txt2img workflow's settings)")
     s.add_argument("--width", type=int, default=512)
     s.add_argument("--height", type=int, default=512)
@@ -264,9 +268,9 @@ def heldout_evaluation(specs: model_list.ModelList, images: Path, masks: Path, s
 def run_heldout(args: argparse.Namespace) -> int:
     if args.masks is None:
         raise ConfigError("--heldout needs --masks (region masks <image stem>_<region>.png)")
-    if args.hps or args.imagereward or args.clip:
-        raise ConfigError("--hps, --imagereward and --clip score generated images; --heldout measures denoising "
-                          "loss on held-out pictures instead: give one or the other")
+    if args.hps or args.imagereward or args.clip or args.world_judge:
+        raise ConfigError("--hps, --imagereward, --clip and --world_judge score generated images; --heldout "
+                          "measures denoising loss on held-out pictures instead: give one or the other")
     specs = model_list.load(args.models)
     summary = heldout_evaluation(specs, args.heldout, args.masks, args.seeds, args.output_dir,
                                  scoring.pick_device(args.device))
@@ -292,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     claim_folders(out, specs.models, settings)
     columns = [c for c, given in zip(SCORERS, (args.hps, args.imagereward, args.clip)) if given]
+    columns += list(scoring.WORLD_JUDGE_COLUMNS) if args.world_judge else []
     makers = scoring.from_args(args, device)
     if any(not (out / "images" / m.slug / image_name(r)).exists() for m in specs.models for r in rows):
         check_scorers(makers, columns)             # a wrong scorer file must not wait for a night of sampling

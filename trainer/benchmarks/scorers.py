@@ -9,6 +9,8 @@
   med_config.json and a local bert-base-uncased tokenizer folder.
 - CLIP score (a sanity column): 100 x max(cosine, 0) with any local CLIP: an open_clip checkpoint file (with
   --clip_arch) or a Hugging Face CLIP folder.
+- The world judge (the demo's synthetic world only; trainer/demo/judge.py): a person with a face and a hand found,
+  person, face and hand found (0/1 each), and face and hand detail (0-1, left out where the part is not found).
 
 Every scorer maps a list of (image path, prompt) to one float each.
 """
@@ -248,6 +250,28 @@ class ImageRewardScorer:
             stream.close()
 
 
+class WorldJudgeScorer:
+    """One column of the demo world's judge (demo/judge.py): `all_found` (a person with a face and a hand),
+    `person_found`, `face_found`, `hand_found` (0 or 1), `face_detail`, `hand_detail` (NaN where the part is not
+    found: left out of the tables)."""
+
+    def __init__(self, column: str, path: Path | None = None):
+        from ..demo import judge
+
+        if column not in WORLD_JUDGE_COLUMNS:
+            raise ScorerError(f"world judge: no column {column!r} (columns: {', '.join(WORLD_JUDGE_COLUMNS)})")
+        self.name, self.judge = column, judge.load(path or judge.SHIPPED)
+
+    def score(self, items: list[tuple[Path, str]]) -> list[float]:
+        return [v.scores()[self.name] for v in self.judge.judge_files([p for p, _ in items])]
+
+    def close(self) -> None:
+        self.judge = None
+
+
+WORLD_JUDGE_COLUMNS = ("all_found", "person_found", "face_found", "hand_found", "face_detail", "hand_detail")
+
+
 def from_args(args, device: str) -> list:
     """The scorers the command line asks for, in column order: hps, imagereward, clip. Loading one checks its
     files, so a wrong path fails before any image is made."""
@@ -263,12 +287,14 @@ def from_args(args, device: str) -> list:
         else:
             scorers.append(lambda: OpenClipScorer("clip", args.clip, args.clip_arch, "--clip", clamp=True,
                                                   device=device))
+    if getattr(args, "world_judge", None):
+        scorers += [lambda c=column: WorldJudgeScorer(c, args.world_judge) for column in WORLD_JUDGE_COLUMNS]
     return scorers
 
 
 def check_files(args) -> None:
     """Before any image is made: every scorer file given exists (a typo should not cost a night of sampling)."""
-    named = [(args.hps, "--hps"), (args.clip, "--clip")]
+    named = [(args.hps, "--hps"), (args.clip, "--clip"), (getattr(args, "world_judge", None), "--world_judge")]
     if args.imagereward:
         named += [(args.imagereward, "--imagereward"), (args.imagereward_config, "--imagereward_config"),
                   (args.imagereward_python, "--imagereward_python")]
@@ -277,10 +303,11 @@ def check_files(args) -> None:
     for path, flag in named:
         if path is not None and not Path(path).exists():
             raise ScorerError(f"{flag} {path}: no such file")
-    if not (args.hps or args.imagereward or args.clip):
-        raise ScorerError("no scorer: give --hps (HPS v2 checkpoint), --imagereward (ImageReward.pt) and/or --clip")
+    if not (args.hps or args.imagereward or args.clip or getattr(args, "world_judge", None)):
+        raise ScorerError("no scorer: give --hps (HPS v2 checkpoint), --imagereward (ImageReward.pt) and/or --clip "
+                          "(or, for the demo's world, --world_judge)")
 
 
 DEFAULT_IMAGEREWARD_PYTHON = Path(__file__).resolve().parents[2] / ".venv-imagereward" / "bin" / "python"
-__all__ = ["OpenClipScorer", "HFClipScorer", "ImageRewardScorer", "ScorerError", "from_args", "check_files",
+__all__ = ["OpenClipScorer", "HFClipScorer", "ImageRewardScorer", "WorldJudgeScorer", "WORLD_JUDGE_COLUMNS", "ScorerError", "from_args", "check_files",
            "pick_device", "DEFAULT_IMAGEREWARD_PYTHON"]

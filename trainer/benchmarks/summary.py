@@ -28,13 +28,14 @@ def lower_is_better(scorer: str) -> bool:
 
 
 def _values(rows: list[dict], scorer: str, model: str) -> dict[tuple, float]:
-    return {(r["repeat"], r["prompt_id"], r["seed"]): float(r[scorer]) for r in rows
-            if r["model"] == model and r.get(scorer) not in (None, "")}
+    values = {(r["repeat"], r["prompt_id"], r["seed"]): float(r[scorer]) for r in rows
+              if r["model"] == model and r.get(scorer) not in (None, "")}
+    return {k: v for k, v in values.items() if not math.isnan(v)}
 
 
 def stats(rows: list[dict], scorer: str, model: str, reference: str, seed: int = 0) -> dict:
     """The figures of one model under one scorer (see the module docstring). Rows without a value for the scorer
-    (a picture without that region) are left out."""
+    (a picture without that region, a detail score where the judge found no such part) are left out."""
     mine, ref = _values(rows, scorer, model), _values(rows, scorer, reference)
     by_repeat = defaultdict(list)
     for (repeat, _, _), value in mine.items():
@@ -65,7 +66,13 @@ def summarise(rows: list[dict], models: list[str], scorers: list[str], reference
 
 
 LABELS = {"hps": "HPS v2 (100 x cosine)", "imagereward": "ImageReward", "clip": "CLIP score (100 x cosine)",
-          "loss": "held-out denoising loss, all cells (lower is better)"}
+          "loss": "held-out denoising loss, all cells (lower is better)",
+          "all_found": "world judge: a person with a face and a hand found (share of pictures)",
+          "person_found": "world judge: person found (share of pictures)",
+          "face_found": "world judge: face found (share of pictures)",
+          "hand_found": "world judge: hand found (share of pictures)",
+          "face_detail": "world judge: face detail, where a face is found (0-1)",
+          "hand_detail": "world judge: hand detail, where a hand is found (0-1)"}
 
 
 def label(scorer: str) -> str:
