@@ -4,7 +4,7 @@
     .venv/bin/python scripts/demo_variants.py experts --demo D --seed S --output_dir X [--variants A B C D]
     .venv/bin/python scripts/demo_variants.py gates   --demo D --seed S --experts X/A --output_dir G
 
-`stage1` builds the world, the tiny base and stage 1 of a demo folder and stops there (nothing held-out is
+`stage1` builds the world, the base and stage 1 of a demo folder and stops there (nothing held-out is
 measured). `experts` and `gates` train variants on that stage 1 and print a markdown table of their measures.
 Validation pictures come from the world's own drawing under the streams "<set>:<20000 + seed>" (the demo's training
 sets use <seed>, its held-out sets <10000 + seed>), 48 per set.
@@ -49,6 +49,19 @@ Protocol of `gates` (fixed before any gate variant was measured, 2026-11-30): on
   experts, under the same rule against G1. The demo adopts it only if it qualifies and its first run, host build
   included, stays within 10 minutes (600 steps add about 85 s to about 520 s); otherwise the README reports it as
   the lever it is, with its cost.
+
+Protocol of the world base (issue 26, fixed 2026-12-04 before any sample of it was looked at): does a base
+pretrained once on plain scenes generate people?
+- The base: the detectable one-level UNet (harness/tiny_models.DETECTABLE_SD15, 18.7M parameters), trained by
+  `python -m trainer world-base` (its RECIPE: 2048 plain scenes of stream 30000, 1600 steps of batch 16, lr 5e-4
+  cosine, caption dropout 0.1, fp32). A lower level with attention was not tried first: one variant costs about
+  40 minutes of training here, and this one is measured before any other is built.
+- Measure: the demo's generation table (results/generation: 12 scene captions of stream "generation:<seed>" x 2
+  seeds, the shipped txt2img graph at 64 px, 20 DDIM steps, CFG 7.5, empty negative prompt), the judge's
+  `all_found` on stage 1, demo seeds 0 and 1; and the judge's accuracy on held-out renders.
+- Rule: adopted as the demo's starting point when stage 1 reaches all_found >= 0.9 on both seeds and a first
+  `make demo` on a bare clone stays within 10 minutes; otherwise the demo keeps it only if it is still better
+  than the random base on all_found, and the README says so.
 """
 from __future__ import annotations
 

@@ -85,13 +85,16 @@ def gate_maps(base, mole, samples: list[Sample], seed: int, batch: int = 8, sett
     return torch.cat(local).numpy(), torch.cat(glob).numpy()
 
 
-def local_gate_report(maps: np.ndarray, samples: list[Sample], order: tuple[str, ...]) -> dict:
-    """AUCs per timestep ('t=800', ...) and for the mean over timesteps ('mean')."""
+def local_gate_report(maps: np.ndarray, samples: list[Sample], order: tuple[str, ...],
+                      labels: tuple[str, ...] | None = None) -> dict:
+    """AUCs per timestep ('t=800', ...; or per `labels`, one for each of the maps' second axis) and for their mean
+    ('mean')."""
     h, w = maps.shape[-2:]
     fractions = {part: np.stack([cell_labels(s.masks[part], (h, w)) for s in samples]) for part in ("face", "hand")}
     fi, hi = order.index("face"), order.index("hand")
     out = {}
-    views = {f"t={t}": maps[:, k] for k, t in enumerate(TIMESTEPS)}
+    labels = labels or tuple(f"t={t}" for t in TIMESTEPS)
+    views = {label: maps[:, k] for k, label in enumerate(labels)}
     views["mean"] = maps.mean(axis=1)
     for name, m in views.items():            # m: (samples, N, h, w)
         row = {}

@@ -155,9 +155,14 @@ def run(args: argparse.Namespace) -> int:
         shutil.copy2(txt2img["Save gate overlay"], IMAGES / "gate_overlay.png")
         shutil.copy2(txt2img["Save gate curves"], IMAGES / "gate_curves.png")
         shutil.copy2(made["mole_sd15_ablation"][1]["Save ablation grid"], IMAGES / "ablation.png")
-        heldout = Path(args.output_dir).resolve() / "results" / "heldout_gate_overlay.png"
-        if heldout.exists():                   # the demo's evidence figure (held-out scenes with gate maps)
-            shutil.copy2(heldout, IMAGES / "demo_heldout_gate_overlay.png")
+        results = Path(args.output_dir).resolve() / "results"
+        # the demo's evidence figures: held-out scenes with gate maps, the generations across models (the contact
+        # sheet of the generation table) and the global gates while generating
+        for source, name in (("heldout_gate_overlay.png", "demo_heldout_gate_overlay.png"),
+                             ("generation/contact_sheet.png", "demo_generations.png"),
+                             ("generated_gates.png", "demo_generated_gates.png")):
+            if (results / source).exists():
+                shutil.copy2(results / source, IMAGES / name)
         browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
         context = browser.new_context(viewport={"width": 2600, "height": 1300})
         demo = resize_ui(json.loads(WORKFLOWS["mole_sd15_txt2img"].ui_path.read_text()), 64, 64, FULL.sample_steps)

@@ -101,6 +101,43 @@ def goals(found: dict, evaluation: dict, effect: dict | None) -> list[dict]:
     return rows
 
 
+GENERATION_TARGET = 0.9       # issue 26: stage-1 samples with a person, a face and a hand, per the judge
+JUDGE_COLUMNS = ("all_found", "face_found", "hand_found", "face_detail", "hand_detail")
+
+
+def generation_goals(generation: dict) -> list[dict]:
+    """The goals measured on generated pictures: stage 1 draws people (a person with a face and a hand)."""
+    by = generation["models"].get(generation["reference"], {}).get("all_found")
+    if by is None:
+        return []
+    return [{"goal": "stage-1 samples with a person, a face and a hand (world judge)",
+             "measured": f"{by['mean']:.2f} of {by['images']}", "target": f">= {GENERATION_TARGET}",
+             "met": by["mean"] >= GENERATION_TARGET}]
+
+
+def generation_table(generation: dict) -> list[str]:
+    """One row per model: each judge column's mean, and its paired difference to stage 1 with the interval."""
+    columns = [c for c in JUDGE_COLUMNS if c in generation["scorers"]]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, by in generation["models"].items():
+        cells = []
+        for c in columns:
+            s = by[c]
+            v = s.get("vs_reference")
+            cell = "n/a" if not s["images"] else f"{s['mean']:.2f} +- {s['se']:.2f}"
+            if v and name != generation["reference"]:
+                cell += f" ({v['mean']:+.2f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}])"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def judge_accuracy() -> dict:
+    from . import judge
+
+    return json.loads(judge.load().metadata.get("mole.validation", "{}"))
+
+
 def goals_table(rows: list[dict]) -> list[str]:
     lines = ["| goal | measured | target | met? |", "|---|---|---|---|"]
     return lines + [f"| {r['goal']} | {r['measured']} | {r['target']} | {'yes' if r['met'] else '**no**'} |"
@@ -126,19 +163,25 @@ def _example_figure(path: Path, example: dict) -> None:
 
 
 def write(results: Path, models: dict[str, Path], world: dict, images: list[Path], evaluation: dict, seed: int,
-          seconds: float) -> Path:
+          seconds: float, generation: dict | None = None, while_generating: dict | None = None,
+          phases: dict[str, float] | None = None) -> Path:
     found = evidence(results, models, world, evaluation, seed)
     lines = ["# MoLE demo: a synthetic human-centric world", "",
              "Everything here was generated and trained on this machine: a procedurally drawn world (a person with a "
-             "face glyph and a raised hand glyph; face and hand close-ups), a tiny SD1.5-shaped checkpoint, stage 1, "
-             "a face and a hand expert, and the gates. It is a synthetic world, not Stable Diffusion: the numbers "
-             "show whether the machinery behaves as the paper describes, not image quality.", "",
-             f"Run time: {seconds:.0f} s (cached parts are skipped on a second run).", ""]
+             "face glyph and a raised hand glyph; face and hand close-ups), a small SD1.5-shaped checkpoint (the "
+             "shipped world base), stage 1, a face and a hand expert, and the gates. It is a synthetic world, not "
+             "Stable Diffusion: the numbers show whether the machinery behaves as the paper describes, not image "
+             "quality.", "",
+             f"Run time: {seconds:.0f} s (cached parts are skipped on a second run)"
+             + (": " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) if phases else "") + ".", ""]
     effect_path = results / "expert_effect.json"
     effect = json.loads(effect_path.read_text()) if effect_path.exists() else None
+    rows = goals(found, evaluation, effect) + (generation_goals(generation) if generation else []) + \
+        (generating_gate_goals(while_generating) if while_generating else [])
     lines += ["## The goals at a glance", "",
-              "What the demo is meant to show (SPEC.md section 7), measured on the held-out sets below:", "",
-              *goals_table(goals(found, evaluation, effect)), "",
+              "What the demo is meant to show (SPEC.md section 7), measured on the held-out sets and the generated "
+              "pictures below:", "",
+              *goals_table(rows), "",
               "## Local gates on held-out scenes (ROC AUC at latent resolution)", "",
               "Trained gates:", ""]
     lines += _table(found["local"], "timestep")
@@ -176,6 +219,10 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
         psnr = found["vae_psnr"]
         lines += ["", f"The world's VAE reconstructs the held-out scenes at {psnr['mean']:.1f} +- {psnr['se']:.1f} dB "
                   f"PSNR ({psnr['pictures']} pictures): the most detail any model here can show."]
+    if generation:
+        lines += generation_section(results, generation)
+    if while_generating:
+        lines += generating_gates_section(while_generating)
     lines += ["", "## The shipped workflows on the trained files", ""]
     lines += [f"![{p.stem}]({p.name})" for p in images]
     lines += ["", "## Training curves", ""]
@@ -183,3 +230,65 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
     path = results / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def generation_section(results: Path, generation: dict) -> list[str]:
+    """The paper's Tables 2-3 on generated pictures, scored by the world's judge, with the contact sheet."""
+    first = generation["models"][generation["reference"]]["all_found"]
+    accuracy = judge_accuracy()
+    lines = ["", "## Generated pictures, judged: the paper's Tables 2-3 on generations", "",
+             f"Every model generates the same {first['images']} pictures (scene captions x seeds) through the real "
+             "ComfyUI sampler (the shipped txt2img graph at 64 px); the world's judge (trainer/demo/judge.py, in place "
+             "of HPS and ImageReward) finds the person, the face and the hand and scores each part's detail (0 = "
+             "bare, 1 = detailed; only where the part is found). Mean +- standard error; in brackets the paired "
+             f"difference to {generation['reference']} with its 95% bootstrap interval "
+             "(generation/summary.md has win rates).", ""]
+    lines += generation_table(generation)
+    if accuracy:
+        lines += ["", "The judge on held-out world renders after a VAE round trip: mask IoU person "
+                  f"{accuracy.get('person_iou', float('nan')):.2f}, face {accuracy.get('face_iou', float('nan')):.2f}, "
+                  f"hand {accuracy.get('hand_iou', float('nan')):.2f}; detail AUC face "
+                  f"{accuracy.get('face_detail_auc', float('nan')):.2f}, hand "
+                  f"{accuracy.get('hand_detail_auc', float('nan')):.2f}."]
+    sheet = results / "generation" / "contact_sheet.png"
+    if sheet.exists():
+        lines += ["", "![the same prompts and seeds across the models](generation/contact_sheet.png)"]
+    return lines
+
+
+def generating_gate_goals(found: dict) -> list[dict]:
+    """The gate goals on generated pictures: the matching expert's global gate higher on generated close-ups of its
+    part (mean over steps), and the identity AUC against the judge's masks on generated scenes (best band)."""
+    rows = []
+    experts = found["experts"]
+    for expert, other in (("face", "hand"), ("hand", "face")):
+        curve = np.asarray(found["global"].get(f"{expert} close-ups", []))
+        if curve.size and expert in experts and other in experts:
+            gap = float(curve[:, experts.index(expert)].mean() - curve[:, experts.index(other)].mean())
+            rows.append({"goal": f"while generating: global gate {expert} minus {other} on generated {expert} "
+                                 "close-ups", "measured": f"{gap:+.3f}", "target": f">= {GLOBAL_TARGET}",
+                         "met": gap >= GLOBAL_TARGET})
+    local = {band: row["identity (face - hand) in glyphs"] for band, row in found.get("local", {}).items()
+             if band != "mean" and not math.isnan(row["identity (face - hand) in glyphs"])}
+    if local:
+        best = max(local, key=local.get)
+        rows.append({"goal": "while generating: identity AUC against the judge's masks on generated scenes, best band",
+                     "measured": f"{local[best]:.3f} ({best.split(':')[0]})", "target": f">= {IDENTITY_TARGET}",
+                     "met": local[best] >= IDENTITY_TARGET})
+    return rows
+
+
+def generating_gates_section(found: dict) -> list[str]:
+    """The paper's Fig. 7 while generating: global-gate curves per step, local-gate AUCs against the judge."""
+    lines = ["", "## The gates while generating (the paper's Fig. 7)", "",
+             "The shipped txt2img workflow with its gate trace, run on captions of face close-ups, hand close-ups and "
+             "scenes (" + ", ".join(f"{n} {k}" for k, n in found["pictures"].items()) + "). Mean global gate of each "
+             "expert per sampling step:", "", "![global gates per step while generating](generated_gates.png)", ""]
+    if "local" in found:
+        lines += [f"Local-gate maps against the judge's face and hand masks on the "
+                  f"{found['scenes_with_face_and_hand']} generated scenes in which it found both (ROC AUC at latent "
+                  "resolution, per band of steps):", ""]
+        lines += _table(found["local"], "steps")
+    else:
+        lines += ["The judge found a face and a hand in none of the generated scenes: no local-gate AUC."]
+    return lines
