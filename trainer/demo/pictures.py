@@ -68,7 +68,9 @@ def _stack(parts: list[Image.Image], caption: str) -> Image.Image:
 def _outputs(server, name: str, steps: int) -> dict[str, Path]:
     """Run a shipped workflow at demo size; {Save Image title: the picture it wrote}. Nodes whose files are not
     there (the uncertainty workflow's fine-tune LoRAs) are left out of the graph."""
-    api = load_api(name, 64, 64, steps)
+    from .pipeline import DEMO_TEXTS
+
+    api = load_api(name, 64, 64, steps, **DEMO_TEXTS)
     dropped = {k for k, v in api.items() if v["class_type"] == "LoraLoader"}
     while True:             # and everything downstream of them
         more = {k for k, v in api.items() if k not in dropped
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from playwright.sync_api import sync_playwright
 
     from ..harness.comfy_server import ComfyServer
-    from .pipeline import FULL, comfy_base, prepare
+    from .pipeline import DEMO_TEXTS, FULL, comfy_base, prepare
 
     _, models = prepare(Path(args.output_dir).resolve(), FULL, args.seed)
     base = comfy_base(Path(args.output_dir).resolve(), models)
@@ -165,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                 shutil.copy2(results / source, IMAGES / name)
         browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
         context = browser.new_context(viewport={"width": 2600, "height": 1300})
-        demo = resize_ui(json.loads(WORKFLOWS["mole_sd15_txt2img"].ui_path.read_text()), 64, 64, FULL.sample_steps)
+        demo = resize_ui(json.loads(WORKFLOWS["mole_sd15_txt2img"].ui_path.read_text()), 64, 64, FULL.sample_steps,
+                         **DEMO_TEXTS)
         shot = IMAGES / "txt2img_graph.png"
         graph_screenshot(context, server, demo, shot, run=True)
         graph = _open(shot)

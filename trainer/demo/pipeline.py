@@ -61,6 +61,10 @@ SCRATCH_STAGE1_STEPS = 400        # stage 1 from a random base: what the demo tr
 WORKFLOWS = {"mole_sd15_txt2img": "MoLE txt2img with gate maps and curves",
              "mole_sd15_ablation": "ablation grid: base, face only, hand only, local, global, both"}
 BASE = "mole_world_base.safetensors"
+# the demo-sized workflows draw the world's people: one of its caption templates, and the empty negative prompt the
+# base learned through caption dropout (the shipped workflows' own prompts are for real SD1.5 files)
+DEMO_PROMPT = "a smiling person in a red shirt raising the right hand, blue background"
+DEMO_TEXTS = {"prompt": DEMO_PROMPT, "negative": ""}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -282,7 +286,7 @@ def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: P
     with ComfyServer(base) as server:
         for name, what in WORKFLOWS.items():
             t = time.monotonic()
-            outputs = server.run(load_api(name, 64, 64, recipe.sample_steps))
+            outputs = server.run(load_api(name, 64, 64, recipe.sample_steps, **DEMO_TEXTS))
             for path in server.output_files(outputs):
                 shutil.copy2(path, results / path.name)
                 written.append(results / path.name)

@@ -36,13 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_workflows(base: Path, steps: int) -> list[Path]:
     """Demo-sized copies of the shipped SD1.5 workflows in the base directory's saved workflows."""
+    from .pipeline import DEMO_TEXTS
+
     folder = base / "user" / "default" / "workflows"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, workflow in WORKFLOWS.items():
         if "sd15" not in name:
             continue
-        ui = resize_ui(json.loads(workflow.ui_path.read_text()), DEMO_SIZE, DEMO_SIZE, steps)
+        ui = resize_ui(json.loads(workflow.ui_path.read_text()), DEMO_SIZE, DEMO_SIZE, steps, **DEMO_TEXTS)
         path = folder / f"{workflow.title.replace('MoLE SD1.5', 'MoLE demo')}.json"
         path.write_text(json.dumps(ui, indent=1))
         written.append(path)
