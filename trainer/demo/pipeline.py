@@ -326,8 +326,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     recipe = QUICK if args.quick else FULL
     if getattr(args, "from_scratch", False):
-        recipe = replace(recipe, from_scratch=True, stage1_steps=max(recipe.stage1_steps, SCRATCH_STAGE1_STEPS)
-                         if not args.quick else recipe.stage1_steps)
+        recipe = replace(recipe, from_scratch=True,
+                         stage1_steps=recipe.stage1_steps if args.quick else SCRATCH_STAGE1_STEPS)
     phases = Phases()
     out = Path(args.output_dir).resolve()
     world, models = prepare(out, recipe, args.seed)
