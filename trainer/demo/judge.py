@@ -141,7 +141,7 @@ def render(rng: random.Random, kind: str):
     from . import world
 
     if kind == "empty":
-        bg = world.BACKGROUNDS[rng.choice(sorted(world.BACKGROUNDS))]
+        _, bg = world._colour(rng, world.BACKGROUNDS)     # as the world draws a background (the shipped file's data)
         empty = np.zeros((64, 64), bool)
         return Image.new("RGB", (64, 64), bg), {m: empty for m in MASKS}, {p: None for p in DETAIL}
     if kind in ("faces", "hands"):
