@@ -238,34 +238,16 @@ def accuracy(judge: Judge, data: dict[str, torch.Tensor]) -> dict[str, float]:
 
 # -- the shipped file ---------------------------------------------------------------------------------------------
 def save(judge: Judge, path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
+    from . import assets
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in judge.net.state_dict().items()}, str(tmp),
-              metadata=metadata)
-    tmp.replace(path)
-    return path
+    return assets.write(judge.net.state_dict(), path, metadata)
 
 
 def load(path: Path = SHIPPED) -> Judge:
     """The shipped judge, checked: every key and shape of JudgeNet, trained on this version of the world."""
-    from safetensors import safe_open
+    from . import assets
 
-    from . import world
-
-    path = Path(path)
-    if not path.is_file():
-        raise MoLEError(f"{path}: the world judge is missing; `python -m trainer world-judge` trains it")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:      # safetensors raises its own error types for damaged files
-        raise MoLEError(f"{path}: not a readable safetensors file ({e})") from e
-    if metadata.get("mole.world_version") != str(world.VERSION):
-        raise MoLEError(f"{path}: trained on world version {metadata.get('mole.world_version')}, the world is "
-                        f"version {world.VERSION}; `python -m trainer world-judge` trains a new one")
+    tensors, metadata = assets.read(path, "the world judge", "world-judge")
     net = JudgeNet()
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}

@@ -99,37 +99,19 @@ def train_taesd(pixels: torch.Tensor, steps: int = 6000, batch: int = 8, lr: flo
 
 def save(taesd, path: Path, metadata: dict[str, str]) -> Path:
     """The TAESD's state dict in fp16 as safetensors, with metadata (temp file + rename)."""
-    from safetensors.torch import save_file
+    from . import assets
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in taesd.state_dict().items()}, str(tmp),
-              metadata=metadata)
-    tmp.replace(path)
-    return path
+    return assets.write(taesd.state_dict(), path, metadata)
 
 
 def load(path: Path = SHIPPED):
     """The shipped world VAE as a ComfyUI TAESD module, checked: the file's keys and shapes are a TAESD's and it
     was trained on this version of the world."""
     import comfy.taesd.taesd
-    from safetensors import safe_open
 
-    from . import world
+    from . import assets
 
-    path = Path(path)
-    if not path.is_file():
-        raise MoLEError(f"{path}: the world's VAE is missing; `python -m trainer world-vae` trains it")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:      # safetensors raises its own error types for damaged files
-        raise MoLEError(f"{path}: not a readable safetensors file ({e})") from e
-    trained_on = metadata.get("mole.world_version")
-    if trained_on != str(world.VERSION):
-        raise MoLEError(f"{path}: trained on world version {trained_on}, the world is version {world.VERSION}; "
-                        "`python -m trainer world-vae` trains a new one")
+    tensors, _ = assets.read(path, "the world's VAE", "world-vae")
     taesd = comfy.taesd.taesd.TAESD()
     expected = {k: v.shape for k, v in taesd.state_dict().items()}
     found = {k: v.shape for k, v in tensors.items()}

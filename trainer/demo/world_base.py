@@ -51,32 +51,14 @@ def text_encoder_hash(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise MoLEError(f"{path}: the world's base model is missing; `python -m trainer world-base` trains it "
-                        "(or `python -m trainer demo --from-scratch` trains everything without it)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:      # safetensors raises its own error types for damaged files
-        raise MoLEError(f"{path}: not a readable safetensors file ({e}); `python -m trainer world-base` writes a "
-                        "new one") from e
-
-
 def load(path: Path = SHIPPED) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The shipped base's UNet weights (`model.diffusion_model.*`, fp16) and metadata, checked: trained on this
     version of the world, every key and shape of the detectable SD1.5 UNet and nothing else."""
     from ..harness.tiny_models import DETECTABLE_SD15, unet_shapes
-    from . import world
+    from . import assets
 
-    path = Path(path)
-    tensors, metadata = _read(path)
-    trained_on = metadata.get("mole.world_version")
-    if trained_on != str(world.VERSION):
-        raise MoLEError(f"{path}: trained on world version {trained_on}, the world is version {world.VERSION}; "
-                        "`python -m trainer world-base` trains a new one")
+    tensors, metadata = assets.read(path, "the world's base model", "world-base", " (or `python -m trainer demo "
+                                    "--from-scratch` trains everything without it)")
     if not metadata.get("mole.text_encoder_sha256"):
         raise MoLEError(f"{path}: metadata key 'mole.text_encoder_sha256' is missing (the hash of the text encoder "
                         "it was trained with); `python -m trainer world-base` writes a complete file")
@@ -123,12 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train(output: Path, steps: int, work: Path) -> Path:
     """Pretrain the base on plain scenes with the trainer's stage-1 loop and write its UNet (fp16) to `output`."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from ..harness.tiny_models import write_detectable_checkpoint
     from ..training.config import TrainConfig, validate
     from ..training.loop import Run
-    from . import vae, world
+    from . import assets, vae, world
 
     scenes = world.write_set(work / "plain", "plain", RECIPE["pictures"], STREAM_SEED, 64)
     toml = world.write_dataset_toml(work / "plain.toml", {scenes.name: None}, 64, RECIPE["batch"])
@@ -142,16 +124,11 @@ def train(output: Path, steps: int, work: Path) -> Path:
                          mixed_precision=RECIPE["precision"], seed=RECIPE["seed"])
     validate(config)
     produced = Run(config).train()
-    unet = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(produced)).items()
-            if k.startswith(UNET_PREFIX)}
+    unet = {k: v for k, v in load_file(str(produced)).items() if k.startswith(UNET_PREFIX)}
     metadata = {"mole.world_version": str(world.VERSION), "mole.recipe": json.dumps({**RECIPE, "steps": steps}),
                 "mole.text_encoder_sha256": text_encoder_hash(start),
                 "modelspec.architecture": "stable-diffusion-v1", "modelspec.title": "MoLE demo world base (UNet)"}
-    output = Path(output)
-    tmp = output.with_name(output.name + ".tmp")
-    save_file(unet, str(tmp), metadata=metadata)
-    tmp.replace(output)
-    return output
+    return assets.write(unet, output, metadata)
 
 
 def run(args: argparse.Namespace) -> int:
