@@ -49,3 +49,11 @@ def write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
               metadata=metadata)
     tmp.replace(path)
     return path
+
+
+def add_training_arguments(parser, what: str, shipped: Path, steps: int) -> None:
+    """The flags every world-model command shares: --output (default: the shipped file) and --steps (default: the
+    shipped file's)."""
+    parser.add_argument("--output", type=Path, default=shipped, help=f"where to write {what} (default: the "
+                                                                      "shipped file)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"training steps (the shipped file: {steps})")

@@ -264,10 +264,9 @@ VALIDATION_STREAM = "judge-validation"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", type=Path, default=SHIPPED, help="where to write the judge (default: the "
-                                                                      "shipped file)")
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="training steps (the shipped file: "
-                                                                           f"{RECIPE['steps']})")
+    from .assets import add_training_arguments
+
+    add_training_arguments(parser, "the judge", SHIPPED, RECIPE["steps"])
     parser.set_defaults(run=run)
 
 

@@ -130,10 +130,9 @@ VALIDATION_STREAM = "vae-validation"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", type=Path, default=SHIPPED, help="where to write the VAE (default: the "
-                                                                      "shipped file)")
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="training steps (the shipped file: "
-                                                                           f"{RECIPE['steps']})")
+    from .assets import add_training_arguments
+
+    add_training_arguments(parser, "the VAE", SHIPPED, RECIPE["steps"])
     parser.add_argument("--sheet", type=Path, help="instead of training: write a PNG of world pictures (scenes, "
                                                    "hands, faces) above their reconstructions by the shipped VAE")
     parser.set_defaults(run=run)

@@ -94,10 +94,9 @@ def write_checkpoint(path: Path, base: Path = SHIPPED) -> Path:
 
 # -- `python -m trainer world-base` ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", type=Path, default=SHIPPED, help="where to write the base's UNet (default: "
-                                                                      "the shipped file)")
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help="training steps (the shipped file: "
-                                                                           f"{RECIPE['steps']})")
+    from .assets import add_training_arguments
+
+    add_training_arguments(parser, "the base's UNet", SHIPPED, RECIPE["steps"])
     parser.add_argument("--work_dir", type=Path, help="keep the training pictures, caches and log here (default: "
                                                       "a temporary folder, removed at the end)")
     parser.set_defaults(run=run)
