@@ -1,6 +1,7 @@
 """The demo report's goals at a glance: each target of SPEC.md section 7 read from the evidence, the precondition
 and the in-world evaluation, and judged as the issue states it."""
-from comfyui_mole.trainer.demo.report import GATED, goals, goals_table
+from comfyui_mole.trainer.demo.pipeline import FULL, QUICK, SCRATCH_STAGE1_STEPS, recipe_for
+from comfyui_mole.trainer.demo.report import GATED, generating_gate_goals, generation_goals, goals, goals_table
 
 
 def evidence(identity=(0.6, 0.8, 0.7, 0.7), face_maps=(0.9, 0.7), hand_maps=(0.8, 0.75), glob=(0.6, 0.5, 0.52, 0.5)):
@@ -41,3 +42,30 @@ def test_without_a_precondition_measure_or_fixed_scales_those_rows_are_left_out(
     assert len(rows) == 5 and not any(r["goal"].startswith("precondition") for r in rows)
     worse = goals(evidence(), evaluation(gated=0.052), None)
     assert worse[-1]["met"] is False
+
+
+def test_generation_goal_reads_stage_1s_share_of_complete_people():
+    def summary(share):
+        return {"reference": "+ stage 1", "models": {"+ stage 1": {"all_found": {"mean": share, "images": 24}}}}
+
+    (row,) = generation_goals(summary(0.75))
+    assert row["measured"] == "0.75 of 24" and not row["met"]
+    assert generation_goals(summary(0.92))[0]["met"]
+    assert generation_goals({"reference": "+ stage 1", "models": {}}) == []
+
+
+def test_gate_goals_while_generating_read_the_curves_and_the_best_band():
+    found = {"experts": ["face", "hand"],
+             "global": {"face close-ups": [[0.7, 0.6], [0.7, 0.6]], "hand close-ups": [[0.6, 0.62], [0.6, 0.62]]},
+             "local": {"early: steps 1-7": {"identity (face - hand) in glyphs": 0.6},
+                       "late: steps 14-20": {"identity (face - hand) in glyphs": 0.8},
+                       "mean": {"identity (face - hand) in glyphs": 0.9}}}
+    rows = generating_gate_goals(found)
+    assert [(r["measured"], r["met"]) for r in rows] == [("+0.100", True), ("+0.020", False), ("0.800 (late)", True)]
+
+
+def test_from_scratch_keeps_the_random_base_and_the_longer_stage_1():
+    assert recipe_for(False, False) == FULL and recipe_for(True, False) == QUICK
+    scratch = recipe_for(False, True)
+    assert scratch.from_scratch and scratch.stage1_steps == SCRATCH_STAGE1_STEPS > FULL.stage1_steps
+    assert recipe_for(True, True).stage1_steps == QUICK.stage1_steps

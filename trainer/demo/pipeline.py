@@ -308,6 +308,14 @@ def prepare(out: Path, recipe: Recipe, seed: int) -> tuple[dict, dict[str, Path]
     return world, build_models(out, recipe, seed, world)
 
 
+def recipe_for(quick: bool, from_scratch: bool) -> Recipe:
+    """The demo's recipe: FULL or QUICK; from scratch, a random base and (FULL) the longer stage 1."""
+    recipe = QUICK if quick else FULL
+    if not from_scratch:
+        return recipe
+    return replace(recipe, from_scratch=True, stage1_steps=recipe.stage1_steps if quick else SCRATCH_STAGE1_STEPS)
+
+
 class Phases:
     """Wall time per phase of one demo run, logged as each ends."""
 
@@ -324,10 +332,7 @@ class Phases:
 
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    recipe = QUICK if args.quick else FULL
-    if getattr(args, "from_scratch", False):
-        recipe = replace(recipe, from_scratch=True,
-                         stage1_steps=recipe.stage1_steps if args.quick else SCRATCH_STAGE1_STEPS)
+    recipe = recipe_for(args.quick, getattr(args, "from_scratch", False))
     phases = Phases()
     out = Path(args.output_dir).resolve()
     world, models = prepare(out, recipe, args.seed)
