@@ -19,7 +19,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import torch
 
 KINDS = {"face close-ups": "faces", "hand close-ups": "hands", "scenes": "scenes"}
 BATCH = 5
@@ -31,16 +30,14 @@ def graph(caption: str, seed: int, steps: int, batch: int, prefix: str) -> dict:
     seeds from `seed`, and only the image and the trace saved (under `prefix`)."""
     from ..harness.workflows import load_api
 
-    api = load_api("mole_sd15_txt2img", 64, 64, steps)
+    api = load_api("mole_sd15_txt2img", 64, 64, steps, prompt=caption, negative="")
     dropped = {k for k, n in api.items() if n["class_type"] in DROPPED}
     dropped |= {k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"][0] in dropped}
     for key in dropped:
         del api[key]
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CLIPTextEncode":
-            inputs["text"] = "" if node["_meta"]["title"] == "Negative prompt" else caption
-        elif kind == "EmptyLatentImage":
+        if kind == "EmptyLatentImage":
             inputs["batch_size"] = batch
         elif kind == "KSampler":
             inputs["seed"] = seed
@@ -125,7 +122,7 @@ def run(results: Path, base_dir: Path, recipe, seed: int) -> dict:
         return json.loads(cache.read_text())
     from ..harness.comfy_server import ComfyServer
 
-    with ComfyServer(base_dir) as server, torch.no_grad():
+    with ComfyServer(base_dir) as server:
         runs = generate(server, recipe, seed)
     found = measure(runs)
     plot(found, results / "generated_gates.png")

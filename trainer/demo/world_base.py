@@ -4,7 +4,7 @@
 A base trained from random weights for the few hundred steps a demo run can afford denoises held-out scenes but
 never composes a person from noise: its samples are colour blobs. So the base is trained once, by
 
-    python -m trainer world-base           # seeded, with a progress bar (RECIPE below; about 40 minutes here)
+    python -m trainer world-base           # seeded, with a progress bar (RECIPE below; about 33 minutes here)
 
 on plain scenes of a seed stream of its own (none of the demo's pictures), through the trainer's own stage-1 loop
 with caption dropout (kohya's caption_dropout_rate: the unconditional prediction that classifier-free guidance
