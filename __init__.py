@@ -8,3 +8,8 @@ async def comfy_entrypoint():
     from .nodes import MoLEExtension
 
     return MoLEExtension()
+
+
+# The frontend extension (web/mole.js): each MoLE node's summary and warnings drawn on the node, a toast per run
+# with warnings. ComfyUI serves every .js file of this folder to the browser.
+WEB_DIRECTORY = "./web"

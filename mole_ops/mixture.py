@@ -219,19 +219,22 @@ TRAINABLE = (None, "experts", "gates")
 
 
 def build(experts: list[ExpertFile], gates: GateFile | None = None, layout: UNetLayout | None = None,
-          variant: str | None = None, dtype: torch.dtype | None = None, trainable: str | None = None) -> MoLE:
+          variant: str | None = None, dtype: torch.dtype | None = None, trainable: str | None = None,
+          log_warnings: bool = True) -> MoLE:
     """Experts and gates as modules. Without gates, fresh gates with PyTorch's default init (gates are fp32).
 
     Frozen unless `trainable` names what trains ("experts": stage 2, "gates": stage 3): a frozen MoLE is what
     inference runs, and the op picks its fused, cached path from requires_grad, so no caller sets it by hand.
     Frozen experts keep the files' tensors (no copy; `dtype` casts everything); training experts are fp32.
+    The gate file's warnings (check_gates) are logged unless `log_warnings` is False (the nodes report them
+    themselves, on every run: see `shared`).
     """
     if trainable not in TRAINABLE:
         raise MismatchError(f"trainable={trainable!r} is not one of {TRAINABLE}")
     if gates is not None:
         report = check_gates(gates, experts, layout)
         report.raise_if_errors(f"gate file {gates.path or '(in memory)'} does not fit the experts")
-        for w in report.warnings:
+        for w in report.warnings if log_warnings else ():
             log.warning("MoLE: %s", w)
         variant = variant or gates.variant
         if variant != gates.variant:
@@ -292,13 +295,14 @@ def shared(experts: list[ExpertFile], gates: GateFile | None, layout: UNetLayout
     """One frozen MoLE per set of expert and gate files in this process, for every node that uses them: keyed by
     the files' content hashes and the experts' names, kept while anything holds it. Settings never enter the key:
     modes and strengths act per call (ops.MoLELayer.forward). Experts or gates made in memory (no file hash) get
-    a MoLE of their own."""
+    a MoLE of their own. It logs no warning: a cached MoLE could not repeat them, so the nodes check the files
+    (check_gates, role_warnings) on every run."""
     files = list(experts) + ([gates] if gates is not None else [])
     if not all(f.sha256 for f in files):
-        return build(list(experts), gates, layout)
+        return build(list(experts), gates, layout, log_warnings=False)
     key = (layout, tuple((e.name, e.sha256) for e in experts), None if gates is None else gates.sha256)
     mole = _shared.get(key)
     if mole is None:
-        mole = build(list(experts), gates, layout)
+        mole = build(list(experts), gates, layout, log_warnings=False)
         _shared[key] = mole
     return mole

@@ -9,11 +9,12 @@ from ..mole_ops import expert_file
 from ..mole_ops.errors import MismatchError
 from ..mole_ops.fingerprint import check_base
 from ..mole_ops.layout import UNetLayout
-from ..mole_ops.mixture import describe, role_warnings, shared
+from ..mole_ops.mixture import check_gates, describe, role_warnings, shared
 from ..mole_ops.ops import MODES, GateSettings
 from ..mole_ops.trace import GateTrace
 from .files import expert_files, full_path
 from .patch import MoLEPatch, apply_mole
+from .report import caught_warnings, node_ui
 from .types import Experts, Gates, Trace
 
 log = logging.getLogger("mole")
@@ -27,19 +28,16 @@ SLOTS = ("strength_1", "strength_2", "strength_3")
 
 
 def warnings_for(model, experts, gates=None, roles: bool = True) -> list[str]:
-    """What may be wrong although it runs: files trained on another base, files under swapped roles (with
-    `roles`). Logged and returned, for the node's UI text."""
+    """What may be wrong although it runs, checked on every run (a cached MoLE repeats nothing): files trained on
+    another base, gates trained with other files, files under swapped roles (with `roles`). Logged (and so shown
+    on the node: report.caught_warnings) and returned."""
     found = check_base(model.model.diffusion_model, experts, gates)
+    if gates is not None:
+        found += check_gates(gates, list(experts), model_layout(model)).warnings
     found += role_warnings(list(experts), gates) if roles else []
     for warning in found:
         log.warning("MoLE: %s", warning)
     return found
-
-
-def info(lines: list[str], warnings: list[str]) -> tuple[str, dict]:
-    """The node's report as a STRING output and as UI text (shown on the node; Preview Any shows the string)."""
-    text = "\n".join(lines + [f"WARNING: {w}" for w in warnings])
-    return text, {"text": [text]}
 
 
 class ApplyMoLE(io.ComfyNode):
@@ -70,7 +68,7 @@ class ApplyMoLE(io.ComfyNode):
                                      "(for the gate-map nodes); off costs nothing.")],
             outputs=[io.Model.Output(display_name="model"), Trace.Output(display_name="trace"),
                      io.String.Output(display_name="info", tooltip="What was attached (experts, files, ranks, "
-                                      "strengths, layers, gates) and any warning; also shown on the node.")])
+                                      "strengths, layers, gates) and any warning; also shown on the node itself.")])
 
     @classmethod
     def execute(cls, model, experts, mode, strength_1, strength_2, strength_3, start_percent, end_percent,
@@ -82,12 +80,14 @@ class ApplyMoLE(io.ComfyNode):
                                 "never act; set start_percent <= end_percent")
         if len(experts) > len(SLOTS):
             log.info("MoLE: experts after the third run at strength 1 (Apply MoLE has three strength inputs)")
-        warnings = warnings_for(model, experts, gates)
-        mole = shared(list(experts), gates, model_layout(model))
+        with caught_warnings() as warnings:
+            warnings_for(model, experts, gates)
+            mole = shared(list(experts), gates, model_layout(model))
         settings = GateSettings(mode, dict(zip(mole.order, (strength_1, strength_2, strength_3))))
         trace = GateTrace(mole.order) if record_trace else None
         patched = apply_mole(model, MoLEPatch(mole, settings, start_percent, end_percent, trace))
-        text, ui = info(describe(mole, list(experts), gates, settings, start_percent, end_percent, SLOTS), warnings)
+        text, ui = node_ui(describe(mole, list(experts), gates, settings, start_percent, end_percent, SLOTS),
+                           warnings)
         return io.NodeOutput(patched, trace, text, ui=ui)
 
 
@@ -105,9 +105,10 @@ class ExpertFixedScale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, expert, strength) -> io.NodeOutput:
-        loaded = expert_file.load(full_path(expert), "expert")
-        warnings = warnings_for(model, [loaded], roles=False)
-        mole = shared([loaded], None, model_layout(model))
+        with caught_warnings() as warnings:
+            loaded = expert_file.load(full_path(expert), "expert")
+            warnings_for(model, [loaded], roles=False)
+            mole = shared([loaded], None, model_layout(model))
         settings = GateSettings("none", {"expert": strength})
-        _, ui = info(describe(mole, [loaded], None, settings, 0.0, 1.0), warnings)
+        _, ui = node_ui(describe(mole, [loaded], None, settings, 0.0, 1.0), warnings)
         return io.NodeOutput(apply_mole(model, MoLEPatch(mole, settings)), ui=ui)

@@ -19,6 +19,7 @@ from ..mole_ops.ops import GateSettings
 from ..mole_ops.viz import heat
 from .apply import model_layout
 from .patch import EarlyEstimate, MoLEPatch, apply_mole, attach_early_estimate
+from .report import caught_warnings, node_ui
 from .types import Ensemble, Estimate, Experts
 
 log = logging.getLogger("mole")
@@ -71,9 +72,11 @@ class EnsembleFromModels(io.ComfyNode):
         kinds = {type(m.model.model_config).__name__ for m in models}
         if len(kinds) > 1:
             raise MismatchError(f"ensemble members must share one architecture, got {sorted(kinds)}")
-        if len(models) < 4:
-            log.warning("MoLE: an ensemble of %d members gives a noisy estimate; the paper used 4", len(models))
-        return io.NodeOutput(ModelEnsemble(models))
+        with caught_warnings() as warnings:
+            if len(models) < 4:
+                log.warning("MoLE: an ensemble of %d members gives a noisy estimate; the paper used 4", len(models))
+        _, ui = node_ui([f"ensemble of {len(models)} models"], warnings)
+        return io.NodeOutput(ModelEnsemble(models), ui=ui)
 
 
 class EnsembleFromExperts(io.ComfyNode):
@@ -99,7 +102,8 @@ def _outputs(result):
     scaled = m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     image = torch.nn.functional.interpolate(heat(scaled).movedim(-1, 1), scale_factor=8, mode="nearest")
     summary = result.summary()
-    return io.NodeOutput(float(result.score.mean()), image.movedim(1, -1), summary, ui={"text": [summary]})
+    return io.NodeOutput(float(result.score.mean()), image.movedim(1, -1), summary,
+                         ui=node_ui(summary.splitlines(), [])[1])
 
 
 class UncertaintyScore(io.ComfyNode):

@@ -16,6 +16,7 @@ from ..mole_ops.errors import MoLEError
 from ..mole_ops.plots import gate_curves
 from ..mole_ops.trace import COND, UNCOND
 from ..mole_ops.viz import gate_map_grid, labelled_grid, overlay
+from .report import node_ui
 from .types import Trace
 
 KINDS = {"cond": COND, "uncond": UNCOND}
@@ -145,7 +146,7 @@ class SaveTrace(io.ComfyNode):
                              {"mole.trace": json.dumps(info)})
         with open(base + ".json", "w") as f:
             json.dump({**info, **{k: v.tolist() for k, v in tensors.items() if k.startswith("global")}}, f)
-        return io.NodeOutput(ui={"text": [os.path.basename(base) + ".safetensors"]})
+        return io.NodeOutput(ui=node_ui([os.path.basename(base) + ".safetensors"], [])[1])
 
 
 class ImageGrid(io.ComfyNode):

@@ -103,8 +103,8 @@ def test_serve_opens_the_demo_files_and_stops_cleanly(quick_demo):
                 break
         assert f"http://127.0.0.1:{port}" in lines[-1], "".join(lines[-40:])
         saved = sorted(p.name for p in (out / "comfy" / "user" / "default" / "workflows").iterdir())
-        assert saved == ["MoLE demo - EMoE uncertainty scores.json", "MoLE demo - ablation of experts and gates.json",
-                         "MoLE demo - txt2img with gate maps and curves.json"]
+        assert saved == ["MoLE demo EMoE uncertainty.json", "MoLE demo ablation grid.json",
+                         "MoLE demo txt2img with gates.json"]
         client = ComfyServer(out / "comfy", port=port)          # drives the running server, starts nothing
         start = time.monotonic()
         outputs = client.run(load_api("mole_sd15_txt2img", 64, 64, 3), timeout=60)

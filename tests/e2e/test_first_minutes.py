@@ -64,6 +64,16 @@ def test_swapped_experts_and_another_base_are_warned_in_the_ui(server, detectabl
                for w in warnings), text
     assert any("test_face.safetensors is loaded as 'hand', but the gates in" in w and "'face'" in w
                for w in warnings), text
+    # every warning of the log reaches the node's UI data (web/mole.js draws it), with file names, not paths, also
+    # when the MoLE of these files is already built (a second run at another strength)
+    for strength in (0.9, 0.75):
+        g = graph(detectable.name, experts=("test_hand.safetensors", "test_face.safetensors"), prefix="first_swap")
+        g["12"]["inputs"]["strength_1"] = strength
+        ui = server.wait(server.queue(g))["outputs"]["12"]
+        shown = ui["mole_warnings"]
+        assert len(shown) == 6 and sum("not the file the gates were trained with" in w for w in shown) == 2, shown
+        assert all("/" not in w for w in shown), shown
+        assert ui["mole_lines"][0].startswith("MoLE: 2 expert(s)"), ui
     text = info(server, graph(detectable.name, experts=("other_base_face.safetensors", "test_hand.safetensors"),
                               gates=None, mode="none", prefix="first_base"))
     assert any("other_base_face.safetensors" in w and "another base model" in w for w in text.splitlines()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..harness.host import REPO_ROOT
-from ..harness.workflows import WORKFLOWS, resize_ui
+from ..harness.workflows import TEMPLATE_PATH, WORKFLOWS, resize_ui
 
 log = logging.getLogger("mole.demo")
 DEMO_SIZE = 64
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         server.start()
         print(f"ComfyUI with the MoLE demo: {server.url}  (Ctrl-C stops it)\n"
               f"  open the Workflows sidebar for the demo-sized workflows: {', '.join(p.stem for p in saved)}\n"
-              "  the templates (Workflow > Browse Templates > ComfyUI-MoLE) are sized for real SD1.5 files",
+              f"  the templates ({TEMPLATE_PATH}) are sized for real SD1.5 files",
               flush=True)
         while not stop.asked and server.proc.poll() is None:
             time.sleep(0.5)

@@ -183,6 +183,10 @@ def uncertainty_sd15() -> Graph:
     return g
 
 
+# where the frontend lists a custom node pack's templates (ComfyUI frontend 1.32; the browser test clicks it through)
+TEMPLATE_PATH = "logo menu > Browse Templates > EXTENSIONS > ComfyUI-MoLE"
+
+
 @dataclass(frozen=True)
 class Workflow:
     """A shipped workflow: its graph, the title its UI file is named after (ComfyUI's template browser shows a
@@ -204,24 +208,24 @@ class Workflow:
 
 WORKFLOWS = {
     "mole_sd15_txt2img": Workflow(
-        txt2img_sd15, "MoLE SD1.5 - txt2img with gate maps and curves",
+        txt2img_sd15, "MoLE SD1.5 txt2img with gates",
         "Put the stage-1 checkpoint in models/checkpoints, the face and hand experts and the gate file in models/mole "
         "(experts may also sit in models/loras), and pick them in the loaders; no SD1.5 MoLE weights are released, "
         "train them with this pack's trainer (README). The gate-map grid shows where each expert acted (rows: steps, "
         "columns: experts; bright = gate open, colour bar on the right); the curves show the global gates per step; "
         "the text box lists what Apply MoLE attached and any warning."),
     "mole_sd15_ablation": Workflow(
-        ablation_sd15, "MoLE SD1.5 - ablation of experts and gates",
+        ablation_sd15, "MoLE SD1.5 ablation grid",
         "One seed, six models: the base, MoLE with only the face or only the hand expert, only local (per-token) "
         "gates, only global (per-image) gates, and both (MoLE as in the paper)."),
     "mole_sdxl_three_files": Workflow(
-        sdxl_three_files, "MoLE SDXL - the released three-file set",
+        sdxl_three_files, "MoLE SDXL release set",
         "The authors' MoLE-SDXL release (huggingface.co/jiezhueval/MoLE-SDXL) is three files: the face LoRA "
         "(lora_sdxl_face_...safetensors) goes into expert_1 with role face, the hand LoRA (lora_sdxl_hand_...) into "
         "expert_2 with role hand, the gate file (moe_sdxl_...) into gate_file. Put all three in models/mole and the "
         "SDXL base in models/checkpoints."),
     "mole_sd15_uncertainty": Workflow(
-        uncertainty_sd15, "MoLE SD1.5 - EMoE uncertainty scores",
+        uncertainty_sd15, "MoLE SD1.5 EMoE uncertainty",
         "EMoE: how much an ensemble disagrees about this prompt at the first denoising step. Top: MoLE's face and "
         "hand experts (expert disagreement, not epistemic uncertainty: two specialists on one base). Middle: the "
         "base and independent fine-tunes of it, given here as two LoRAs in models/loras (any fine-tune LoRAs of the "
