@@ -104,22 +104,32 @@ def trained_role(expert: ExpertFile) -> str | None:
     return args.get("mole_expert") if isinstance(args, dict) else None
 
 
-def role_warnings(experts: list[ExpertFile], gates: GateFile | None = None) -> list[str]:
-    """Signs that files sit under the wrong roles (face and hand swapped): the role our trainer wrote into the
-    file, the file hashes the gates were trained with, and the authors' alphas (face 64, hand 128)."""
-    out = []
+def swapped(experts: list[ExpertFile], gates: GateFile | None = None) -> dict[str, list[str]]:
+    """{expert name: why its file looks like another role's}: the role our trainer wrote into the file, and the
+    role the gates were trained with this file (by hash) under."""
+    hashes = {} if gates is None else {info.get("sha256"): name for name, info in gates.expert_info.items()
+                                       if info.get("sha256")}
+    found = {}
     for e in experts:
+        reasons = []
         role = trained_role(e)
         if role and role != e.name:
-            out.append(f"{e.path} was trained as the {role!r} expert but is loaded as {e.name!r}: check the role "
-                       "names (swapped files?)")
-    if gates is not None:
-        hashes = {info.get("sha256"): name for name, info in gates.expert_info.items() if info.get("sha256")}
-        for e in experts:
-            other = hashes.get(e.sha256)
-            if other and other != e.name:
-                out.append(f"{e.path} is loaded as {e.name!r}, but the gates in {gates.path} were trained with "
-                           f"this file as {other!r}: the gates act on the wrong expert (swapped files?)")
+            reasons.append(f"it was trained as the {role!r} expert")
+        other = hashes.get(e.sha256) if e.sha256 else None
+        if other and other != e.name:
+            reasons.append(f"the gates in {gates.path} were trained with it as {other!r}")
+        if reasons:
+            found[e.name] = reasons
+    return found
+
+
+def role_warnings(experts: list[ExpertFile], gates: GateFile | None = None) -> list[str]:
+    """Signs that files sit under the wrong roles (face and hand swapped), one warning per file: the role our
+    trainer wrote into the file, the file hashes the gates were trained with (`swapped`), and the authors' alphas
+    (face 64, hand 128)."""
+    by_name = {e.name: e for e in experts}
+    out = [f"{by_name[name].path} is loaded as {name!r}, but {' and '.join(reasons)}: swapped files? Check the "
+           "role names" for name, reasons in swapped(experts, gates).items()]
     by_role = {e.name: e for e in experts}
     if not any(trained_role(e) for e in experts) and {"face", "hand"} <= set(by_role):
         alphas = {role: by_role[role].alphas for role in ("face", "hand")}

@@ -18,6 +18,7 @@ def heat(values: torch.Tensor) -> torch.Tensor:
 
 
 COLOUR_BAR = 100    # pixels the colour bar and its labels add to the right of a labelled grid
+LABEL_MAX = 96      # labels of a labelled grid are 1/12 of a picture's width, 10 to 96 px: legible in a preview
 
 
 def gate_map_grid(maps: torch.Tensor, cell: int = 96, experts=None, steps=None) -> torch.Tensor:
@@ -76,11 +77,18 @@ def _colour_bar(canvas, draw, x: int, y: int, height: int, low: float, high: flo
     draw.text((x + 38, at(high) + spread), f"min {low:.2f}", fill=(0, 90, 170), font=small, anchor="lm")
 
 
-def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
-    """images (B, Hi, Wi, 3), maps (B, N, H, W) -> (B, Hi, N*Wi, 3): each expert's map blended over the image."""
+def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.55, experts=None) -> torch.Tensor:
+    """images (B, Hi, Wi, 3), maps (B, N, H, W) -> (B, Hi, N*Wi, 3): each expert's map blended over the image.
+
+    With `experts` (N names), each panel gets its expert's name above it (labelled_grid: the text scales with the
+    picture, legible from a 64-px preview to 1024 px) and the result is one IMAGE (1, H', W', 3).
+    """
     b, hi, wi, _ = images.shape
     up = F.interpolate(maps.float(), size=(hi, wi), mode="bilinear", align_corners=False)
     blended = images.float().unsqueeze(1) * (1 - alpha) + heat(up) * alpha      # (B, N, Hi, Wi, 3)
+    if experts is not None:
+        return labelled_grid([blended[:, j] for j in range(blended.shape[1])], [str(e) for e in experts],
+                             columns=blended.shape[1])
     return blended.permute(0, 2, 1, 3, 4).reshape(b, hi, -1, 3)
 
 
@@ -102,7 +110,7 @@ def labelled_grid(images: list[torch.Tensor], labels: list[str], columns: int) -
         for b in range(image.shape[0]):
             cells.append(image[b])
             names.append(label)
-    font = ImageFont.load_default(size=max(10, min(32, w // 12)))
+    font = ImageFont.load_default(size=max(10, min(LABEL_MAX, w // 12)))
     band = int(font.size * 1.6)
     columns = max(1, min(columns, len(cells)))
     rows = -(-len(cells) // columns)

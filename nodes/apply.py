@@ -9,7 +9,7 @@ from ..mole_ops import expert_file
 from ..mole_ops.errors import MismatchError
 from ..mole_ops.fingerprint import check_base
 from ..mole_ops.layout import UNetLayout
-from ..mole_ops.mixture import check_gates, describe, role_warnings, shared
+from ..mole_ops.mixture import check_gates, describe, role_warnings, shared, swapped
 from ..mole_ops.ops import MODES, GateSettings
 from ..mole_ops.trace import GateTrace
 from .files import expert_files, full_path
@@ -33,7 +33,11 @@ def warnings_for(model, experts, gates=None, roles: bool = True) -> list[str]:
     on the node: report.caught_warnings) and returned."""
     found = check_base(model.model.diffusion_model, experts, gates)
     if gates is not None:
-        found += check_gates(gates, list(experts), model_layout(model)).warnings
+        # a file under a swapped role gets one warning that says so (role_warnings), not also "not the file the
+        # gates were trained with" (check_gates words that one "expert '<name>' (<path>) ...")
+        flagged = swapped(list(experts), gates) if roles else {}
+        found += [w for w in check_gates(gates, list(experts), model_layout(model)).warnings
+                  if not any(w.startswith(f"expert {name!r} (") for name in flagged)]
     found += role_warnings(list(experts), gates) if roles else []
     for warning in found:
         log.warning("MoLE: %s", warning)

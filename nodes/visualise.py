@@ -83,7 +83,8 @@ class GateMaps(io.ComfyNode):
         mean = maps[:, image_index].mean(dim=0, keepdim=True)            # (1, N, H, W) over all steps
         numbers = [s for s in trace.steps() if (s, KINDS[rows]) in trace.local]
         numbers = [numbers[i] for i in chosen_steps]
-        return io.NodeOutput(gate_map_grid(chosen, experts=trace.experts, steps=numbers), overlay(image, mean))
+        return io.NodeOutput(gate_map_grid(chosen, experts=trace.experts, steps=numbers),
+                             overlay(image, mean, experts=trace.experts))
 
 
 class GateCurves(io.ComfyNode):

@@ -34,8 +34,8 @@ COMMANDS = {
                           "ships it and starts from it"),
     "world-judge": Command("demo.judge", "train the demo world's judge once (finds person, face and hand in a "
                            "picture and scores their detail); the demo ships it"),
-    "workflows": Command("harness.workflows", "rewrite workflows/ (UI format and API twins) from the node "
-                         "definitions of a real ComfyUI"),
+    "workflows": Command("harness.workflows", "rewrite workflows/ (UI format and API twins) and the node labels "
+                         "(locales/en/nodeDefs.json) from the node definitions of a real ComfyUI"),
     "audit": Command("audit", "EMoE prompt audit: uncertainty score per prompt, quartiles, per-group statistics "
                      "and plots"),
     "expert-effect": Command("training.expert_effect", "does each expert help its own part more than the others? "

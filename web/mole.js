@@ -9,8 +9,7 @@ import { api } from "../../scripts/api.js";
 const NODE_PREFIX = "MoLE_";
 const WIDGET = "mole_report";
 const LINE_PX = 15;
-const MAX_PX = 360;
-const MIN_WIDTH = 440;            // a node that shows a report widens to this, so lines wrap less
+const MAX_PX = 480;
 const TOAST_LINES = 4;
 
 const STYLE = `
@@ -30,10 +29,27 @@ function addStyle() {
   document.head.append(style);
 }
 
-// rows the text needs at the node's width (monospace 11 px: about 6.6 px a character)
+// rows the text needs at the node's width: monospace 11 px is about 6.7 px a character, wrapped at spaces
 function rows(texts, width) {
-  const perRow = Math.max(12, Math.floor((width - 24) / 6.6));
-  return texts.reduce((n, t) => n + Math.max(1, Math.ceil(t.length / perRow)), 0);
+  const perRow = Math.max(12, Math.floor((width - 28) / 6.7));
+  let total = 0;
+  for (const text of texts) {
+    let count = 1;
+    let column = 0;
+    for (const word of text.split(/(?<=\s)/)) {
+      if (column > 0 && column + word.trimEnd().length > perRow) {
+        count += 1;
+        column = 0;
+      }
+      column += word.length;
+      while (column > perRow) {
+        count += 1;
+        column -= perRow;
+      }
+    }
+    total += count;
+  }
+  return total;
 }
 
 function show(node, lines, warnings) {
@@ -55,8 +71,8 @@ function show(node, lines, warnings) {
     ...warnings.map((text) => Object.assign(document.createElement("div"),
                                             { className: "mole-warning", textContent: text })));
   element.title = warnings.length ? `${warnings.length} MoLE warning(s)` : "";
-  const width = Math.max(node.size[0], MIN_WIDTH);
-  node.setSize([width, Math.max(node.size[1], node.computeSize([width, node.size[1]])[1])]);
+  // the node grows downwards to fit the report (never narrower or shorter than the artist made it)
+  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
   node.setDirtyCanvas(true, true);
 }
 

@@ -60,18 +60,29 @@ def test_swapped_experts_and_another_base_are_warned_in_the_ui(server, detectabl
     text = info(server, graph(detectable.name, experts=("test_hand.safetensors", "test_face.safetensors"),
                               prefix="first_swap"))
     warnings = [line for line in text.splitlines() if line.startswith("WARNING: ")]
-    assert any("test_hand.safetensors was trained as the 'hand' expert but is loaded as 'face'" in w
-               for w in warnings), text
-    assert any("test_face.safetensors is loaded as 'hand', but the gates in" in w and "'face'" in w
+    # one warning per swapped file, with both signs: its own metadata and the gate file's record of it
+    assert len(warnings) == 2, text
+    assert any("test_hand.safetensors is loaded as 'face', but it was trained as the 'hand' expert and the gates in"
+               in w and "were trained with it as 'hand': swapped files?" in w for w in warnings), text
+    assert any("test_face.safetensors is loaded as 'hand', but it was trained as the 'face' expert" in w
                for w in warnings), text
     # every warning of the log reaches the node's UI data (web/mole.js draws it), with file names, not paths, also
-    # when the MoLE of these files is already built (a second run at another strength)
+    # when the MoLE of these files is already built (a second run at another strength): here a face file that is
+    # not the one the gates were trained with (its weights changed, its role kept)
+    from comfyui_mole.mole_ops import expert_file
+
+    retrained = expert_file.load(mole_files["face"], "face")
+    for layer in retrained.layers.values():
+        layer.up.mul_(1.01)
+    expert_file.save(server.base_dir / "models" / "mole" / "retrained_face.safetensors", retrained)
     for strength in (0.9, 0.75):
-        g = graph(detectable.name, experts=("test_hand.safetensors", "test_face.safetensors"), prefix="first_swap")
+        g = graph(detectable.name, experts=("retrained_face.safetensors", "test_hand.safetensors"),
+                  prefix="first_sha")
         g["12"]["inputs"]["strength_1"] = strength
         ui = server.wait(server.queue(g))["outputs"]["12"]
         shown = ui["mole_warnings"]
-        assert len(shown) == 6 and sum("not the file the gates were trained with" in w for w in shown) == 2, shown
+        assert len(shown) == 1 and shown[0].startswith(
+            "expert 'face' (retrained_face.safetensors) is not the file the gates were trained with"), shown
         assert all("/" not in w for w in shown), shown
         assert ui["mole_lines"][0].startswith("MoLE: 2 expert(s)"), ui
     text = info(server, graph(detectable.name, experts=("other_base_face.safetensors", "test_hand.safetensors"),

@@ -63,7 +63,7 @@ def test_gate_maps_and_trace_through_the_server(server, detectable):
     over = np.asarray(Image.open(server.output_files({"22": outputs["22"]})[0])).astype(float)
     # 4 steps x 2 experts of a 12x8 latent map, upscaled 8x (cell 96 px), 2-pixel gaps
     assert grid.shape == (22 + 4 * 96 + 3 * 2, 64 + 2 * 64 + 2 + COLOUR_BAR, 3) and grid.std() > 1   # + label bands
-    assert over.shape == (96, 2 * 64, 3) and over.std() > 1
+    assert over.shape == (96 + 16, 2 * 64 + 4, 3) and over.std() > 1     # the experts' names above, a 4-px gap
     saved = list((server.base_dir / "output").glob("e2e_trace_*.safetensors"))
     assert len(saved) == 1
     from comfyui_mole.mole_ops import safetensors_io

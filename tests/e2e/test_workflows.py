@@ -10,7 +10,7 @@ from PIL import Image
 
 from comfyui_mole.mole_ops import safetensors_io
 from comfyui_mole.mole_ops.viz import COLOUR_BAR
-from comfyui_mole.trainer.harness.workflows import ABLATION, FOLDER, WORKFLOWS, load_api, render
+from comfyui_mole.trainer.harness.workflows import ABLATION, FOLDER, LOCALE, WORKFLOWS, load_api, node_labels, render
 
 W, H, STEPS = 64, 96, 4
 
@@ -44,7 +44,11 @@ def _base_image(server, api: dict, seed: int) -> np.ndarray:
 
 
 def test_workflow_files_are_current(server):
-    rendered = render(server.get("/object_info"))
+    object_info = server.get("/object_info")
+    assert LOCALE.read_text() == node_labels(object_info), "locales/en/nodeDefs.json is stale: run `python -m " \
+        "trainer workflows`"
+    assert json.loads(LOCALE.read_text())["MoLE_Apply"]["inputs"]["strength_1"] == {"name": "strength 1 (first expert)"}
+    rendered = render(object_info)
     assert sorted(rendered) == sorted(str(p.relative_to(FOLDER)) for p in FOLDER.rglob("*.json"))
     for name, text in rendered.items():
         assert (FOLDER / name).read_text() == text, f"workflows/{name} is stale: run `python -m trainer workflows`"
@@ -75,7 +79,8 @@ def test_txt2img_workflow(server):
     # 'auto' shows all 4 steps; 2 experts; 12x8 latent maps upscaled 8x (cell 96 px); 2-px gaps
     assert grid.shape == (22 + STEPS * 96 + (STEPS - 1) * 2, 64 + 2 * 64 + 2 + COLOUR_BAR, 3) and grid.std() > 1
     overlay = _image(server, outputs, _node(api, "Save gate overlay"))
-    assert overlay.shape == (H, 2 * W, 3) and overlay.std() > 1
+    band = int(max(10, min(96, W // 12)) * 1.6)                # the experts' names above their panels
+    assert overlay.shape == (H + band, 2 * W + 4, 3) and overlay.std() > 1
     curves = _image(server, outputs, _node(api, "Save gate curves"))
     assert curves.shape == (400, 640, 3) and curves.std() > 1
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from comfyui_mole.mole_ops.viz import COLOUR_BAR, gate_map_grid, heat, overlay
@@ -16,6 +17,22 @@ def test_grid_and_overlay_shapes_for_non_square_maps():
     assert grid.shape == (1, 3 * 16 + 2 * 2, 2 * 24 + 2, 3)
     over = overlay(torch.rand(2, 32, 48, 3), torch.rand(2, 2, 4, 6))
     assert over.shape == (2, 32, 96, 3) and over.std() > 0
+
+
+@pytest.mark.parametrize("size", [64, 1024])
+def test_the_overlay_names_each_expert_above_its_panel_at_preview_and_full_size(size):
+    image, maps = torch.full((1, size, size, 3), 0.5), torch.rand(1, 2, size // 8, size // 8)
+    plain = overlay(image, maps)
+    named = overlay(image, maps, experts=("face", "hand"))
+    font = max(10, min(96, size // 12))
+    band = int(font * 1.6)
+    assert named.shape == (1, size + band, 2 * size + 4, 3)
+    assert torch.allclose(named[:, band:, :size], plain[:, :, :size], atol=1 / 255)      # the panels, unchanged
+    assert torch.allclose(named[:, band:, size + 4:], plain[:, :, size:], atol=1 / 255)
+    for left in (0, size + 4):                            # dark text on the white band above each panel
+        header = named[0, :band, left:left + size]
+        dark = (header.mean(-1) < 0.5).float().mean()
+        assert 0.01 < dark < 0.5, (size, left, dark)
 
 
 def test_labelled_gate_grid_and_image_grid():

@@ -1,12 +1,14 @@
 """The pictures people look at before they read: the template browser's thumbnails (workflows/*.jpg) and the
 README's screenshots (docs/images/), rendered from the demo's trained files in a real ComfyUI and its frontend.
 
-    python -m trainer pictures [--output_dir demo_output]
+    python -m trainer pictures [--output_dir demo_output] [--ui]
 
 Runs the demo-sized SD1.5 workflows through the server (the demo's files are built first if missing), composes
-a thumbnail per template from their outputs (the SDXL template, which has no demo files, gets a picture of its
-graph), and screenshots the txt2img graph after a run in headless Chromium (Debian's `chromium`; Playwright drives
-it). Needs the dev requirements (requirements-dev.txt).
+a thumbnail per template from their outputs (the SDXL template, which has no demo files, gets a diagram of what it
+wires), and screenshots the txt2img graph after a run in headless Chromium (Debian's `chromium`; Playwright drives
+it). With `--ui` only the pictures of the frontend that need no trained file: Apply MoLE showing its warnings
+(stand-in experts loaded under swapped roles), the pack's template cards, and the SDXL diagram. Needs the dev
+requirements (requirements-dev.txt).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the demo's folder (built there first if its files are missing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    parser.add_argument("--ui", action="store_true", help="only the frontend's pictures that need no demo: the node "
+                        "with a warning, the template cards, the SDXL template's diagram (a minute)")
     parser.set_defaults(run=run)
 
 
@@ -139,15 +143,130 @@ def graph_screenshot(browser, server, workflow: dict, path: Path, run: bool) -> 
         page.close()
 
 
+def sdxl_diagram() -> Image.Image:
+    """The SDXL template's thumbnail: what it wires, as boxes and arrows (the template has no demo files to render
+    from, and a screenshot of its graph is unreadable at card size)."""
+    canvas = Image.new("RGB", (THUMBNAIL, THUMBNAIL), "white")
+    draw = ImageDraw.Draw(canvas)
+    big, small = ImageFont.load_default(size=21), ImageFont.load_default(size=15)
+    draw.text((THUMBNAIL / 2, 28), "MoLE on SDXL: the released files", fill="black", font=big, anchor="mm")
+    boxes = [((16, 60, 170, 130), "#f6d2c4", "face LoRA", "alpha 64"),
+             ((179, 60, 333, 130), "#cfe3f7", "hand LoRA", "alpha 128"),
+             ((342, 60, 496, 130), "#e4e4e4", "gate file", "moe_sdxl_..."),
+             ((16, 170, 496, 230), "#ececec", "Load MoLE Three-File Set", "roles face and hand"),
+             ((16, 280, 226, 350), "#e4e4e4", "SDXL base", "sd_xl_base_1.0"),
+             ((276, 280, 496, 350), "#d9ecd0", "Apply MoLE", "gates per token"),
+             ((196, 410, 496, 480), "#fff2c2", "image + gate maps", "face and hand, per step")]
+    for (x0, y0, x1, y1), fill, title, note in boxes:
+        draw.rounded_rectangle((x0, y0, x1, y1), radius=12, fill=fill, outline="#444", width=2)
+        draw.text(((x0 + x1) / 2, y0 + 22), title, fill="black", font=big, anchor="mm")
+        draw.text(((x0 + x1) / 2, y1 - 16), note, fill="#333", font=small, anchor="mm")
+    for start, end in (((93, 130), (93, 170)), ((256, 130), (256, 170)), ((419, 130), (419, 170)),
+                       ((386, 230), (386, 280)), ((226, 315), (276, 315)), ((386, 350), (386, 410))):
+        draw.line((start, end), fill="#444", width=3)
+        (x0, y0), (x1, y1) = start, end
+        length = max(1.0, ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5)
+        ux, uy = (x1 - x0) / length, (y1 - y0) / length
+        draw.polygon([(x1, y1), (x1 - 12 * ux + 6 * uy, y1 - 12 * uy - 6 * ux),
+                      (x1 - 12 * ux - 6 * uy, y1 - 12 * uy + 6 * ux)], fill="#444")
+    return canvas
+
+
+# A node's box on the page, in CSS pixels of the canvas, with room for its title bar.
+_NODE_BOX = """(id) => {
+  const ds = window.app.canvas.ds, n = window.app.graph.getNodeById(id), title = 30;
+  return [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]
+    .map((v, i) => (v + ds.offset[i % 2]) * ds.scale);
+}"""
+
+
+def warning_screenshot(browser, server, path: Path) -> None:
+    """The shipped txt2img template at demo size with the face and hand files swapped in Load MoLE Experts, run
+    with the Run button: Apply MoLE with its warnings on the node (web/mole.js) and the run's toast."""
+    workflow = resize_ui(json.loads(WORKFLOWS["mole_sd15_txt2img"].ui_path.read_text()), 64, 64, 3)
+    for node in workflow["nodes"]:
+        if node["type"] == "MoLE_LoadExperts":
+            values = node["widgets_values"]
+            values[0], values[2] = values[2], values[0]          # expert_1 <-> expert_2, roles unchanged
+    page = _page(browser, server)
+    try:
+        page.evaluate("([wf]) => window.app.loadGraphData(wf, true, true, 'MoLE')", [workflow])
+        page.get_by_role("button", name="Run", exact=True).first.click()
+        page.wait_for_selector(".mole-report .mole-warning", timeout=240_000)
+        page.wait_for_selector(".p-toast-message", timeout=60_000)
+        node = page.evaluate("window.app.graph._nodes.find(n => n.type === 'MoLE_Apply').id")
+        page.evaluate("(id) => { const c = window.app.canvas, n = window.app.graph.getNodeById(id);"
+                      " c.ds.scale = 1.3; c.ds.offset = [240 / 1.3 - n.pos[0], 140 / 1.3 - n.pos[1]];"
+                      " c.setDirty(true, true); }", node)
+        page.wait_for_timeout(1000)
+        canvas = page.locator("canvas#graph-canvas").bounding_box()
+        x0, y0, x1, y1 = page.evaluate(_NODE_BOX, node)
+        toast = page.locator(".p-toast-message").first.bounding_box()
+        margin = 16
+        left, top = canvas["x"] + x0 - margin, min(canvas["y"] + y0, toast["y"]) - margin
+        right = max(canvas["x"] + x1, toast["x"] + toast["width"]) + margin
+        bottom = max(canvas["y"] + y1, toast["y"] + toast["height"]) + margin
+        page.screenshot(path=str(path), clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+    finally:
+        page.close()
+
+
+def templates_screenshot(browser, server, path: Path) -> None:
+    """The template browser on this pack's cards, reached by TEMPLATE_PATH."""
+    page = _page(browser, server)
+    try:
+        page.locator(".comfyui-logo").click()
+        page.get_by_role("menuitem", name="Browse Templates", exact=True).click()
+        page.get_by_role("button", name="ComfyUI-MoLE", exact=True).click()
+        page.locator("[data-testid^='template-workflow-'] img").last.wait_for(timeout=30_000)
+        page.wait_for_timeout(1500)
+        page.locator(".p-dialog").first.screenshot(path=str(path))
+    finally:
+        page.close()
+
+
+def ui_pictures(chromium: str) -> None:
+    """--ui: the frontend's pictures from stand-in files in a temporary ComfyUI folder."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    from ..harness.comfy_server import ComfyServer, prepare_base_dir
+    from ..harness.host import use_comfy
+    from ..harness.tiny_models import write_detectable_checkpoint, write_stand_in_files
+    from ..harness.workflows import SD15
+
+    use_comfy()
+    sdxl = WORKFLOWS["mole_sdxl_three_files"]
+    sdxl_diagram().save(sdxl.thumbnail, quality=90)
+    with tempfile.TemporaryDirectory(prefix="mole-ui-pictures-") as tmp:
+        models = Path(tmp) / "models"
+        checkpoint = write_detectable_checkpoint(models / SD15["checkpoint"], seed=0)
+        mole = {role: models / SD15[role] for role in ("face", "hand", "gates")}
+        write_stand_in_files("SD15", mole)
+        base = prepare_base_dir(Path(tmp) / "comfy", {"checkpoints": [checkpoint], "mole": list(mole.values())})
+        with ComfyServer(base) as server, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            warning_screenshot(context, server, IMAGES / "node_warning.png")
+            templates_screenshot(context, server, IMAGES / "template_cards.png")
+            browser.close()
+    for path in (sdxl.thumbnail, IMAGES / "node_warning.png", IMAGES / "template_cards.png"):
+        log.info("wrote %s (%s)", path, "x".join(map(str, _open(path).size)))
+
+
 def run(args: argparse.Namespace) -> int:
     from playwright.sync_api import sync_playwright
 
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    if args.ui:
+        ui_pictures(args.chromium)
+        return 0
     from ..harness.comfy_server import ComfyServer
     from .pipeline import DEMO_TEXTS, FULL, comfy_base, prepare
 
     _, models = prepare(Path(args.output_dir).resolve(), FULL, args.seed)
     base = comfy_base(Path(args.output_dir).resolve(), models)
-    IMAGES.mkdir(parents=True, exist_ok=True)
     with ComfyServer(base) as server, sync_playwright() as playwright:
         made = thumbnails(server, FULL.sample_steps)
         for name, (picture, _) in made.items():
@@ -174,12 +293,7 @@ def run(args: argparse.Namespace) -> int:
         graph = _open(shot)
         if graph.width > 1600:
             graph.resize((1600, round(graph.height * 1600 / graph.width)), Image.LANCZOS).save(shot)
-        sdxl = WORKFLOWS["mole_sdxl_three_files"]
-        graph_screenshot(context, server, json.loads(sdxl.ui_path.read_text()), sdxl.thumbnail.with_suffix(".png"),
-                         run=False)
-        graph = _open(sdxl.thumbnail.with_suffix(".png"))
-        sdxl.thumbnail.with_suffix(".png").unlink()
-        _stack([graph], "SDXL: face LoRA, hand LoRA, gate file").save(sdxl.thumbnail, quality=90)
+        sdxl_diagram().save(WORKFLOWS["mole_sdxl_three_files"].thumbnail, quality=90)
         browser.close()
     for path in [w.thumbnail for w in WORKFLOWS.values()] + sorted(IMAGES.glob("*.png")):
         log.info("wrote %s (%s)", path, "x".join(map(str, _open(path).size)))

@@ -20,6 +20,9 @@ from .host import REPO_ROOT
 log = logging.getLogger("mole.workflows")
 FOLDER = REPO_ROOT / "workflows"          # UI workflows: what ComfyUI serves as this pack's templates
 API_FOLDER = FOLDER / "api"               # their API twins, one folder down: the template scanner does not list them
+# the frontend labels a widget by its input name unless a pack's locales/<lang>/nodeDefs.json names it: the
+# declared display names reach the canvas only through this file (ComfyUI serves every pack's locales/)
+LOCALE = REPO_ROOT / "locales" / "en" / "nodeDefs.json"
 
 # The file names the workflows expect (the demo writes its trained files under the SD1.5 names).
 SD15 = {"checkpoint": "mole_sd15_stage1.safetensors", "face": "mole_sd15_face.safetensors",
@@ -80,7 +83,6 @@ def _base(g: Graph, files: dict, width: int, height: int):
 
 
 def _gate_views(g: Graph, apply_id: str, images: list, prefix: str) -> None:
-    g.add("PreviewAny", "What Apply MoLE attached (and any warning)", source=[apply_id, 2])
     maps = g.add("MoLE_GateMaps", trace=[apply_id, 1], images=images, steps="auto", image_index=0, rows="cond")
     curves = g.add("MoLE_GateCurves", trace=[apply_id, 1], images=images, image_index=-1, rows="cond")
     g.add("SaveImage", "Save gate maps (steps x experts)", images=[maps, 0], filename_prefix=f"{prefix}_gate_grid")
@@ -213,7 +215,8 @@ WORKFLOWS = {
         "(experts may also sit in models/loras), and pick them in the loaders; no SD1.5 MoLE weights are released, "
         "train them with this pack's trainer (README). The gate-map grid shows where each expert acted (rows: steps, "
         "columns: experts; bright = gate open, colour bar on the right); the curves show the global gates per step; "
-        "the text box lists what Apply MoLE attached and any warning."),
+        "Apply MoLE shows on itself what it attached and any warning after a run (its info output carries the same "
+        "text, for a Preview Any node)."),
     "mole_sd15_ablation": Workflow(
         ablation_sd15, "MoLE SD1.5 ablation grid",
         "One seed, six models: the base, MoLE with only the face or only the hand expert, only local (per-token) "
@@ -278,7 +281,8 @@ def resize_ui(workflow: dict, width: int, height: int, steps: int, prompt: str |
 
 # -- API -> UI ----------------------------------------------------------------------------------------------------
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-MIN_HEIGHT = {"PreviewAny": 220, "SaveImage": 240}    # room for the text and the image they show after a run
+# room for what they show after a run: the image, and Apply MoLE's report (web/mole.js draws it on the node)
+MIN_HEIGHT = {"SaveImage": 240, "MoLE_Apply": 520}
 
 
 def _inputs(definition: dict) -> list[tuple[str, object, dict]]:
@@ -381,6 +385,19 @@ def render(object_info: dict) -> dict[str, str]:
     return files
 
 
+def node_labels(object_info: dict) -> str:
+    """locales/en/nodeDefs.json: this pack's node names and the display names its inputs declare, keyed as the
+    frontend's i18n reads them (nodeDefs.<node>.display_name, .inputs.<input>.name)."""
+    labels = {}
+    for node_id, definition in sorted(object_info.items()):
+        if not node_id.startswith("MoLE_"):
+            continue
+        inputs = {name: {"name": opts["display_name"]} for name, _, opts in _inputs(definition)
+                  if opts.get("display_name") and opts["display_name"] != name}
+        labels[node_id] = {"display_name": definition["display_name"], **({"inputs": inputs} if inputs else {})}
+    return json.dumps(labels, indent=1, sort_keys=True) + "\n"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", type=Path, default=FOLDER, help="where to write the workflow files")
     parser.set_defaults(run=run)
@@ -399,4 +416,7 @@ def run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         log.info("wrote %s", path)
+    LOCALE.parent.mkdir(parents=True, exist_ok=True)
+    LOCALE.write_text(node_labels(object_info))
+    log.info("wrote %s", LOCALE)
     return 0
