@@ -6,7 +6,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: host demo serve test test-all bench imagereward-env
+.PHONY: host demo serve test test-all fuzz bench imagereward-env
 
 host:
 	@bash scripts/host.sh >/dev/null
@@ -27,6 +27,11 @@ test: host
 
 test-all: host
 	$(VENV)/bin/pytest -q --runslow $(PYTEST_ARGS)
+
+# Every input the pack reads, fuzzed (tests/ops/fuzzing.py): FUZZ cases per file format (10,000 by default) and a
+# tenth of that per text format, with a table per input kind (`make test` runs a CI-sized budget of the same)
+fuzz: host
+	$(VENV)/bin/pytest -q -s tests/ops/test_fuzz.py --fuzz $(or $(FUZZ),10000)
 
 # Speed of the gated-expert op on the full-size SD1.5 UNet (prints a table; about 30 minutes on 2 cores), MoLE's
 # memory per Apply MoLE node and of a five-node ablation (about 2 minutes), then trainer throughput and peak memory

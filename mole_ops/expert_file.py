@@ -22,9 +22,11 @@ BASE_VERSIONS = {"SD1.5": "sd_v1", "SDXL": "sdxl_base_v1-0"}
 ARCHITECTURES = {"SD1.5": "stable-diffusion-v1/lora", "SDXL": "stable-diffusion-xl-v1-base/lora"}
 
 
-def check_role_name(name: str) -> str:
+def check_role_name(name: str, where: str = "") -> str:
+    """`name` if it is a valid expert role name, else FormatError (naming `where`, the file, when given)."""
     if not isinstance(name, str) or not ROLE_NAME.match(name):
-        raise FormatError(f"expert name {name!r}: use letters, digits, '_' or '-' (e.g. face, hand, feet)")
+        raise FormatError(f"{where + ': ' if where else ''}expert name {name!r}: use letters, digits, '_' or '-' "
+                          "(e.g. face, hand, feet)")
     return name
 
 

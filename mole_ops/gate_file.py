@@ -22,6 +22,8 @@ from .errors import FormatError
 from .expert_file import check_role_name
 
 FORMAT_VERSION = "1"
+# the fields of mole.expert_info per expert that check_gates reads: (key, JSON types, what is expected)
+INFO_FIELDS = (("rank", int, "an integer"), ("alpha", (int, float), "a number"), ("sha256", str, "a hex string"))
 AUTHORS_ORDER = ("face", "hand")
 PREFIX, INFIX = "moe_", ".softmoe."
 
@@ -82,6 +84,10 @@ def _group(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, 
 
 def _order(groups, metadata, where) -> tuple[tuple[str, ...], str]:
     parts = set().union(*groups.values())
+    version = metadata.get("mole.format_version")
+    if version not in (None, FORMAT_VERSION):
+        raise FormatError(f"{where}: metadata mole.format_version is {version[:40]!r}; this version of ComfyUI-MoLE "
+                          f"reads gate files of format {FORMAT_VERSION!r} (update ComfyUI-MoLE, or re-save the file)")
     variant = metadata.get("mole.variant") or ("paper" if "global_gate.weight" in parts else "official")
     if variant not in ("official", "paper"):
         raise FormatError(f"{where}: mole.variant {variant!r} is not 'official' or 'paper'")
@@ -94,7 +100,7 @@ def _order(groups, metadata, where) -> tuple[tuple[str, ...], str]:
                               "(face, hand); re-save the file with its expert order")
         order = AUTHORS_ORDER
     for role in order:
-        check_role_name(role)
+        check_role_name(role, f"{where} mole.experts")
     return order, variant
 
 
@@ -130,6 +136,11 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str
                                   f"expected {tuple(lw.shape)} like Phi_1")
         layers[layer] = GateWeights(lw, lb, gw, gb)
     info = safetensors_io.json_metadata(metadata, "mole.expert_info", where, "object of objects", {})
+    for name, entry in info.items():
+        for key, types, expected in INFO_FIELDS:
+            if key in entry and (isinstance(entry[key], bool) or not isinstance(entry[key], types)):
+                raise FormatError(f"{where}: metadata mole.expert_info[{name!r}].{key} should be {expected}, found "
+                                  f"{json.dumps(entry[key])[:80]}")
     return GateFile(variant, order, layers, info, metadata.get("mole.base_model", ""), dict(metadata), where)
 
 

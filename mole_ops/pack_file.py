@@ -49,7 +49,7 @@ def load(path: str | Path) -> tuple[list[expert_file.ExpertFile], gate_file.Gate
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         meta = expert_meta.get(name, {})
         sha = safetensors_io.data_sha256(part)
-        experts.append(expert_file.ExpertFile(expert_file.check_role_name(name),
+        experts.append(expert_file.ExpertFile(expert_file.check_role_name(name, f"{where} mole.pack_experts"),
                                               expert_file.parse(part, f"{where} [expert {name}]"), meta, sha, where))
     known = tuple(f"expert.{n}." for n in names)
     orphans = [k for k in tensors if k.startswith("expert.") and not k.startswith(known)]

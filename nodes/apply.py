@@ -12,6 +12,7 @@ from ..mole_ops.layout import UNetLayout
 from ..mole_ops.mixture import check_gates, describe, role_warnings, shared, swapped
 from ..mole_ops.ops import MODES, GateSettings
 from ..mole_ops.trace import GateTrace
+from . import inputs
 from .files import expert_files, full_path
 from .patch import MoLEPatch, apply_mole
 from .report import caught_warnings, node_ui
@@ -77,6 +78,12 @@ class ApplyMoLE(io.ComfyNode):
     @classmethod
     def execute(cls, model, experts, mode, strength_1, strength_2, strength_3, start_percent, end_percent,
                 record_trace, gates=None) -> io.NodeOutput:
+        inputs.finite(strength_1=strength_1, strength_2=strength_2, strength_3=strength_3,
+                      start_percent=start_percent, end_percent=end_percent)
+        experts, gates = inputs.experts(experts), inputs.gates(gates)
+        record_trace = inputs.flag("record_trace", record_trace)
+        if mode not in MODES:
+            raise MismatchError(f"input mode is {mode!r}: one of {', '.join(MODES)}")
         if gates is None and mode != "none":
             raise MismatchError(f"gate mode {mode!r} needs gates: connect Load MoLE Gates, or use mode 'none'")
         if start_percent > end_percent:
@@ -109,6 +116,8 @@ class ExpertFixedScale(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, expert, strength) -> io.NodeOutput:
+        inputs.finite(strength=strength)
+        inputs.text("expert", expert)
         with caught_warnings() as warnings:
             loaded = expert_file.load(full_path(expert), "expert")
             warnings_for(model, [loaded], roles=False)

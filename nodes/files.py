@@ -36,6 +36,8 @@ def expert_files() -> list[str]:
 
 
 def full_path(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"file name {name!r}: pick a file in the loader (models/{FOLDER} or models/loras)")
     for folder in (FOLDER, "loras"):
         path = folder_paths.get_full_path(folder, name)
         if path:

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..mole_ops import expert_file, pack_file
 from ..mole_ops import gate_file as gate_format
 from ..mole_ops.errors import MismatchError
+from . import inputs
 from .files import NONE, expert_files, full_path, mole_files
 from .types import Experts, Gates
 
@@ -33,10 +34,12 @@ class LoadExperts(io.ComfyNode):
     @classmethod
     def execute(cls, expert_1, role_1, expert_2=NONE, role_2="hand", expert_3=NONE, role_3="",
                 experts=None) -> io.NodeOutput:
-        out = list(experts or [])
+        out = list(inputs.experts(experts)) if experts is not None else []
         for slot, (name, role) in enumerate(((expert_1, role_1), (expert_2, role_2), (expert_3, role_3)), start=1):
-            if not name or name == NONE:
+            if name is None or name == NONE or name == "":
                 continue
+            inputs.text(f"expert_{slot}", name)
+            inputs.text(f"role_{slot}", role)
             if not role.strip():
                 raise MismatchError(f"expert_{slot} ({name}) has no role name: type one into role_{slot} (face, "
                                     "hand, feet, ...)")
@@ -66,6 +69,7 @@ class LoadGates(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, gate_file) -> io.NodeOutput:
+        experts = inputs.experts(experts)
         gates = gate_format.load(full_path(gate_file))
         check_gate_order(gates, experts)
         return io.NodeOutput(gates)
@@ -104,6 +108,8 @@ class LoadSet(io.ComfyNode):
 
     @classmethod
     def execute(cls, expert_1, role_1, expert_2, role_2, gate_file) -> io.NodeOutput:
+        inputs.text("role_1", role_1)
+        inputs.text("role_2", role_2)
         if role_1.strip() == role_2.strip():
             raise MismatchError(f"expert role names must differ, both are {role_1!r}")
         experts = (expert_file.load(full_path(expert_1), role_1.strip()),

@@ -31,6 +31,9 @@ from comfyui_mole.trainer.harness.workflows import SD15 as WORKFLOW_FILES  # noq
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run full-size checks marked slow")
+    parser.addoption("--fuzz", type=int, default=0, metavar="N",
+                     help="tests/ops/test_fuzz.py: N cases per file format, N/10 per text format, and a table of "
+                     "outcomes (make fuzz) instead of the CI-sized budget")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -259,6 +259,25 @@ def test_metadata_of_the_wrong_json_type_is_a_clear_error(tmp_path, sd15_shapes,
         load(path)
 
 
+@pytest.mark.parametrize("metadata,expected", [
+    ({"mole.format_version": "[1,2]"}, r"metadata mole.format_version is '\[1,2\]'; this version of ComfyUI-MoLE "
+                                       r"reads gate files of format '1'"),
+    ({"mole.expert_info": '{"face": {"rank": "8"}}'}, r"metadata mole.expert_info\['face'\].rank should be an integer, "
+                                                      r'found "8"'),
+    ({"mole.expert_info": '{"hand": {"alpha": true}}'}, r"metadata mole.expert_info\['hand'\].alpha should be a number"),
+    ({"mole.expert_info": '{"hand": {"sha256": 5}}'}, r"metadata mole.expert_info\['hand'\].sha256 should be a hex string"),
+])
+def test_each_metadata_key_has_one_declared_type(tmp_path, sd15_shapes, metadata, expected):
+    """issue 31: a format version of another type or value, and expert_info fields of the wrong type (check_gates
+    would have raised a raw ValueError at Apply time), are clear errors when the file is read."""
+    shapes = dict(list(sd15_shapes.items())[:4])
+    gates = fake_gates([fake_expert(n, shapes, seed=i) for i, n in enumerate(["face", "hand"])])
+    tensors, good, _ = safetensors_io.read(gate_file.save(tmp_path / "g.safetensors", gates))
+    path = _write(tmp_path, tensors, "typed.safetensors", {**good, **metadata})
+    with pytest.raises(FormatError, match=rf"typed.safetensors: {expected}"):
+        gate_file.load(path)
+
+
 def test_mixture_refuses_unpairable_experts(sd15_shapes):
     shapes = dict(list(sd15_shapes.items())[:6])
     face = fake_expert("face", shapes)

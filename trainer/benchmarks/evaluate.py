@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
 from pathlib import Path
 
 from ...mole_ops.atomic import replacing, write_text
-from ..training.config import ConfigError
+from ..training.config import ConfigError, read_text
 from ..training.progress import bar
 from . import models as model_list
 from . import scorers as scoring
@@ -44,10 +45,9 @@ def read_prompts(path: Path, limit: int | None) -> tuple[list[dict], str]:
     if path.is_dir():
         path = path / "prompts.csv"
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise ConfigError(f"--prompts {path}: {e}") from e
+        rows = list(csv.DictReader(io.StringIO(read_text(path, "--prompts"), newline="")))
+    except csv.Error as e:
+        raise ConfigError(f"--prompts {path}: not a valid CSV file ({e})") from e
     if not rows:
         raise ConfigError(f"--prompts {path}: no prompt rows (make one with `python -m trainer prompts`)")
     missing = {"repeat", "prompt_id", "seed", "prompt"} - set(rows[0])

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ...mole_ops.ops import MODES
 from ..harness.workflows import Graph, _apply, load_api
-from ..training.config import ConfigError
+from ..training.config import ConfigError, read_text
 
 KEYS = {"name", "checkpoint", "experts", "roles", "gates", "pack", "set", "mode", "strengths"}
 
@@ -158,9 +158,7 @@ def load(path: Path) -> ModelList:
     """Read and check a models TOML file; every error names the file, the model and the key."""
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"--models {path}: {e}") from e
+        doc = tomllib.loads(read_text(path, "--models"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--models {path}: not valid TOML: {e}") from e
     entries = doc.get("model")

@@ -25,6 +25,17 @@ class ConfigError(MoLEError):
     """A training argument is unknown, malformed or contradicts another one."""
 
 
+def read_text(path: Path, what: str) -> str:
+    """A text file a user gave (UTF-8), or ConfigError naming it: `what` says which file it is (e.g. '--models')."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror or e}") from e
+
+
 def _opt(help: str, default=None, stages=None, choices=None, nargs=None):
     """A field with its help text and the stages (names in training/stages.py) that use it; None = every stage."""
     return field(default=default, metadata={"help": help, "stages": stages, "choices": choices, "nargs": nargs})
@@ -223,8 +234,8 @@ def from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
     if getattr(args, "config_file", None):
         path = Path(args.config_file)
         try:
-            toml = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            toml = tomllib.loads(read_text(path, "--config_file"))
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config_file {path}: {e}") from e
         for key, value in toml.items():
             if key not in known:

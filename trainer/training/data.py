@@ -29,7 +29,7 @@ import torch
 from ...mole_ops import safetensors_io
 from ...mole_ops.errors import MoLEError
 from .buckets import BucketSettings, assign, bucket_sizes, summary
-from .config import ConfigError, TrainConfig, parse_resolution
+from .config import ConfigError, TrainConfig, parse_resolution, read_text
 
 log = logging.getLogger("mole.trainer")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -77,8 +77,8 @@ def _take(table: dict, allowed: set[str], where: str) -> dict:
 
 def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
     try:
-        doc = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        doc = tomllib.loads(read_text(path, "dataset config"))
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"dataset config {path}: {e}") from e
     _take(doc, {"general", "datasets"}, str(path))
     general = _take(doc.get("general", {}), (SUBSET_KEYS | DATASET_KEYS) - {"image_dir", "metadata_file"},
@@ -172,10 +172,12 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """kohya fine-tune metadata -> {key without extension: caption}."""
-    text = Path(path).read_text()
+    text = read_text(path, "metadata file")
     try:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if not all(isinstance(r, dict) for r in rows):
+                raise ConfigError(f"metadata file {path}: every line must be an object {{key, caption, tags}}")
             entries = {r.get("key") or r.get("image") or r.get("file_name"): r for r in rows}
         else:
             entries = json.loads(text)
@@ -185,9 +187,12 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise ConfigError(f"metadata file {path}: expected an object {{key: {{caption, tags}}}}")
     out = {}
     for key, entry in entries.items():
-        if not key or not isinstance(entry, dict):
+        if not key or not isinstance(key, str) or not isinstance(entry, dict):
             raise ConfigError(f"metadata file {path}: entry {key!r} is not an object with caption/tags")
         parts = [entry.get("caption") or "", entry.get("tags") or ""]
+        if not all(isinstance(p, str) for p in parts):
+            raise ConfigError(f"metadata file {path}: entry {key!r}: caption and tags must be text, got "
+                              f"{[type(p).__name__ for p in parts]}")
         out[Path(key).stem if Path(key).suffix.lower() in IMAGE_EXTENSIONS else key] = ", ".join(
             p.strip() for p in parts if p and p.strip())
     return out
@@ -208,7 +213,7 @@ def scan_subset(subset: Subset) -> tuple[list, list[str]]:
             caption = meta.get(image.stem)
         else:
             caption_file = image.with_suffix(subset.caption_extension)
-            caption = caption_file.read_text().strip() if caption_file.exists() else None
+            caption = read_text(caption_file, "caption file").strip() if caption_file.exists() else None
         if caption is None:
             skipped.append(f"{image} (no caption)")
             continue
@@ -230,12 +235,25 @@ def readable(path: Path) -> bool:
         return False
 
 
-def load_image(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] (ComfyUI's IMAGE layout): resized to cover `size` (W, H), center-cropped."""
+def _decoded(path: Path, what: str, convert):
+    """convert(the opened PIL image), or ConfigError naming the file: PIL's decoders raise many types (OSError for
+    truncated data, SyntaxError, ValueError, DecompressionBombError, ...), none of them the user's fault to read."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(_fit(im.convert("RGB"), size, flip)).astype(np.float32) / 255.0)
+    try:
+        with Image.open(path) as im:
+            return convert(im)
+    except MoLEError:
+        raise
+    except Exception as e:  # noqa: BLE001  (see above)
+        raise ConfigError(f"{what} {path}: cannot be read as an image ({type(e).__name__}: {e}); re-save it as "
+                          "PNG or JPEG, or remove it") from e
+
+
+def load_image(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] (ComfyUI's IMAGE layout): resized to cover `size` (W, H), center-cropped."""
+    return _decoded(path, "image", lambda im: torch.from_numpy(
+        np.asarray(_fit(im.convert("RGB"), size, flip)).astype(np.float32) / 255.0))
 
 
 def _fit(im, size: tuple[int, int], flip: bool):
@@ -274,11 +292,11 @@ def _has_alpha(path: Path) -> bool:
 def load_mask(path: Path, alpha: bool, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
     """(H, W) loss weights in [0, 1]: the mask file's red channel or the image's alpha, cropped and flipped exactly
     as load_image crops and flips the image."""
-    from PIL import Image
-
-    with Image.open(path) as im:
+    def convert(im):
         channel = im.convert("RGBA").getchannel("A") if alpha else im.convert("RGB").getchannel("R")
         return torch.from_numpy(np.asarray(_fit(channel, size, flip)).astype(np.float32) / 255.0)
+
+    return _decoded(path, "mask", convert)
 
 
 def _check_dropout(rate, where: str) -> None:
