@@ -44,6 +44,8 @@ COMMANDS = {
                        "own copies: filtered, sampled k x repeats, with a report"),
     "evaluate": Command("benchmarks.evaluate", "HPS v2, ImageReward and CLIP score of models on a prompt benchmark, "
                         "through ComfyUI's sampler, with paired differences and error bars (the paper's tables)"),
+    "kohya-table": Command("training.kohya", "write docs/kohya.md: every kohya flag the trainer takes, implemented, "
+                           "accepted with no effect, or refused, from the registry the parser uses"),
     "prepare": Command("training.prepare", "dataset preparation as in the paper: sliding-window crops, caption "
                        "clean-up, optional CLIP score filter, kohya metadata"),
 }

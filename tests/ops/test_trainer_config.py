@@ -4,6 +4,7 @@ import argparse
 import pytest
 
 from comfyui_mole.trainer.training import config as cfg
+from comfyui_mole.trainer.training import kohya
 from comfyui_mole.trainer.training.config import ConfigError
 
 
@@ -105,3 +106,92 @@ def test_stage1_text_encoder_options(paths):
         parse("finetune", base_args(paths) + ["--train_text_encoder", "--cache_text_encoder_outputs_to_disk"])
     c = parse("finetune", base_args(paths) + ["--cache_text_encoder_outputs_to_disk"])
     assert c.text_encoder_outputs_cached and not c.cache_text_encoder_outputs     # _to_disk implies caching
+
+
+# -- kohya's flags under other names (training/kohya.py) -----------------------------------------------------------
+# The 33 flags of kohya's train_network.py / fine_tune.py that a user tried and argparse refused (issue 33)
+ISSUE_33 = ["network_train_unet_only", "xformers", "sdpa", "max_train_epochs", "save_every_n_epochs", "noise_offset",
+            "multires_noise_iterations", "ip_noise_gamma", "unet_lr", "text_encoder_lr", "caption_dropout_rate",
+            "network_args", "network_dropout", "scale_weight_norms", "save_model_as", "save_precision",
+            "training_comment", "max_data_loader_n_workers", "persistent_data_loader_workers",
+            "lr_scheduler_num_cycles", "lr_scheduler_args", "loss_type", "huber_c", "v_parameterization",
+            "zero_terminal_snr", "prior_loss_weight", "full_fp16", "full_bf16", "max_token_length", "sample_sampler",
+            "logging_dir", "log_with", "dim_from_weights"]
+# a value each flag accepts, and one it refuses (None: no refused value, or a switch)
+VALUES = {"max_data_loader_n_workers": ("8", None), "logging_dir": ("logs", None), "log_with": ("tensorboard", None),
+          "sample_sampler": ("euler_a", None), "max_token_length": ("75", "225"), "prior_loss_weight": ("1.0", "0.5"),
+          "loss_type": ("l2", "huber"), "lr_scheduler_num_cycles": ("1", "3"), "save_precision": ("float", "fp16"),
+          "save_model_as": ("safetensors", "ckpt"), "network_dim_face": ("256", None), "network_dim_hand": ("256", None),
+          "network_alpha_face": ("64", None), "network_alpha_hand": ("128", None),
+          "network_module_lora": ("networks.lora", "lycoris.kohya"), "network_module_moe": ("networks.moe", "x")}
+
+
+def test_each_of_the_issues_33_flags_is_known_to_the_parser(paths):
+    """None of them ends in argparse's bare "unrecognized arguments" any more."""
+    native = set(cfg._fields())
+    for name in ISSUE_33:
+        assert name in native or name in kohya.BY_NAME, name
+    assert len(ISSUE_33) == 33
+
+
+@pytest.mark.parametrize("flag", [f for f in kohya.REGISTRY], ids=lambda f: f.name)
+def test_every_registry_flag_does_what_its_class_says(paths, flag, caplog):
+    stage = "expert" if flag.name == "text_encoder_lr" else flag.stages[0]      # stage 1: its own test
+    args = base_args(paths) + (["--experts", f"face={paths['expert']}"] if stage == "gates" and
+                               not flag.name.endswith("network_weights") else [])
+    good, bad = VALUES.get(flag.name, (None, None))
+    given = [f"--{flag.name}"] if flag.switch else [f"--{flag.name}", good or paths["expert"] if "weights" in
+                                                    flag.name else good or "0.5"]
+    if flag.kind == kohya.REFUSED:
+        with pytest.raises(ConfigError, match=rf"--{flag.name}.*: not supported: "):
+            parse(stage, args + given)
+        return
+    with caplog.at_level("INFO", logger="mole.train"):
+        c = parse(stage, args + given)
+    if flag.kind == kohya.NO_OP:
+        assert f"--{flag.name}" in caplog.text and "no effect here" in caplog.text, caplog.text
+    if bad is not None:
+        with pytest.raises(ConfigError, match=rf"--{flag.name} {bad}: not supported: "):
+            parse(stage, args + [f"--{flag.name}", bad])
+    expected = {"use_lion_optimizer": ("optimizer_type", "Lion"), "unet_lr": ("learning_rate", 0.5),
+                "face_network_weights": ("experts", [f"face={paths['expert']}"]),
+                "hand_network_weights": ("experts", [f"hand={paths['expert']}"])}
+    if flag.name in expected:
+        key, value = expected[flag.name]
+        assert getattr(c, key) == value
+
+
+def test_text_encoder_lr_sets_stage_1s_and_is_noted_elsewhere(paths, caplog):
+    c = parse("finetune", base_args(paths) + ["--train_text_encoder", "--text_encoder_lr", "3e-6"])
+    assert c.learning_rate_te == 3e-6
+    with caplog.at_level("INFO", logger="mole.train"):
+        c = parse("expert", base_args(paths) + ["--text_encoder_lr", "3e-6"])
+    assert c.learning_rate_te is None and "--text_encoder_lr 3e-6: no effect in this stage" in caplog.text
+
+
+def test_kohya_flags_in_a_config_file_and_the_authors_expert_pair(paths, caplog):
+    toml = paths["dir"] / "kohya.toml"
+    toml.write_text('save_model_as = "safetensors"\nxformers = true\nnoise_offset = 0.05\n'
+                    'training_comment = "face expert, run 3"\n')
+    with caplog.at_level("INFO", logger="mole.train"):
+        c = parse("expert", ["--config_file", str(toml)] + base_args(paths))
+    assert c.noise_offset == 0.05 and c.training_comment == "face expert, run 3"
+    assert "save_model_as safetensors: no effect here" in caplog.text
+    toml.write_text('save_model_as = "ckpt"\n')
+    with pytest.raises(ConfigError, match=r"kohya.toml: save_model_as ckpt: not supported: files are always "):
+        parse("expert", ["--config_file", str(toml)] + base_args(paths))
+    c = parse("gates", base_args(paths) + ["--face_network_weights", paths["expert"], "--hand_network_weights",
+                                           paths["expert"]])
+    assert c.experts == [f"face={paths['expert']}", f"hand={paths['expert']}"]
+    with pytest.raises(ConfigError, match="give the experts once"):
+        parse("gates", base_args(paths) + ["--face_network_weights", paths["expert"], "--experts",
+                                           f"face={paths['expert']}"])
+    with pytest.raises(ConfigError, match="a kohya flag of train-gates, not of this stage"):
+        parse("expert", base_args(paths) + ["--face_network_weights", paths["expert"]])
+    with pytest.raises(ConfigError, match="--noise_offset must be from 0 to 1"):
+        parse("expert", base_args(paths) + ["--noise_offset", "2"])
+
+
+def test_the_compatibility_table_is_current():
+    assert kohya.DOC.read_text() == kohya.table(kohya.native_options()), \
+        "docs/kohya.md is stale: run `python -m trainer kohya-table`"

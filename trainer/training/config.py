@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 from ...mole_ops.errors import FormatError, MoLEError
 from ...mole_ops.expert_file import check_role_name as _check_role_name
 from ...mole_ops.ops import VARIANTS
+from . import kohya
+
+log = logging.getLogger("mole.train")
 
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OPTIMIZERS = ("AdamW", "Lion", "AdamW8bit")
@@ -72,6 +76,8 @@ class TrainConfig:
                                             False)
     cache_text_encoder_outputs_to_disk: bool = _opt("like --cache_text_encoder_outputs, also kept on disk (in "
                                                     "output_dir/text_cache) for later runs", False)
+    noise_offset: float = _opt("kohya's noise offset: add this times a per-image, per-channel normal draw to the "
+                               "noise (darker darks and brighter brights; 0.05-0.1 is usual); off when not given")
     caption_dropout_rate: float = _opt("train on an empty caption with this probability (the unconditional "
                                        "prediction classifier-free guidance needs; also a dataset subset key)",
                                        0.0)
@@ -87,6 +93,8 @@ class TrainConfig:
     output_name: str = _opt("file name of the trained file, without extension")
     save_every_n_steps: int = _opt("also save the trained file every N steps")
     save_state: bool = _opt("with each save, also save the full training state (for --resume)", False)
+    training_comment: str = _opt("a comment written into the trained file's metadata (ss_training_comment, as "
+                                 "kohya writes it)")
     resume: str = _opt("resume from a state folder written by --save_state")
     # optimisation
     train_batch_size: int = _opt("batch size (a dataset TOML may set its own)", 1)
@@ -213,6 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
             if f.metadata["nargs"]:
                 kwargs["nargs"] = f.metadata["nargs"]
         parser.add_argument(f"--{name}", **kwargs)
+    kohya.add_flags(parser, stage)
 
 
 def _check_type(name: str, value, f, where: str):
@@ -237,15 +246,27 @@ def from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
             toml = tomllib.loads(read_text(path, "--config_file"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config_file {path}: {e}") from e
+        aliases = {k: v for k, v in toml.items() if k in kohya.BY_NAME}
+        values.update(kohya.resolve(aliases, stage, str(path)))
         for key, value in toml.items():
+            if key in aliases:
+                continue
             if key not in known:
                 raise ConfigError(f"{path}: unknown option {key!r} (see --help for the options)")
             if not uses(known[key], stage):
                 raise ConfigError(f"{path}: option {key!r} is not used by train-{stage}")
             values[key] = _check_type(key, value, known[key], str(path))
-    values.update({k: v for k, v in vars(args).items() if k in known})
+    mapped = kohya.resolve({k: v for k, v in vars(args).items() if k in kohya.BY_NAME}, stage)
+    native = {k: v for k, v in vars(args).items() if k in known}
+    if "experts" in mapped and "experts" in native:
+        raise ConfigError("give the experts once: --experts role=path ..., or --face_network_weights and "
+                          "--hand_network_weights")
+    values.update({**mapped, **native})
     config = TrainConfig(stage=stage, **values)
     validate(config)
+    if config.sample_every_n_steps and not config.sample_prompts:
+        log.info("--sample_every_n_steps %d without --sample_prompts: nothing to sample (as in kohya)",
+                 config.sample_every_n_steps)
     return config
 
 
@@ -298,8 +319,10 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--save_state saves with each --save_every_n_steps save: give --save_every_n_steps too")
     if c.save_every_n_steps is not None and c.save_every_n_steps < 1:
         raise ConfigError("--save_every_n_steps must be at least 1")
-    if bool(c.sample_prompts) != bool(c.sample_every_n_steps):
-        raise ConfigError("--sample_prompts and --sample_every_n_steps go together")
+    if c.sample_prompts and not c.sample_every_n_steps:
+        raise ConfigError("--sample_prompts needs --sample_every_n_steps (how often to sample them)")
+    if c.noise_offset is not None and not 0 <= c.noise_offset <= 1:
+        raise ConfigError(f"--noise_offset must be from 0 to 1 (0.05-0.1 is usual), got {c.noise_offset}")
     _check_device_options(c)
     if c.text_encoder_outputs_cached and c.train_text_encoder:
         raise ConfigError("--cache_text_encoder_outputs needs a frozen text encoder: a training one changes its "

@@ -180,6 +180,8 @@ class Run:
         rows, factor = self.world.rows(n)
         # noise and timesteps of the whole global batch, the same in every process
         noise = torch.randn((n, self.base.latent_channels, height // 8, width // 8), generator=gen)
+        if c.noise_offset:          # kohya's noise offset; drawn only when on, so runs without it stay bitwise alike
+            noise = noise + c.noise_offset * torch.randn((n, self.base.latent_channels, 1, 1), generator=gen)
         t = torch.randint(0, len(self.base.alphas_cumprod), (n,), generator=gen)
         mine = batch.rows(rows)
         x0 = self.latents(mine)

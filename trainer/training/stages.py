@@ -120,7 +120,8 @@ class ExpertStage(Stage):
 
     def save(self, path: Path, step: int) -> Path:
         expert_file.save(path, self.current(), family=self.base.family, steps=step,
-                         comment=f"MoLE stage 2 expert {self.expert.name!r} on {self.base.path.name}")
+                         comment=self.config.training_comment or
+                         f"MoLE stage 2 expert {self.expert.name!r} on {self.base.path.name}")
         return path
 
 
@@ -153,6 +154,8 @@ class GateStage(Stage):
     def save(self, path: Path, step: int) -> Path:
         gates = self.mole.export_gates(self.experts, base_model=self.base.fingerprint)
         gates.metadata["mole.steps"] = str(step)
+        if self.config.training_comment:
+            gates.metadata["ss_training_comment"] = self.config.training_comment
         gate_file.save(path, gates)
         if self.config.save_pack:
             pack_file.save(Path(path).with_name(Path(path).stem + "_pack.safetensors"), self.experts, gates)
@@ -226,7 +229,8 @@ def checkpoint_metadata(base: Base, config: TrainConfig, step: int, text_encoder
             "modelspec.date": datetime.date.today().isoformat(),
             "modelspec.resolution": f"{width}x{height}",
             "modelspec.description": f"MoLE stage 1 fine-tune of {base.path.name}, {step} steps",
-            "mole.stage": "1", "mole.steps": str(step), "mole.text_encoder_trained": str(text_encoder).lower()}
+            "mole.stage": "1", "mole.steps": str(step), "mole.text_encoder_trained": str(text_encoder).lower(),
+            **({"ss_training_comment": config.training_comment} if config.training_comment else {})}
 
 
 STAGES = {stage.name: stage for stage in (FinetuneStage, ExpertStage, GateStage)}

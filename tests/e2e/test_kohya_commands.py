@@ -1,0 +1,127 @@
+"""The authors' own released command lines (SPEC.md section 5; their repository's shell scripts), pasted with only
+the script name replaced by our subcommand, at test sizes (two steps, 64 px, our paths added): all four run, and
+what they write loads in our loaders and, for the experts, in ComfyUI's stock LoRA loader. Then the kohya flags
+implemented under their own names change what they should (noise offset, training comment)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfyui_mole.mole_ops import expert_file, gate_file, safetensors_io
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = {"fine_tune.py": "train-base", "train_network.py": "train-expert", "train_moe.py": "train-gates"}
+AUTHORS = {
+    "stage 1": "fine_tune.py --learning_rate=2e-6 --max_train_steps=300000 --use_lion_optimizer --min_snr_gamma=5 "
+               "--mixed_precision=bf16 --gradient_accumulation_steps=4 --clip_skip=1 --save_state "
+               "--save_every_n_steps=1000 --sample_every_n_steps=500 --xformers --diffusers_xformers",
+    "face": "train_network.py --network_module=networks.lora --network_train_unet_only --optimizer_type=AdamW "
+            "--mixed_precision=bf16 --gradient_accumulation_steps=4 --network_dim=256 --network_alpha=64 "
+            "--learning_rate=2e-5 --max_train_steps=30000",
+    "hand": "train_network.py --network_module=networks.lora --network_train_unet_only --optimizer_type=AdamW "
+            "--mixed_precision=bf16 --gradient_accumulation_steps=4 --network_dim=256 --network_alpha=128 "
+            "--learning_rate=1e-5 --max_train_steps=60000",
+    "gates": "train_moe.py --network_module_lora=networks.lora --network_module_moe=networks.moe "
+             "--network_dim_face=256 --network_dim_hand=256 --network_alpha_face=64 --network_alpha_hand=128 "
+             "--face_network_weights=<face> --hand_network_weights=<hand> --learning_rate=1e-5 "
+             "--max_train_steps=50000 --optimizer_type=AdamW --mixed_precision=bf16 --network_train_unet_only "
+             "--gradient_accumulation_steps=6",
+}
+
+
+def _dataset(folder: Path, images: Path, batch_size: int) -> Path:
+    """The authors' dataset TOML (batch size, no caption shuffling, keep_tokens 1, a metadata file) at 64 px."""
+    meta = folder / "meta_cap.json"
+    meta.write_text(json.dumps({p.stem: {"caption": p.with_suffix(".caption").read_text()}
+                                for p in sorted(images.glob("*.png"))}))
+    toml = folder / f"dataset_{batch_size}.toml"
+    toml.write_text(f'[general]\nshuffle_caption = false\nkeep_tokens = 1\n\n[[datasets]]\nresolution = 64\n'
+                    f'batch_size = {batch_size}\n  [[datasets.subsets]]\n  image_dir = "{images}"\n'
+                    f'  metadata_file = "{meta}"\n')
+    return toml
+
+
+def _run(command: str, ours: list[str]) -> str:
+    script, *flags = shlex.split(command)
+    flags = [re.sub(r"^--max_train_steps=\d+$", "--max_train_steps=2", f) for f in flags]    # test size
+    done = subprocess.run([sys.executable, "-m", "trainer", SCRIPTS[script], *flags, *ours], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=900)
+    assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def authors_runs(comfy, detectable, train_images, module_tmp):
+    out = module_tmp("authors")
+    common = ["--pretrained_model_name_or_path", str(detectable), "--output_dir", str(out)]
+    logs = {"stage 1": _run(AUTHORS["stage 1"], common + ["--dataset_config", str(_dataset(out, train_images, 4)),
+                                                          "--output_name", "stage1"])}
+    stage1 = out / "stage1.safetensors"
+    experts = {}
+    for role in ("face", "hand"):
+        logs[role] = _run(AUTHORS[role], ["--pretrained_model_name_or_path", str(stage1), "--output_dir", str(out),
+                                          "--dataset_config", str(_dataset(out, train_images, 4)),
+                                          "--output_name", role])
+        experts[role] = out / f"{role}.safetensors"
+    gates_command = AUTHORS["gates"].replace("<face>", str(experts["face"])).replace("<hand>", str(experts["hand"]))
+    logs["gates"] = _run(gates_command, ["--pretrained_model_name_or_path", str(stage1), "--output_dir", str(out),
+                                         "--dataset_config", str(_dataset(out, train_images, 3)),
+                                         "--output_name", "gates"])
+    return {"stage1": stage1, **experts, "gates": out / "gates.safetensors", "logs": logs}
+
+
+def test_the_authors_four_commands_run_and_say_what_has_no_effect(authors_runs):
+    logs = authors_runs["logs"]
+    assert "--xformers: no effect here" in logs["stage 1"] and "--diffusers_xformers: no effect here" in logs["stage 1"]
+    assert "--sample_every_n_steps 500 without --sample_prompts: nothing to sample" in logs["stage 1"]
+    assert "--network_train_unet_only: no effect here" in logs["face"]
+    assert "--network_dim_face 256: no effect here" in logs["gates"]
+    for name in ("stage1", "face", "hand", "gates"):
+        assert authors_runs[name].is_file(), name
+
+
+def test_their_outputs_load_in_our_loaders_and_the_stock_lora_loader(authors_runs, caplog):
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_mole.mole_ops.mixture import build
+    from comfyui_mole.trainer.training.model import Base
+
+    base = Base(authors_runs["stage1"])                  # the stage-1 file through the stock checkpoint loader
+    experts = []
+    for role, alpha in (("face", 64.0), ("hand", 128.0)):
+        lora = comfy.utils.load_torch_file(str(authors_runs[role]), safe_load=True)
+        with caplog.at_level(logging.WARNING):
+            model, _ = comfy.sd.load_lora_for_models(base.patcher, base.clip, lora, 1.0, 1.0)
+        assert "lora key not loaded" not in caplog.text and len(model.patches) == len(base.layout.layer_keys)
+        expert = expert_file.load(authors_runs[role], role)
+        assert expert.ranks == {256} and expert.alphas == {alpha}
+        experts.append(expert)
+    gates = gate_file.load(authors_runs["gates"])
+    assert gates.experts == ("face", "hand")
+    mole = build(experts, gates, base.layout)
+    assert sorted(mole.keys) == sorted(base.layout.layer_keys)
+
+
+def test_noise_offset_and_training_comment(detectable, train_images, tmp_path):
+    """--noise_offset changes the loss (and draws nothing when off); --training_comment lands in the metadata."""
+    common = ["--pretrained_model_name_or_path", str(detectable), "--train_data_dir", str(train_images),
+              "--resolution", "64", "--network_dim", "4", "--max_train_steps", "3", "--seed", "3",
+              "--output_dir", str(tmp_path)]
+    subprocess.run([sys.executable, "-m", "trainer", "train-expert", *common, "--output_name", "plain"], cwd=ROOT,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "trainer", "train-expert", *common, "--output_name", "offset",
+                    "--noise_offset", "0.1", "--training_comment", "run 3, offset 0.1"], cwd=ROOT, check=True,
+                   capture_output=True)
+    losses = {name: (tmp_path / f"{name}_log.csv").read_text().splitlines()[1:] for name in ("plain", "offset")}
+    assert [r.split(",")[1] for r in losses["plain"]] != [r.split(",")[1] for r in losses["offset"]]
+    _, meta, _ = safetensors_io.read(tmp_path / "offset.safetensors")
+    assert meta["ss_training_comment"] == "run 3, offset 0.1"

@@ -1,0 +1,214 @@
+"""kohya sd-scripts flags that are not options of TrainConfig under the same name: each is an alias of ours
+(implemented), accepted with no effect here (one printed line says why), or refused with the reason. A kohya user's
+command (and `--config_file` TOML) then either runs or stops with a message that names the flag; argparse's bare
+"unrecognized arguments" is left for typos. The parser (config.add_arguments / from_args), `--help`'s groups and
+the compatibility table in docs/kohya.md (`python -m trainer kohya-table`) all come from REGISTRY.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("mole.train")
+
+IMPLEMENTED, NO_OP, REFUSED = "implemented", "accepted, no effect here", "refused"
+ALL_STAGES = ("finetune", "expert", "gates")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One kohya flag. `switch`: takes no value. `accept(value)`: for a flag that is fine with some values only
+    (no effect) and refused with others. `to(value, stage)`: for an alias, our options it sets."""
+
+    name: str
+    kind: str
+    meaning: str
+    switch: bool = False
+    stages: tuple[str, ...] = ALL_STAGES
+    accept: Callable[[str], bool] | None = None
+    to: Callable[[object, str], dict] | None = None
+
+
+def _float_is(x: float) -> Callable[[str], bool]:
+    def check(value: str) -> bool:
+        try:
+            return float(value) == x
+        except ValueError:
+            return False
+    return check
+
+
+def _one_of(*values: str) -> Callable[[str], bool]:
+    return lambda value: str(value).lower() in values
+
+
+def _experts(role: str) -> Callable[[object, str], dict]:
+    return lambda value, stage: {"experts": [f"{role}={value}"]}
+
+
+ATTENTION = "ComfyUI picks its own attention back-end (xformers, SDPA or split) for the loaded model"
+REGISTRY: tuple[Flag, ...] = (
+    # -- aliases: kohya's name for an option of ours ------------------------------------------------------------
+    Flag("use_lion_optimizer", IMPLEMENTED, "--optimizer_type Lion (lion-pytorch)", switch=True,
+         to=lambda v, s: {"optimizer_type": "Lion"}),
+    Flag("unet_lr", IMPLEMENTED, "the UNet's learning rate: --learning_rate (every weight trained here is in or "
+         "beside the UNet)", to=lambda v, s: {"learning_rate": float(v)}),
+    Flag("text_encoder_lr", IMPLEMENTED, "train-base: --learning_rate_te; train-expert and train-gates train no "
+         "text encoder, so it has no effect there", to=lambda v, s: {"learning_rate_te": float(v)}
+         if s == "finetune" else {}),
+    Flag("face_network_weights", IMPLEMENTED, "train-gates (the authors' train_moe.py): the face expert, as "
+         "--experts face=FILE", stages=("gates",), to=_experts("face")),
+    Flag("hand_network_weights", IMPLEMENTED, "train-gates (the authors' train_moe.py): the hand expert, as "
+         "--experts hand=FILE", stages=("gates",), to=_experts("hand")),
+    # -- no effect here -----------------------------------------------------------------------------------------
+    Flag("xformers", NO_OP, ATTENTION, switch=True),
+    Flag("sdpa", NO_OP, ATTENTION, switch=True),
+    Flag("mem_eff_attn", NO_OP, ATTENTION, switch=True),
+    Flag("diffusers_xformers", NO_OP, ATTENTION, switch=True),
+    Flag("network_train_unet_only", NO_OP, "experts are UNet-only LoRAs already (and stage 3 trains only gates)",
+         switch=True, stages=("expert", "gates")),
+    Flag("network_module_lora", NO_OP, "the experts are kohya LoRAs (networks.lora) and are read as such",
+         stages=("gates",), accept=_one_of("networks.lora")),
+    Flag("network_module_moe", NO_OP, "the gates are this pack's (the authors' networks.moe layout)",
+         stages=("gates",), accept=_one_of("networks.moe")),
+    Flag("network_dim_face", NO_OP, "the face expert's rank is read from its file", stages=("gates",)),
+    Flag("network_dim_hand", NO_OP, "the hand expert's rank is read from its file", stages=("gates",)),
+    Flag("network_alpha_face", NO_OP, "the face expert's alpha is read from its file", stages=("gates",)),
+    Flag("network_alpha_hand", NO_OP, "the hand expert's alpha is read from its file", stages=("gates",)),
+    Flag("save_model_as", NO_OP, "files are always .safetensors; ckpt and pt (pickles) and diffusers folders are "
+         "not written", accept=_one_of("safetensors")),
+    Flag("max_data_loader_n_workers", NO_OP, "pictures are read in the training process (their latents are "
+         "cached with --cache_latents); there are no loader workers"),
+    Flag("persistent_data_loader_workers", NO_OP, "no loader workers (see max_data_loader_n_workers)", switch=True),
+    Flag("logging_dir", NO_OP, "the run's log (a CSV row per step) and its loss curve go to --output_dir"),
+    Flag("log_with", NO_OP, "the run's log is a CSV and a loss-curve PNG in --output_dir; no TensorBoard or "
+         "wandb"),
+    Flag("sample_sampler", NO_OP, "samples use ComfyUI's euler sampler, normal schedule"),
+    Flag("max_token_length", NO_OP, "captions are cut at 75 tokens, as in the authors' recipe; 150 and 225 are "
+         "refused", accept=_one_of("75")),
+    Flag("prior_loss_weight", NO_OP, "there are no regularisation images here, so a weight of 1 changes nothing; "
+         "other weights are refused", accept=_float_is(1.0)),
+    Flag("loss_type", NO_OP, "the loss is kohya's l2 (the paper's); huber and smooth_l1 are refused",
+         accept=_one_of("l2")),
+    Flag("lr_scheduler_num_cycles", NO_OP, "one cycle (cosine goes down once); other counts are refused",
+         accept=_float_is(1.0)),
+    Flag("save_precision", NO_OP, "files are saved in float32, the dtype they trained in; fp16 and bf16 are "
+         "refused (convert a file afterwards if you need it smaller)", accept=_one_of("float", "fp32", "none")),
+    # -- refused ------------------------------------------------------------------------------------------------
+    Flag("v_parameterization", REFUSED, "the bases here predict noise (SD1.5 and SDXL, epsilon); v-prediction "
+         "models are not supported", switch=True),
+    Flag("zero_terminal_snr", REFUSED, "needs v-prediction (see v_parameterization)", switch=True),
+    Flag("full_fp16", REFUSED, "weights train in float32; use --mixed_precision bf16 for half-precision compute",
+         switch=True),
+    Flag("full_bf16", REFUSED, "weights train in float32; use --mixed_precision bf16 for half-precision compute",
+         switch=True),
+    Flag("network_args", REFUSED, "LyCORIS and LoCon arguments: the experts are plain kohya LoRAs on the layers "
+         "MoLE gates (SPEC.md)"),
+    Flag("network_dropout", REFUSED, "not implemented yet; train without it"),
+    Flag("scale_weight_norms", REFUSED, "not implemented yet; --max_grad_norm clips the gradient instead"),
+    Flag("multires_noise_iterations", REFUSED, "not implemented yet; --noise_offset is"),
+    Flag("multires_noise_discount", REFUSED, "not implemented yet (see multires_noise_iterations)"),
+    Flag("ip_noise_gamma", REFUSED, "not implemented yet"),
+    Flag("huber_c", REFUSED, "the loss is l2 (see loss_type)"),
+    Flag("lr_scheduler_args", REFUSED, "not implemented yet; the schedules take --lr_warmup_steps only"),
+    Flag("max_train_epochs", REFUSED, "not implemented yet: give --max_train_steps (an epoch is images x "
+         "num_repeats / batch size / gradient_accumulation_steps steps)"),
+    Flag("save_every_n_epochs", REFUSED, "not implemented yet: give --save_every_n_steps"),
+    Flag("dim_from_weights", REFUSED, "not implemented yet: give --network_dim of the --network_weights file",
+         switch=True, stages=("expert",)),
+)
+BY_NAME = {f.name: f for f in REGISTRY}
+
+
+def add_flags(parser, stage: str) -> None:
+    """The registry's flags of `stage`, in three --help groups."""
+    import argparse
+
+    groups = {kind: parser.add_argument_group(f"kohya flags: {kind}") for kind in (IMPLEMENTED, NO_OP, REFUSED)}
+    for f in REGISTRY:
+        ours = stage in f.stages           # another stage's flag is refused by name (resolve), not by argparse
+        kwargs = {"help": f.meaning if ours else f"{_stages(f.stages)} only", "default": argparse.SUPPRESS}
+        if f.switch:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = "VALUE"
+        groups[f.kind if ours else REFUSED].add_argument(f"--{f.name}", **kwargs)
+
+
+def resolve(given: dict[str, object], stage: str, where: str = "") -> dict:
+    """Our options for the registry's flags in `given` ({name: value}, from the command line or a TOML file);
+    prints one line per flag without effect, raises ConfigError for a refused one. `where`: the TOML file."""
+    from .config import ConfigError
+
+    out: dict = {}
+    for name, value in given.items():
+        f = BY_NAME[name]
+        flag = f"{where}: {name}" if where else f"--{name}"
+        shown = "" if f.switch else f" {value}"
+        if stage not in f.stages:
+            raise ConfigError(f"{flag}{shown}: a kohya flag of {', '.join('train-' + s for s in f.stages)}, "
+                              f"not of this stage")
+        if f.kind == REFUSED or (f.accept is not None and not f.accept(str(value))):
+            raise ConfigError(f"{flag}{shown}: not supported: {f.meaning}")
+        if f.kind == NO_OP:
+            log.info("%s%s: no effect here (%s)", flag, shown, f.meaning)
+            continue
+        try:
+            mapped = f.to(value, stage)
+        except ValueError as e:
+            raise ConfigError(f"{flag}{shown}: {e}") from e
+        for key, v in mapped.items():                # --experts from face_ and hand_network_weights add up
+            out[key] = out.get(key, []) + v if isinstance(v, list) else v
+        if not mapped:
+            log.info("%s%s: no effect in this stage (%s)", flag, shown, f.meaning)
+    return out
+
+
+def _stages(stages) -> str:
+    return ", ".join("train-" + {"finetune": "base"}.get(s, s) for s in (stages or ALL_STAGES))
+
+
+def table(native: dict[str, tuple[str, tuple | None]]) -> str:
+    """docs/kohya.md: every flag the trainer accepts, by class. `native`: {name: (help, stages)} of TrainConfig's
+    options (kohya's names where the meaning matches; "[MoLE]" in the help marks this pack's own)."""
+    own = sum(h.startswith("[MoLE]") for h, _ in native.values())
+    lines = ["# kohya sd-scripts flags in ComfyUI-MoLE's trainer", "",
+             "Written by `python -m trainer kohya-table` from the registry the parser uses "
+             "(`trainer/training/kohya.py`, `trainer/training/config.py`); a test keeps it current.", "",
+             f"Counts: {len(native) - own} kohya options implemented under their own names, {own} options of "
+             "MoLE's own, and kohya flags under other names: "
+             + ", ".join(f"{sum(f.kind == k for f in REGISTRY)} {k}" for k in (IMPLEMENTED, NO_OP, REFUSED))
+             + ". A refused flag stops the run with its reason; a flag accepted with no effect prints one line.",
+             "",
+             "| flag | class | stages | meaning here |", "|---|---|---|---|"]
+    for name, (help_text, stages) in native.items():
+        kind = "MoLE's own" if help_text.startswith("[MoLE]") else IMPLEMENTED
+        lines.append(f"| `--{name}` | {kind} | {_stages(stages)} | {help_text.replace('|', '/')} |")
+    for f in REGISTRY:
+        lines.append(f"| `--{f.name}` | {f.kind} | {_stages(f.stages)} | {f.meaning.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "kohya.md"
+
+
+def native_options() -> dict[str, str]:
+    from .config import _fields
+
+    return {name: (f.metadata["help"], f.metadata["stages"]) for name, f in _fields().items()}
+
+
+def add_arguments(parser) -> None:
+    """`python -m trainer kohya-table`."""
+    parser.add_argument("--output", type=Path, default=DOC, help="where to write the table")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ...mole_ops.atomic import write_text
+
+    write_text(args.output, table(native_options()))
+    log.info("wrote %s", args.output)
+    return 0
