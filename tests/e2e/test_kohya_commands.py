@@ -111,17 +111,43 @@ def test_their_outputs_load_in_our_loaders_and_the_stock_lora_loader(authors_run
     assert sorted(mole.keys) == sorted(base.layout.layer_keys)
 
 
-def test_noise_offset_and_training_comment(detectable, train_images, tmp_path):
-    """--noise_offset changes the loss (and draws nothing when off); --training_comment lands in the metadata."""
+def test_noise_variants_epochs_and_training_comment(detectable, train_images, tmp_path):
+    """--noise_offset, --multires_noise_iterations and --ip_noise_gamma each change the loss of the same seeded run;
+    --max_train_epochs and --save_every_n_epochs count kohya's epochs; --training_comment lands in the metadata."""
+    from comfyui_mole.trainer.training import config as cfg
+    from comfyui_mole.trainer.training.loop import Run
+
     common = ["--pretrained_model_name_or_path", str(detectable), "--train_data_dir", str(train_images),
-              "--resolution", "64", "--network_dim", "4", "--max_train_steps", "3", "--seed", "3",
-              "--output_dir", str(tmp_path)]
-    subprocess.run([sys.executable, "-m", "trainer", "train-expert", *common, "--output_name", "plain"], cwd=ROOT,
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "trainer", "train-expert", *common, "--output_name", "offset",
-                    "--noise_offset", "0.1", "--training_comment", "run 3, offset 0.1"], cwd=ROOT, check=True,
-                   capture_output=True)
-    losses = {name: (tmp_path / f"{name}_log.csv").read_text().splitlines()[1:] for name in ("plain", "offset")}
-    assert [r.split(",")[1] for r in losses["plain"]] != [r.split(",")[1] for r in losses["offset"]]
+              "--resolution", "64", "--network_dim", "4", "--train_batch_size", "4", "--seed", "3",
+              "--cache_latents", "--output_dir", str(tmp_path)]
+    runs = {"plain": [], "offset": ["--noise_offset", "0.1", "--training_comment", "run 3, offset 0.1"],
+            "multires": ["--multires_noise_iterations", "6", "--multires_noise_discount", "0.3"],
+            "perturbed": ["--ip_noise_gamma", "0.1"]}
+    losses = {}
+    for name, extra in runs.items():
+        args = argparse_namespace(common + ["--max_train_steps", "2", "--output_name", name] + extra)
+        r = Run(cfg.from_args(args, "expert"))
+        r.train()
+        r.stage.detach()
+        losses[name] = [row.split(",")[1] for row in (tmp_path / f"{name}_log.csv").read_text().splitlines()[1:]]
+    assert all(losses[name] != losses["plain"] for name in ("offset", "multires", "perturbed")), losses
     _, meta, _ = safetensors_io.read(tmp_path / "offset.safetensors")
     assert meta["ss_training_comment"] == "run 3, offset 0.1"
+    # 8 pictures in batches of 4: an epoch is 2 steps
+    r = Run(cfg.from_args(argparse_namespace(common + ["--max_train_epochs", "2", "--save_every_n_epochs", "1",
+                                                       "--output_name", "epochs"]), "expert"))
+    assert (r.config.max_train_steps, r.config.save_every_n_steps) == (4, 2)
+    r.train()
+    r.stage.detach()
+    assert (tmp_path / "epochs-step00000002.safetensors").is_file() and (tmp_path / "epochs.safetensors").is_file()
+    assert len((tmp_path / "epochs_log.csv").read_text().splitlines()) == 1 + 4
+
+
+def argparse_namespace(argv: list[str]):
+    import argparse
+
+    from comfyui_mole.trainer.training import config as cfg
+
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, "expert")
+    return parser.parse_args(argv)

@@ -78,6 +78,12 @@ class TrainConfig:
                                                     "output_dir/text_cache) for later runs", False)
     noise_offset: float = _opt("kohya's noise offset: add this times a per-image, per-channel normal draw to the "
                                "noise (darker darks and brighter brights; 0.05-0.1 is usual); off when not given")
+    multires_noise_iterations: int = _opt("kohya's multi-resolution (pyramid) noise: add this many levels of "
+                                          "upsampled coarser noise (6-10 is usual); off when not given")
+    multires_noise_discount: float = _opt("weight of each coarser level of --multires_noise_iterations (level i: "
+                                          "discount^i)", 0.3)
+    ip_noise_gamma: float = _opt("kohya's input perturbation: the noisy latent gets gamma times extra noise the "
+                                 "target does not contain (0.1 is usual); off when not given")
     caption_dropout_rate: float = _opt("train on an empty caption with this probability (the unconditional "
                                        "prediction classifier-free guidance needs; also a dataset subset key)",
                                        0.0)
@@ -92,6 +98,7 @@ class TrainConfig:
     output_dir: str = _opt("folder for the trained file, states, samples and logs")
     output_name: str = _opt("file name of the trained file, without extension")
     save_every_n_steps: int = _opt("also save the trained file every N steps")
+    save_every_n_epochs: int = _opt("also save the trained file every N epochs (at the steps where they end)")
     save_state: bool = _opt("with each save, also save the full training state (for --resume)", False)
     training_comment: str = _opt("a comment written into the trained file's metadata (ss_training_comment, as "
                                  "kohya writes it)")
@@ -100,6 +107,8 @@ class TrainConfig:
     train_batch_size: int = _opt("batch size (a dataset TOML may set its own)", 1)
     gradient_accumulation_steps: int = _opt("batches per optimizer step", 1)
     max_train_steps: int = _opt("optimizer steps to train", 1600)
+    max_train_epochs: int = _opt("train this many passes over the data instead (overrides --max_train_steps: "
+                                 "an epoch is the dataset's batches / --gradient_accumulation_steps steps)")
     learning_rate: float = _opt("learning rate", 1e-4)
     lr_scheduler: str = _opt("learning-rate schedule", "constant", choices=SCHEDULERS)
     lr_warmup_steps: int = _opt("warm-up steps (constant_with_warmup, cosine, linear)", 0)
@@ -315,12 +324,19 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--min_snr_gamma must be > 0 (5 in the paper's stage 1)")
     if c.clip_skip is not None and not 1 <= c.clip_skip <= 12:
         raise ConfigError("--clip_skip must be between 1 and 12")
-    if c.save_state and not c.save_every_n_steps:
+    if c.save_state and not (c.save_every_n_steps or c.save_every_n_epochs):
         raise ConfigError("--save_state saves with each --save_every_n_steps save: give --save_every_n_steps too")
     if c.save_every_n_steps is not None and c.save_every_n_steps < 1:
         raise ConfigError("--save_every_n_steps must be at least 1")
     if c.sample_prompts and not c.sample_every_n_steps:
         raise ConfigError("--sample_prompts needs --sample_every_n_steps (how often to sample them)")
+    for name in ("max_train_epochs", "save_every_n_epochs", "multires_noise_iterations"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(c, name)}")
+    if c.save_every_n_epochs and c.save_every_n_steps:
+        raise ConfigError("give one of --save_every_n_steps and --save_every_n_epochs")
+    if not 0 < c.multires_noise_discount <= 1 or (c.ip_noise_gamma is not None and not 0 <= c.ip_noise_gamma <= 1):
+        raise ConfigError("--multires_noise_discount must be in (0, 1] and --ip_noise_gamma in [0, 1]")
     if c.noise_offset is not None and not 0 <= c.noise_offset <= 1:
         raise ConfigError(f"--noise_offset must be from 0 to 1 (0.05-0.1 is usual), got {c.noise_offset}")
     _check_device_options(c)

@@ -108,14 +108,8 @@ REGISTRY: tuple[Flag, ...] = (
          "MoLE gates (SPEC.md)"),
     Flag("network_dropout", REFUSED, "not implemented yet; train without it"),
     Flag("scale_weight_norms", REFUSED, "not implemented yet; --max_grad_norm clips the gradient instead"),
-    Flag("multires_noise_iterations", REFUSED, "not implemented yet; --noise_offset is"),
-    Flag("multires_noise_discount", REFUSED, "not implemented yet (see multires_noise_iterations)"),
-    Flag("ip_noise_gamma", REFUSED, "not implemented yet"),
     Flag("huber_c", REFUSED, "the loss is l2 (see loss_type)"),
     Flag("lr_scheduler_args", REFUSED, "not implemented yet; the schedules take --lr_warmup_steps only"),
-    Flag("max_train_epochs", REFUSED, "not implemented yet: give --max_train_steps (an epoch is images x "
-         "num_repeats / batch size / gradient_accumulation_steps steps)"),
-    Flag("save_every_n_epochs", REFUSED, "not implemented yet: give --save_every_n_steps"),
     Flag("dim_from_weights", REFUSED, "not implemented yet: give --network_dim of the --network_weights file",
          switch=True, stages=("expert",)),
 )

@@ -64,6 +64,8 @@ class Run:
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.datasets = datasets_from_config(config)           # fails fast, before the model loads
+        self.plan = BatchPlan(self.datasets, processes=self.world.size)
+        config = self.config = in_steps(config, len(self.plan))
         shuffled = [str(s.image_dir) for d in self.datasets for s in d.subsets if s.shuffle_caption]
         if config.text_encoder_outputs_cached and shuffled:
             raise ConfigError(f"--cache_text_encoder_outputs: shuffle_caption (subset {shuffled[0]}) makes a new "
@@ -83,7 +85,6 @@ class Run:
         self.model = self.world.wrap(objective, unused_parameters=bool(config.train_text_encoder))
         self.optimizer = make_optimizer(config, self.stage.param_groups())
         self.scheduler = make_scheduler(config, self.optimizer)
-        self.plan = BatchPlan(self.datasets, processes=self.world.size)
         self.cache = LatentCache(self.out / "latent_cache" if config.cache_latents_to_disk else None) \
             if config.latents_cached else None
         self.mask_cache: dict[tuple, torch.Tensor] = {}
@@ -180,13 +181,18 @@ class Run:
         rows, factor = self.world.rows(n)
         # noise and timesteps of the whole global batch, the same in every process
         noise = torch.randn((n, self.base.latent_channels, height // 8, width // 8), generator=gen)
-        if c.noise_offset:          # kohya's noise offset; drawn only when on, so runs without it stay bitwise alike
+        # kohya's noise variants, each drawn only when on, so runs without them stay bitwise alike
+        if c.noise_offset:
             noise = noise + c.noise_offset * torch.randn((n, self.base.latent_channels, 1, 1), generator=gen)
+        if c.multires_noise_iterations:
+            noise = pyramid_noise(noise, c.multires_noise_iterations, c.multires_noise_discount, gen)
+        perturb = c.ip_noise_gamma * torch.randn(noise.shape, generator=gen) if c.ip_noise_gamma else None
         t = torch.randint(0, len(self.base.alphas_cumprod), (n,), generator=gen)
         mine = batch.rows(rows)
         x0 = self.latents(mine)
         noise, t = noise[rows].to(x0.device), t[rows].to(x0.device)
-        x_t = self.base.noisy(x0, noise, t)
+        # input perturbation: the noisy latent carries extra noise that the target (noise) does not
+        x_t = self.base.noisy(x0, noise if perturb is None else noise + perturb[rows].to(x0.device), t)
         # prediction (the stage's hooks act inside the UNet)
         eps = self.model(x_t, t, mine.captions, mine.size)
         # loss per sample (only where the masks are white, with --masked_loss), optionally Min-SNR weighted
@@ -307,6 +313,41 @@ def autocast(precision: str, device: torch.device):
     if precision == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def in_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
+    """--max_train_epochs and --save_every_n_epochs as steps, as kohya counts them: an epoch is the global batches
+    of one pass over the data / --gradient_accumulation_steps optimizer steps (rounded up)."""
+    from dataclasses import replace
+
+    per_epoch = max(1, -(-batches_per_epoch // config.gradient_accumulation_steps))
+    changes = {}
+    if config.max_train_epochs:
+        changes["max_train_steps"] = config.max_train_epochs * per_epoch
+    if config.save_every_n_epochs:
+        changes["save_every_n_steps"] = config.save_every_n_epochs * per_epoch
+    if changes.get("max_train_steps", config.max_train_steps) <= config.lr_warmup_steps:
+        raise ConfigError(f"--max_train_epochs {config.max_train_epochs} is {changes['max_train_steps']} steps, not more "
+                          f"than --lr_warmup_steps {config.lr_warmup_steps}")
+    if changes:
+        log.info("epochs of %d step(s) (%d batches / accumulation %d): %s", per_epoch, batches_per_epoch,
+                 config.gradient_accumulation_steps, ", ".join(f"--{k} {v}" for k, v in changes.items()))
+    return replace(config, **changes) if changes else config
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, gen: torch.Generator) -> torch.Tensor:
+    """kohya's multi-resolution noise: coarser random noise (each level 2-4x smaller, drawn from `gen`) upsampled
+    and added with weight discount^i, then scaled back to unit standard deviation."""
+    b, ch, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand((), generator=gen)) * 2 + 2
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        coarse = torch.randn((b, ch, hn, wn), generator=gen)
+        out = out + torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear") * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
 
 
 def train(config: TrainConfig) -> Path:
