@@ -112,7 +112,8 @@ def test_their_outputs_load_in_our_loaders_and_the_stock_lora_loader(authors_run
 
 
 def test_noise_variants_epochs_and_training_comment(detectable, train_images, tmp_path):
-    """--noise_offset, --multires_noise_iterations and --ip_noise_gamma each change the loss of the same seeded run;
+    """--noise_offset, --multires_noise_iterations, --ip_noise_gamma and --loss_type huber each change the loss of the
+    same seeded run;
     --max_train_epochs and --save_every_n_epochs count kohya's epochs; --training_comment lands in the metadata."""
     from comfyui_mole.trainer.training import config as cfg
     from comfyui_mole.trainer.training.loop import Run
@@ -122,7 +123,7 @@ def test_noise_variants_epochs_and_training_comment(detectable, train_images, tm
               "--cache_latents", "--output_dir", str(tmp_path)]
     runs = {"plain": [], "offset": ["--noise_offset", "0.1", "--training_comment", "run 3, offset 0.1"],
             "multires": ["--multires_noise_iterations", "6", "--multires_noise_discount", "0.3"],
-            "perturbed": ["--ip_noise_gamma", "0.1"]}
+            "perturbed": ["--ip_noise_gamma", "0.1"], "huber": ["--loss_type", "huber", "--huber_c", "0.1"]}
     losses = {}
     for name, extra in runs.items():
         args = argparse_namespace(common + ["--max_train_steps", "2", "--output_name", name] + extra)
@@ -130,7 +131,7 @@ def test_noise_variants_epochs_and_training_comment(detectable, train_images, tm
         r.train()
         r.stage.detach()
         losses[name] = [row.split(",")[1] for row in (tmp_path / f"{name}_log.csv").read_text().splitlines()[1:]]
-    assert all(losses[name] != losses["plain"] for name in ("offset", "multires", "perturbed")), losses
+    assert all(losses[name] != losses["plain"] for name in ("offset", "multires", "perturbed", "huber")), losses
     _, meta, _ = safetensors_io.read(tmp_path / "offset.safetensors")
     assert meta["ss_training_comment"] == "run 3, offset 0.1"
     # 8 pictures in batches of 4: an epoch is 2 steps

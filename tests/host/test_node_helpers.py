@@ -37,7 +37,8 @@ def test_node_report_catches_this_threads_mole_warnings_and_shows_file_names(com
     assert file_names(r"C:\ComfyUI\models\mole\hand.safetensors and /x/y/gates.safetensors (sha256)") == \
         "hand.safetensors and gates.safetensors (sha256)"
     assert file_names("expert 'face' (/a/b/f.safetensors) is not") == "expert 'face' (f.safetensors) is not"
-    text, ui = node_ui(["MoLE: 2 expert(s)", "  face: /m/face.safetensors"], ["w /m/x.safetensors", "w /m/x.safetensors"])
+    text, ui = node_ui(["MoLE: 2 expert(s)", "  face: /m/face.safetensors"],
+                       ["w /m/x.safetensors", "w /m/x.safetensors"])
     assert text == "MoLE: 2 expert(s)\n  face: /m/face.safetensors\nWARNING: w /m/x.safetensors"
     assert ui == {"text": [text], "mole_lines": ["MoLE: 2 expert(s)", "  face: face.safetensors"],
                   "mole_warnings": ["w x.safetensors"]}

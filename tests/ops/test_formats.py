@@ -264,8 +264,10 @@ def test_metadata_of_the_wrong_json_type_is_a_clear_error(tmp_path, sd15_shapes,
                                        r"reads gate files of format '1'"),
     ({"mole.expert_info": '{"face": {"rank": "8"}}'}, r"metadata mole.expert_info\['face'\].rank should be an integer, "
                                                       r'found "8"'),
-    ({"mole.expert_info": '{"hand": {"alpha": true}}'}, r"metadata mole.expert_info\['hand'\].alpha should be a number"),
-    ({"mole.expert_info": '{"hand": {"sha256": 5}}'}, r"metadata mole.expert_info\['hand'\].sha256 should be a hex string"),
+    ({"mole.expert_info": '{"hand": {"alpha": true}}'},
+     r"metadata mole.expert_info\['hand'\].alpha should be a number"),
+    ({"mole.expert_info": '{"hand": {"sha256": 5}}'},
+     r"metadata mole.expert_info\['hand'\].sha256 should be a hex string"),
 ])
 def test_each_metadata_key_has_one_declared_type(tmp_path, sd15_shapes, metadata, expected):
     """issue 31: a format version of another type or value, and expert_info fields of the wrong type (check_gates

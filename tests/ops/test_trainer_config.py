@@ -121,7 +121,8 @@ ISSUE_33 = ["network_train_unet_only", "xformers", "sdpa", "max_train_epochs", "
 VALUES = {"max_data_loader_n_workers": ("8", None), "logging_dir": ("logs", None), "log_with": ("tensorboard", None),
           "sample_sampler": ("euler_a", None), "max_token_length": ("75", "225"), "prior_loss_weight": ("1.0", "0.5"),
           "loss_type": ("l2", "huber"), "lr_scheduler_num_cycles": ("1", "3"), "save_precision": ("float", "fp16"),
-          "save_model_as": ("safetensors", "ckpt"), "network_dim_face": ("256", None), "network_dim_hand": ("256", None),
+          "save_model_as": ("safetensors", "ckpt"), "network_dim_face": ("256", None),
+          "network_dim_hand": ("256", None),
           "network_alpha_face": ("64", None), "network_alpha_hand": ("128", None),
           "network_module_lora": ("networks.lora", "lycoris.kohya"), "network_module_moe": ("networks.moe", "x")}
 

@@ -71,3 +71,37 @@ def test_masked_loss_of_ones_is_the_plain_loss_and_masked_cells_send_no_gradient
     denoising_loss(eps, noise, mask.expand(2, 1, 6, 8)).sum().backward()
     assert (eps.grad[..., 1:, :4] == 0).all() and (eps.grad[..., :4] != 0).sum() == 2 * 4 * 1  # the sliver's cell
     assert (eps.grad[..., 4:] != 0).all()
+
+
+def test_cosine_with_restarts_restarts_num_cycles_times():
+    c = TrainConfig(learning_rate=1.0, lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2,
+                    max_train_steps=8)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(c, opt)
+    seen = []
+    for _ in range(9):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+
+
+def test_huber_and_smooth_l1_losses_as_kohya_writes_them():
+    from comfyui_mole.trainer.training.loop import denoising_loss, huber_threshold
+
+    noise = torch.zeros(2, 1, 1, 1)
+    small, large = torch.full((2, 1, 1, 1), 0.01), torch.full((2, 1, 1, 1), 10.0)
+    c = torch.tensor([0.1, 0.1])
+    l2 = denoising_loss(small, noise)
+    # huber: 2c(sqrt(d^2 + c^2) - c): like l2 for small errors, 2c|d| for large ones
+    assert denoising_loss(small, noise, loss_type="huber", huber_c=c) == pytest.approx(l2, rel=1e-2)
+    assert denoising_loss(large, noise, loss_type="huber", huber_c=c) == pytest.approx(2 * 0.1 * (10.0 - 0.1),
+                                                                                        rel=1e-3)
+    assert denoising_loss(large, noise, loss_type="smooth_l1", huber_c=c) == pytest.approx(2 * (10.0 - 0.1),
+                                                                                            rel=1e-3)
+    abar = ddpm_alphas_cumprod()
+    t = torch.tensor([0, 999])
+    assert huber_threshold(0.1, "constant", t, abar).tolist() == pytest.approx([0.1, 0.1])
+    assert huber_threshold(0.1, "exponential", t, abar).tolist() == pytest.approx([1.0, 0.1], rel=1e-2)
+    snr = huber_threshold(0.1, "snr", t, abar)
+    assert 0.1 < snr[1] < snr[0] <= 1.0               # from about 1 at t=0 down towards huber_c at the noisy end

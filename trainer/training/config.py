@@ -20,7 +20,9 @@ from . import kohya
 
 log = logging.getLogger("mole.train")
 
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 OPTIMIZERS = ("AdamW", "Lion", "AdamW8bit")
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -111,7 +113,14 @@ class TrainConfig:
                                  "an epoch is the dataset's batches / --gradient_accumulation_steps steps)")
     learning_rate: float = _opt("learning rate", 1e-4)
     lr_scheduler: str = _opt("learning-rate schedule", "constant", choices=SCHEDULERS)
-    lr_warmup_steps: int = _opt("warm-up steps (constant_with_warmup, cosine, linear)", 0)
+    lr_warmup_steps: int = _opt("warm-up steps (constant_with_warmup, cosine, cosine_with_restarts, linear)", 0)
+    lr_scheduler_num_cycles: int = _opt("cosine_with_restarts: how many times the cosine restarts from the top", 1)
+    loss_type: str = _opt("the loss of the noise prediction: l2 (the paper's), or kohya's huber and smooth_l1 "
+                          "(less pull from outliers)", "l2", choices=LOSS_TYPES)
+    huber_c: float = _opt("huber / smooth_l1: the threshold between squared and linear error (scheduled per "
+                          "timestep by --huber_schedule)", 0.1)
+    huber_schedule: str = _opt("how --huber_c varies with the timestep, as kohya: snr (default), exponential, or "
+                               "constant", "snr", choices=HUBER_SCHEDULES)
     optimizer_type: str = _opt("optimizer", "AdamW", choices=OPTIMIZERS)
     optimizer_args: list = _opt("extra optimizer arguments, e.g. weight_decay=0.01 betas=0.9,0.99", None, nargs="*")
     max_grad_norm: float = _opt("clip the gradient norm to this (0 = off)", 1.0)
@@ -315,7 +324,13 @@ def validate(c: TrainConfig) -> None:
     if c.learning_rate <= 0 or c.max_grad_norm < 0 or c.lr_warmup_steps < 0:
         raise ConfigError("--learning_rate must be > 0, --max_grad_norm and --lr_warmup_steps >= 0")
     if c.lr_warmup_steps and c.lr_scheduler == "constant":
-        raise ConfigError("--lr_warmup_steps needs a scheduler with warm-up (constant_with_warmup, cosine, linear)")
+        raise ConfigError("--lr_warmup_steps needs a scheduler with warm-up (constant_with_warmup, cosine, "
+                          "cosine_with_restarts, linear)")
+    if c.lr_scheduler_num_cycles < 1 or (c.lr_scheduler_num_cycles > 1 and c.lr_scheduler != "cosine_with_restarts"):
+        raise ConfigError(f"--lr_scheduler_num_cycles {c.lr_scheduler_num_cycles}: at least 1, and more than 1 only "
+                          "with --lr_scheduler cosine_with_restarts")
+    if not 0 < c.huber_c <= 1:
+        raise ConfigError(f"--huber_c must be in (0, 1], got {c.huber_c}")
     if c.lr_warmup_steps >= c.max_train_steps:
         raise ConfigError("--lr_warmup_steps must be smaller than --max_train_steps")
     if not 0 <= c.caption_dropout_rate <= 1:

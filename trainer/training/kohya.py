@@ -90,10 +90,6 @@ REGISTRY: tuple[Flag, ...] = (
          "refused", accept=_one_of("75")),
     Flag("prior_loss_weight", NO_OP, "there are no regularisation images here, so a weight of 1 changes nothing; "
          "other weights are refused", accept=_float_is(1.0)),
-    Flag("loss_type", NO_OP, "the loss is kohya's l2 (the paper's); huber and smooth_l1 are refused",
-         accept=_one_of("l2")),
-    Flag("lr_scheduler_num_cycles", NO_OP, "one cycle (cosine goes down once); other counts are refused",
-         accept=_float_is(1.0)),
     Flag("save_precision", NO_OP, "files are saved in float32, the dtype they trained in; fp16 and bf16 are "
          "refused (convert a file afterwards if you need it smaller)", accept=_one_of("float", "fp32", "none")),
     # -- refused ------------------------------------------------------------------------------------------------
@@ -108,7 +104,6 @@ REGISTRY: tuple[Flag, ...] = (
          "MoLE gates (SPEC.md)"),
     Flag("network_dropout", REFUSED, "not implemented yet; train without it"),
     Flag("scale_weight_norms", REFUSED, "not implemented yet; --max_grad_norm clips the gradient instead"),
-    Flag("huber_c", REFUSED, "the loss is l2 (see loss_type)"),
     Flag("lr_scheduler_args", REFUSED, "not implemented yet; the schedules take --lr_warmup_steps only"),
     Flag("dim_from_weights", REFUSED, "not implemented yet: give --network_dim of the --network_weights file",
          switch=True, stages=("expert",)),

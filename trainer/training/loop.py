@@ -14,6 +14,7 @@ Under torchrun every process runs this same loop on the same global batches and 
 from __future__ import annotations
 
 import contextlib
+import math
 import gc
 import logging
 import time
@@ -196,7 +197,10 @@ class Run:
         # prediction (the stage's hooks act inside the UNet)
         eps = self.model(x_t, t, mine.captions, mine.size)
         # loss per sample (only where the masks are white, with --masked_loss), optionally Min-SNR weighted
-        per_sample = denoising_loss(eps, noise, self.loss_masks(mine, eps.shape[-2:]) if c.loss_masked else None)
+        huber = None if c.loss_type == "l2" else \
+            huber_threshold(c.huber_c, c.huber_schedule, t, self.base.alphas_cumprod.to(t.device))
+        per_sample = denoising_loss(eps, noise, self.loss_masks(mine, eps.shape[-2:]) if c.loss_masked else None,
+                                    c.loss_type, huber)
         if c.min_snr_gamma:
             from .model import min_snr_weight
 
@@ -300,13 +304,35 @@ def latent_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return cell_fractions(mask, hw)[None]
 
 
-def denoising_loss(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample eps-MSE, mean over C, H, W; with a mask (B, 1, h, w) every element is weighted by its cell's
-    mask value first (kohya's masked loss: the mean still runs over all cells, so a half-masked image weighs half)."""
-    error = (eps.float() - noise.float()) ** 2
+def denoising_loss(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None, loss_type: str = "l2",
+                   huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample eps-MSE (or kohya's huber / smooth_l1 with a threshold per sample, `huber_c` (B,)), mean over
+    C, H, W; with a mask (B, 1, h, w) every element is weighted by its cell's mask value first (kohya's masked
+    loss: the mean still runs over all cells, so a half-masked image weighs half)."""
+    diff = eps.float() - noise.float()
+    if loss_type == "l2":
+        error = diff ** 2
+    else:
+        c = huber_c.float().view(-1, 1, 1, 1)
+        error = 2 * (torch.sqrt(diff ** 2 + c ** 2) - c)
+        if loss_type == "huber":
+            error = error * c
     if mask is not None:
         error = error * mask
     return error.mean(dim=(1, 2, 3))
+
+
+def huber_threshold(huber_c: float, schedule: str, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """kohya's per-timestep huber_c: constant; exponential (from 1 at t=0 down to huber_c at the last timestep); snr
+    (huber_c + (1 - huber_c) / (1 + sigma_t)^2, sigma_t = sqrt((1 - abar_t) / abar_t))."""
+    if schedule == "constant":
+        return torch.full(t.shape, huber_c)
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / len(alphas_cumprod)
+        return torch.exp(-alpha * t.float())
+    abar = alphas_cumprod[t].float()
+    sigma = ((1 - abar) / abar) ** 0.5
+    return (1 - huber_c) / (1 + sigma) ** 2 + huber_c
 
 
 def autocast(precision: str, device: torch.device):

@@ -25,8 +25,9 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """constant, constant_with_warmup, cosine and linear (the last two decay to 0 at max_train_steps after the
-    warm-up), as in diffusers' get_scheduler which kohya uses."""
+    """constant, constant_with_warmup, cosine, cosine_with_restarts (--lr_scheduler_num_cycles hard restarts) and
+    linear (the decaying ones reach 0 at max_train_steps after the warm-up), as in diffusers' get_scheduler which
+    kohya uses."""
     warmup, total = config.lr_warmup_steps, config.max_train_steps
 
     def factor(step: int) -> float:
@@ -37,6 +38,10 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> tor
         progress = (step - warmup) / max(1, total - warmup)
         if config.lr_scheduler == "linear":
             return max(0.0, 1.0 - progress)
+        if config.lr_scheduler == "cosine_with_restarts":
+            if progress >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((config.lr_scheduler_num_cycles * progress) % 1.0)))
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
