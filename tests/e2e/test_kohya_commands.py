@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from comfyui_mole.mole_ops import expert_file, gate_file, safetensors_io
 
@@ -113,7 +114,7 @@ def test_their_outputs_load_in_our_loaders_and_the_stock_lora_loader(authors_run
 
 def test_noise_variants_epochs_and_training_comment(detectable, train_images, tmp_path):
     """--noise_offset, --multires_noise_iterations, --ip_noise_gamma and --loss_type huber each change the loss of the
-    same seeded run;
+    same seeded run; --save_precision fp16 writes half-precision tensors;
     --max_train_epochs and --save_every_n_epochs count kohya's epochs; --training_comment lands in the metadata."""
     from comfyui_mole.trainer.training import config as cfg
     from comfyui_mole.trainer.training.loop import Run
@@ -121,7 +122,8 @@ def test_noise_variants_epochs_and_training_comment(detectable, train_images, tm
     common = ["--pretrained_model_name_or_path", str(detectable), "--train_data_dir", str(train_images),
               "--resolution", "64", "--network_dim", "4", "--train_batch_size", "4", "--seed", "3",
               "--cache_latents", "--output_dir", str(tmp_path)]
-    runs = {"plain": [], "offset": ["--noise_offset", "0.1", "--training_comment", "run 3, offset 0.1"],
+    runs = {"plain": [], "offset": ["--noise_offset", "0.1", "--training_comment", "run 3, offset 0.1",
+                                    "--save_precision", "fp16"],
             "multires": ["--multires_noise_iterations", "6", "--multires_noise_discount", "0.3"],
             "perturbed": ["--ip_noise_gamma", "0.1"], "huber": ["--loss_type", "huber", "--huber_c", "0.1"]}
     losses = {}
@@ -132,8 +134,10 @@ def test_noise_variants_epochs_and_training_comment(detectable, train_images, tm
         r.stage.detach()
         losses[name] = [row.split(",")[1] for row in (tmp_path / f"{name}_log.csv").read_text().splitlines()[1:]]
     assert all(losses[name] != losses["plain"] for name in ("offset", "multires", "perturbed", "huber")), losses
-    _, meta, _ = safetensors_io.read(tmp_path / "offset.safetensors")
+    tensors, meta, _ = safetensors_io.read(tmp_path / "offset.safetensors")
     assert meta["ss_training_comment"] == "run 3, offset 0.1"
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}      # --save_precision
+    assert expert_file.load(tmp_path / "offset.safetensors", "x").ranks == {4}
     # 8 pictures in batches of 4: an epoch is 2 steps
     r = Run(cfg.from_args(argparse_namespace(common + ["--max_train_epochs", "2", "--save_every_n_epochs", "1",
                                                        "--output_name", "epochs"]), "expert"))

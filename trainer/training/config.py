@@ -102,6 +102,9 @@ class TrainConfig:
     save_every_n_steps: int = _opt("also save the trained file every N steps")
     save_every_n_epochs: int = _opt("also save the trained file every N epochs (at the steps where they end)")
     save_state: bool = _opt("with each save, also save the full training state (for --resume)", False)
+    save_precision: str = _opt("dtype of the saved expert or gate file: float (float32, as trained), fp16 or bf16 "
+                               "(half the size); train-base writes its checkpoint as ComfyUI holds the model",
+                               "float", choices=("float", "fp16", "bf16"))
     training_comment: str = _opt("a comment written into the trained file's metadata (ss_training_comment, as "
                                  "kohya writes it)")
     resume: str = _opt("resume from a state folder written by --save_state")
@@ -359,6 +362,9 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--cache_text_encoder_outputs needs a frozen text encoder: a training one changes its "
                           "outputs every step (drop --train_text_encoder or the caching)")
     if c.stage == "finetune":
+        if c.save_precision != "float":
+            raise ConfigError(f"--save_precision {c.save_precision}: train-base writes the full checkpoint as "
+                              "ComfyUI holds the model; use it for train-expert and train-gates")
         if c.learning_rate_te is not None and not c.train_text_encoder:
             raise ConfigError("--learning_rate_te goes with --train_text_encoder")
         if c.learning_rate_te is not None and c.learning_rate_te <= 0:

@@ -90,8 +90,6 @@ REGISTRY: tuple[Flag, ...] = (
          "refused", accept=_one_of("75")),
     Flag("prior_loss_weight", NO_OP, "there are no regularisation images here, so a weight of 1 changes nothing; "
          "other weights are refused", accept=_float_is(1.0)),
-    Flag("save_precision", NO_OP, "files are saved in float32, the dtype they trained in; fp16 and bf16 are "
-         "refused (convert a file afterwards if you need it smaller)", accept=_one_of("float", "fp32", "none")),
     # -- refused ------------------------------------------------------------------------------------------------
     Flag("v_parameterization", REFUSED, "the bases here predict noise (SD1.5 and SDXL, epsilon); v-prediction "
          "models are not supported", switch=True),
@@ -105,7 +103,7 @@ REGISTRY: tuple[Flag, ...] = (
     Flag("network_dropout", REFUSED, "not implemented yet; train without it"),
     Flag("scale_weight_norms", REFUSED, "not implemented yet; --max_grad_norm clips the gradient instead"),
     Flag("lr_scheduler_args", REFUSED, "not implemented yet; the schedules take --lr_warmup_steps only"),
-    Flag("dim_from_weights", REFUSED, "not implemented yet: give --network_dim of the --network_weights file",
+    Flag("dim_from_weights", NO_OP, "a --network_weights file always keeps its own rank and alpha",
          switch=True, stages=("expert",)),
 )
 BY_NAME = {f.name: f for f in REGISTRY}

@@ -24,6 +24,7 @@ from torch import nn
 from ...mole_ops import expert_file, gate_file, pack_file
 from ...mole_ops.errors import MismatchError
 from ...mole_ops.expert_file import ExpertFile, LoRAWeights
+from ...mole_ops.gate_file import GateWeights
 from ...mole_ops.fingerprint import METADATA_KEY
 from ...mole_ops.hooks import HookState, attach
 from ...mole_ops.layout import PREFIX, kohya_name
@@ -31,6 +32,9 @@ from ...mole_ops.mixture import build
 from ...mole_ops.ops import GateSettings
 from .config import TrainConfig
 from .model import Base
+
+
+SAVE_DTYPES = {"float": None, "fp16": torch.float16, "bf16": torch.bfloat16}     # --save_precision
 
 
 class Stage:
@@ -119,7 +123,12 @@ class ExpertStage(Stage):
         return ExpertFile(self.expert.name, layers, metadata)
 
     def save(self, path: Path, step: int) -> Path:
-        expert_file.save(path, self.current(), family=self.base.family, steps=step,
+        expert = self.current()
+        dtype = SAVE_DTYPES[self.config.save_precision]
+        if dtype is not None:
+            expert.layers = {k: LoRAWeights(w.down.to(dtype), w.up.to(dtype), w.alpha, w.conv)
+                             for k, w in expert.layers.items()}
+        expert_file.save(path, expert, family=self.base.family, steps=step,
                          comment=self.config.training_comment or
                          f"MoLE stage 2 expert {self.expert.name!r} on {self.base.path.name}")
         return path
@@ -153,6 +162,10 @@ class GateStage(Stage):
 
     def save(self, path: Path, step: int) -> Path:
         gates = self.mole.export_gates(self.experts, base_model=self.base.fingerprint)
+        dtype = SAVE_DTYPES[self.config.save_precision]
+        if dtype is not None:
+            gates.layers = {k: GateWeights(*(t.to(dtype) for t in (g.local_w, g.local_b, g.global_w, g.global_b)))
+                            for k, g in gates.layers.items()}
         gates.metadata["mole.steps"] = str(step)
         if self.config.training_comment:
             gates.metadata["ss_training_comment"] = self.config.training_comment
