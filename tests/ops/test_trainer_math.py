@@ -25,6 +25,18 @@ def test_min_snr_weight_for_epsilon_prediction():
     assert w[0] < 0.01 and w[-1] == 1.0          # low noise (huge SNR) down-weighted, high noise unchanged
 
 
+def _rates(config: TrainConfig, steps: int) -> list[float]:
+    """The learning rate of the first `steps` steps under `config`'s schedule (base rate 1)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(config, opt)
+    seen = []
+    for _ in range(steps):
+        seen.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return seen
+
+
 @pytest.mark.parametrize("name,expect", [
     ("constant", [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
     ("constant_with_warmup", [0, 0.5, 1, 1, 1, 1, 1, 1, 1, 1]),
@@ -33,26 +45,12 @@ def test_min_snr_weight_for_epsilon_prediction():
 def test_lr_schedules(name, expect):
     c = TrainConfig(learning_rate=1.0, lr_scheduler=name, lr_warmup_steps=0 if name == "constant" else 2,
                     max_train_steps=10)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = make_scheduler(c, opt)
-    seen = []
-    for _ in range(10):
-        seen.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    assert seen == pytest.approx(expect)
+    assert _rates(c, 10) == pytest.approx(expect)
 
 
 def test_cosine_ends_at_zero():
     c = TrainConfig(learning_rate=1.0, lr_scheduler="cosine", max_train_steps=4)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = make_scheduler(c, opt)
-    seen = []
-    for _ in range(5):
-        seen.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    assert seen == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+    assert _rates(c, 5) == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
 
 
 def test_masked_loss_of_ones_is_the_plain_loss_and_masked_cells_send_no_gradient():
@@ -76,14 +74,7 @@ def test_masked_loss_of_ones_is_the_plain_loss_and_masked_cells_send_no_gradient
 def test_cosine_with_restarts_restarts_num_cycles_times():
     c = TrainConfig(learning_rate=1.0, lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2,
                     max_train_steps=8)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = make_scheduler(c, opt)
-    seen = []
-    for _ in range(9):
-        seen.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    assert seen == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+    assert _rates(c, 9) == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 1.0, 0.8535534, 0.5, 0.1464466, 0.0])
 
 
 def test_huber_and_smooth_l1_losses_as_kohya_writes_them():
