@@ -173,7 +173,7 @@ def test_text_encoder_lr_sets_stage_1s_and_is_noted_elsewhere(paths, caplog):
 def test_kohya_flags_in_a_config_file_and_the_authors_expert_pair(paths, caplog):
     toml = paths["dir"] / "kohya.toml"
     toml.write_text('save_model_as = "safetensors"\nxformers = true\nnoise_offset = 0.05\n'
-                    'training_comment = "face expert, run 3"\n')
+                    'training_comment = "face expert, run 3"\nv_parameterization = false\n')
     with caplog.at_level("INFO", logger="mole.train"):
         c = parse("expert", ["--config_file", str(toml)] + base_args(paths))
     assert c.noise_offset == 0.05 and c.training_comment == "face expert, run 3"

@@ -132,6 +132,8 @@ def resolve(given: dict[str, object], stage: str, where: str = "") -> dict:
     out: dict = {}
     for name, value in given.items():
         f = BY_NAME[name]
+        if f.switch and value is False:          # `xformers = false` in a TOML file: not given
+            continue
         flag = f"{where}: {name}" if where else f"--{name}"
         shown = "" if f.switch else f" {value}"
         if stage not in f.stages:
