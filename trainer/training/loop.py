@@ -14,9 +14,9 @@ Under torchrun every process runs this same loop on the same global batches and 
 from __future__ import annotations
 
 import contextlib
-import math
 import gc
 import logging
+import math
 import time
 from pathlib import Path
 
