@@ -10,6 +10,8 @@ positions) and experts i = 0..N-1 in column order:
     out    = F(X) + sum_i s_i * L_i * G_i * R_i(X)      s_i = per-expert strength (0 = off)
 
 Modes drop gates: "local" uses G = 1, "global" uses L = 1, "none" uses both = 1 (experts at fixed scale).
+While experts train (stage 2) with a dropout p (kohya's --network_dropout), down_i(X) is dropped out (each hidden
+unit zeroed with probability p, the rest scaled by 1/(1-p)) before up_i; never under no_grad.
 
 Fused evaluation (what makes it fast): one matmul X @ W1.T with W1 = [down_0; ...; down_{N-1}; Phi; V; pad]
 gives every expert's hidden block, the local-gate logits and the global-gate logits at once. The global gate
@@ -53,14 +55,18 @@ TINY = 1e-20
 
 @dataclass(frozen=True)
 class GateSettings:
-    """How the gates are used: mode (both / local / global / none) and per-expert strength (0 = off)."""
+    """How the gates are used: mode (both / local / global / none) and per-expert strength (0 = off); `dropout`:
+    kohya's neuron dropout on the experts' hidden units, applied only while gradients are on (training)."""
 
     mode: str = "both"
     strengths: Mapping[str, float] = field(default_factory=dict)
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise MoLEError(f"gate mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MoLEError(f"expert dropout {self.dropout} is not in [0, 1)")
 
     def strength(self, name: str) -> float:
         return float(self.strengths.get(name, 1.0))
@@ -288,6 +294,8 @@ class MoLELayer(nn.Module):
             x = x.to(dtype)
         h = torch.matmul(x, f.w1.T)                                     # (B, n, K)
         hidden = h.narrow(2, 0, f.rank_total)
+        if settings.dropout and f.up is not None and torch.is_grad_enabled():
+            hidden = torch.nn.functional.dropout(hidden, settings.dropout)   # kohya's network_dropout (training)
         # gate logits [local (N), global (N)]: folded into h after the hidden blocks, or their own small matmul
         logits, col = (h, f.rank_total) if f.gate_w is None else (torch.matmul(x, f.gate_w.T), 0)
         coef, local_gate, global_gate = None, None, None

@@ -148,6 +148,78 @@ def test_noise_variants_epochs_and_training_comment(detectable, train_images, tm
     assert len((tmp_path / "epochs_log.csv").read_text().splitlines()) == 1 + 4
 
 
+def test_dropout_max_norm_crops_colours_and_reader_threads(detectable, train_images, tmp_path, caplog):
+    """--network_dropout and --random_crop / --color_aug each change the loss of the same seeded run;
+    --max_data_loader_n_workers reads the pictures on threads and changes nothing else (bitwise);
+    --scale_weight_norms keeps every layer's LoRA delta at or under its norm and reports the layers it scaled."""
+    from comfyui_mole.trainer.training import config as cfg
+    from comfyui_mole.trainer.training.loop import Run, train
+
+    common = ["--pretrained_model_name_or_path", str(detectable), "--train_data_dir", str(train_images),
+              "--resolution", "64", "--network_dim", "4", "--train_batch_size", "4", "--seed", "5",
+              "--learning_rate", "1e-2", "--max_train_steps", "2", "--output_dir", str(tmp_path)]
+    runs = {"plain": [], "dropout": ["--network_dropout", "0.5"], "crop": ["--random_crop"],
+            "color": ["--color_aug"], "threads": ["--max_data_loader_n_workers", "2"],
+            "max_norm": ["--scale_weight_norms", "0.002"]}
+    losses, kept = {}, {}
+    for name, extra in runs.items():
+        config = cfg.from_args(argparse_namespace(common + ["--output_name", name] + extra), "expert")
+        if name == "max_norm":
+            r = Run(config)
+            r.train()
+            r.stage.detach()
+            kept["norms"], kept["stage"] = r.norms, r.stage
+        else:
+            train(config)
+        losses[name] = [row.split(",")[1] for row in (tmp_path / f"{name}_log.csv").read_text().splitlines()[1:]]
+    assert losses["threads"] == losses["plain"], losses
+    assert all(losses[name] != losses["plain"] for name in ("dropout", "crop", "color")), losses
+    scaled, mean, largest = kept["norms"]
+    stage = kept["stage"]
+    assert scaled > 0 and largest <= 0.002 * (1 + 1e-5) and 0 < mean <= largest * (1 + 1e-9)
+    for _, layer in stage.mole.items():
+        lora = layer.experts[stage.expert.name]
+        assert float((lora.up @ lora.down).detach().norm()) * lora.scale <= 0.002 * (1 + 1e-4)
+    saved = expert_file.load(tmp_path / "max_norm.safetensors", "x")
+    assert all(float((w.up.float() @ w.down.float()).norm()) * w.alpha / 4 <= 0.002 * (1 + 1e-3)
+               for w in saved.layers.values())
+
+
+def test_a_v_prediction_fine_tune_is_marked_and_samples(detectable, train_images, tmp_path, monkeypatch):
+    """train-base --v_parameterization --zero_terminal_snr: the target is v on the rescaled schedule, the samples
+    while training go through ComfyUI's v-prediction sampling, and the checkpoint carries ComfyUI's `v_pred` and
+    `ztsnr` markers (its SDXL loader reads them) and modelspec.prediction_type v; it loads in the stock loader. A
+    base that ComfyUI loads as v-prediction is refused without the flag."""
+    import comfy.sd
+
+    from comfyui_mole.trainer.training import config as cfg
+    from comfyui_mole.trainer.training.config import ConfigError
+    from comfyui_mole.trainer.training.loop import Run
+    from comfyui_mole.trainer.training.model import Base
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a person waving --w 64 --h 64 --s 2 --d 1\n")
+    argv = ["--pretrained_model_name_or_path", str(detectable), "--train_data_dir", str(train_images),
+            "--resolution", "64", "--train_batch_size", "4", "--max_train_steps", "2", "--output_dir", str(tmp_path),
+            "--output_name", "vpred", "--learning_rate", "1e-5", "--sample_prompts", str(prompts),
+            "--sample_every_n_steps", "2"]
+    parser = __import__("argparse").ArgumentParser()
+    cfg.add_arguments(parser, "finetune")
+    r = Run(cfg.from_args(parser.parse_args(argv + ["--v_parameterization", "--zero_terminal_snr"]), "finetune"))
+    assert r.base.v_prediction and r.base.alphas_cumprod[-1] == 0
+    path = r.train()
+    r.stage.detach()
+    assert len(list((tmp_path / "sample").glob("vpred_000002_*.png"))) == 1
+    tensors, meta, _ = safetensors_io.read(path)
+    assert "v_pred" in tensors and "ztsnr" in tensors and meta["modelspec.prediction_type"] == "v"
+    patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    assert patcher is not None and clip is not None and vae is not None
+    monkeypatch.setattr(Base, "loaded_as_v", property(lambda self: True))     # an SDXL v-pred file (1.9 GB here)
+    with pytest.raises(ConfigError, match="ComfyUI loads this checkpoint as a v-prediction model; give "
+                                          "--v_parameterization"):
+        Run(cfg.from_args(parser.parse_args(argv), "finetune"))
+
+
 def argparse_namespace(argv: list[str]):
     import argparse
 

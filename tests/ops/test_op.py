@@ -270,3 +270,30 @@ def test_a_frozen_stack_elsewhere_is_copied_for_the_call_only():
         got = layer(x.double(), y.double(), settings)
     assert layer.frozen is stack and stack.w1.dtype == torch.float32
     torch.testing.assert_close(got.float(), naive(layer, x, y, settings), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_expert_dropout_drops_hidden_units_while_training_only(conv):
+    """kohya's network_dropout: down(X) is dropped out (zeroed with probability p, the rest scaled by 1/(1-p))
+    before up; under no_grad (sampling, the nodes) nothing is dropped. The reference draws the same mask from the
+    same seed on a tensor of the hidden units' shape."""
+    layer = make_layer(16, 12, [8], "official")
+    set_training(layer, "experts")
+    e = layer.experts["face"]
+    x, y = inputs(layer, conv, (3, 4))
+    settings = GateSettings("none", dropout=0.5)
+    torch.manual_seed(7)
+    out = layer(x, y, settings)
+    tokens = x if not conv else x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+    hidden = tokens @ e.down.T                                                     # (B, n, r)
+    torch.manual_seed(7)
+    mask = torch.nn.functional.dropout(torch.ones_like(hidden), 0.5)
+    delta = e.scale * (hidden * mask) @ e.up.T
+    if conv:
+        delta = delta.transpose(1, 2).reshape(y.shape)
+    torch.testing.assert_close(out, y + delta)
+    assert (mask == 0).any() and (mask == 2).any()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, y.clone(), settings), naive(layer, x, y, GateSettings("none")))
+    with pytest.raises(MoLEError, match="expert dropout 1.0 is not in"):
+        GateSettings("none", dropout=1.0)

@@ -118,7 +118,7 @@ ISSUE_33 = ["network_train_unet_only", "xformers", "sdpa", "max_train_epochs", "
             "zero_terminal_snr", "prior_loss_weight", "full_fp16", "full_bf16", "max_token_length", "sample_sampler",
             "logging_dir", "log_with", "dim_from_weights"]
 # a value each flag accepts, and one it refuses (None: no refused value, or a switch)
-VALUES = {"max_data_loader_n_workers": ("8", None), "logging_dir": ("logs", None), "log_with": ("tensorboard", None),
+VALUES = {"logging_dir": ("logs", None), "log_with": ("tensorboard", None),
           "sample_sampler": ("euler_a", None), "max_token_length": ("75", "225"), "prior_loss_weight": ("1.0", "0.5"),
           "loss_type": ("l2", "huber"), "lr_scheduler_num_cycles": ("1", "3"), "save_precision": ("float", "fp16"),
           "save_model_as": ("safetensors", "ckpt"), "network_dim_face": ("256", None),
@@ -196,3 +196,67 @@ def test_kohya_flags_in_a_config_file_and_the_authors_expert_pair(paths, caplog)
 def test_the_compatibility_table_is_current():
     assert kohya.DOC.read_text() == kohya.table(kohya.native_options()), \
         "docs/kohya.md is stale: run `python -m trainer kohya-table`"
+
+
+# -- every option of the table reaches the resolved configuration ----------------------------------------------------
+# what each option needs beside it, and the value it then holds: (extra argv, value given, expected); a missing
+# option takes 2 (int), 0.5 (float), its last choice, or a file
+NEEDS = {"lr_warmup_steps": (["--lr_scheduler", "cosine"], "2", 2),
+         "lr_scheduler_num_cycles": (["--lr_scheduler", "cosine_with_restarts"], "3", 3),
+         "lr_scheduler_args": (["--lr_scheduler", "cosine"], "num_cycles=1.5", ["num_cycles=1.5"]),
+         "learning_rate_te": (["--train_text_encoder"], "3e-6", 3e-6),
+         "conditioning_data_dir": (["--masked_loss"], "DATA", "DATA"),
+         "save_state": (["--save_every_n_steps", "2"], None, True),
+         "sample_prompts": (["--sample_every_n_steps", "2"], "FILE", "FILE"),
+         "zero_terminal_snr": (["--v_parameterization"], None, True),
+         "mixed_precision": ([], "bf16", "bf16"), "optimizer_type": ([], "Lion", "Lion"),
+         "resolution": ([], "64,96", "64,96"), "experts": ([], "face=FILE", ["face=FILE"]),
+         "optimizer_args": ([], "weight_decay=0.01", ["weight_decay=0.01"]),
+         "huber_c": ([], "0.2", 0.2), "expert_name": ([], "face", "face"),
+         "network_module": ([], "networks.lora", "networks.lora"), "save_precision": ([], "fp16", "fp16")}
+NOT_ALONE = {"dataset_config": "the tests' base arguments give --train_data_dir (one of the two)",
+             "train_data_dir": "in the base arguments", "pretrained_model_name_or_path": "in the base arguments",
+             "output_dir": "in the base arguments", "output_name": "in the base arguments"}
+
+
+@pytest.mark.parametrize("name", [n for n in cfg._fields() if n not in NOT_ALONE])
+def test_every_option_reaches_the_resolved_configuration(paths, name):
+    f = cfg._fields()[name]
+    stage = "expert" if cfg.uses(f, "expert") else f.metadata["stages"][0]
+    if stage == "finetune" and name == "save_precision":
+        stage = "expert"
+    extra, given, expected = NEEDS.get(name, ([], "", None))
+    if name not in NEEDS:
+        if f.type == "bool":
+            given, expected = None, True
+        elif f.type == "int":
+            given, expected = "2", 2
+        elif f.type == "float":
+            given, expected = "0.5", 0.5
+        elif f.metadata["choices"]:
+            given = expected = f.metadata["choices"][-1]
+        else:
+            given = expected = "FILE"
+    swap = {"FILE": paths["expert"], "DATA": paths["data"], "face=FILE": f"face={paths['expert']}"}
+    value = [swap.get(given, given)] if given is not None else []
+    expected = [swap.get(e, e) for e in expected] if isinstance(expected, list) else swap.get(expected, expected)
+    args = base_args(paths) + (["--experts", f"face={paths['expert']}"] if stage == "gates" and name != "experts"
+                               else []) + extra
+    c = parse(stage, args + [f"--{name}"] + value)
+    assert getattr(c, name) == expected, (name, getattr(c, name))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--zero_terminal_snr"], "--zero_terminal_snr needs --v_parameterization"),
+    (["--lr_scheduler_args", "num_cycles=2"], r"the constant schedule takes no arguments here"),
+    (["--lr_scheduler", "cosine", "--lr_scheduler_args", "power=2"], "the cosine schedule takes num_cycles here"),
+    (["--lr_scheduler", "cosine", "--lr_scheduler_args", "num_cycles"], "give key=value"),
+    (["--lr_scheduler", "cosine", "--lr_scheduler_args", "num_cycles=x("], "is not a Python literal"),
+    (["--lr_scheduler", "cosine", "--lr_scheduler_args", "num_cycles=-1"], "num_cycles must be a number > 0"),
+    (["--network_dropout", "1"], r"--network_dropout must be in \[0, 1\)"),
+    (["--scale_weight_norms", "0"], "--scale_weight_norms must be > 0"),
+    (["--max_data_loader_n_workers", "-1"], "--max_data_loader_n_workers must be >= 0"),
+])
+def test_the_new_kohya_options_are_checked(paths, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        parse("expert", base_args(paths) + extra)

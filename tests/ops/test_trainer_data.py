@@ -2,6 +2,7 @@
 latent-cache keys."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -47,8 +48,8 @@ def test_dataset_toml_general_datasets_subsets(tmp_path):
 
 def test_unknown_toml_key_is_an_error(tmp_path):
     toml = tmp_path / "data.toml"
-    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  color_aug = true\n')
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['color_aug'\]"):
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  face_crop_aug_range = [2.0, 4.0]\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['face_crop_aug_range'\]"):
         datasets_from_config(config(dataset_config=str(toml)))
 
 
@@ -203,7 +204,7 @@ def test_masks_from_a_conditioning_folder_and_from_alpha_follow_crop_and_flip(tm
     assert sorted(m is not None for m in d.masks.values()) == [False, True, True]
     plan = BatchPlan([d])
     batch = plan.make((0, [0, 1, 2]), torch.Generator().manual_seed(0))
-    assert [m is not None for m in batch.masks] == [d.masks[p] is not None for p, _ in batch.images]
+    assert [m is not None for m in batch.masks] == [d.masks[p.path] is not None for p in batch.images]
     with pytest.raises(ConfigError, match="no image has a mask"):
         datasets_from_config(config(train_data_dir=str(images(tmp_path / "bare", 1)), caption_extension=".txt",
                                     masked_loss=True))
@@ -211,3 +212,68 @@ def test_masks_from_a_conditioning_folder_and_from_alpha_follow_crop_and_flip(tm
         from comfyui_mole.trainer.training.config import validate
 
         validate(config(train_data_dir=str(folder), conditioning_data_dir=str(masks), max_train_steps=2))
+
+
+# -- kohya's random_crop and color_aug -----------------------------------------------------------------------------
+def test_random_crop_cuts_where_drawn_and_the_mask_follows(tmp_path):
+    from comfyui_mole.trainer.training.data import load_mask
+
+    img = Image.new("RGB", (100, 50), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 50))           # a white band on the left edge
+    img.save(tmp_path / "wide.png")
+    img.convert("L").save(tmp_path / "mask.png")
+    centre = load_image(tmp_path / "wide.png", (32, 48))                  # scaled to 96x48, 64 pixels of slack
+    left = load_image(tmp_path / "wide.png", (32, 48), crop=(0.0, 0.5))
+    right = load_image(tmp_path / "wide.png", (32, 48), crop=(1.0, 0.5))
+    assert torch.equal(load_image(tmp_path / "wide.png", (32, 48), crop=(0.5, 0.5)), centre)
+    assert left[:, :16].mean() > 0.9 and centre.max() < 0.1 and right.max() < 0.1
+    mask = load_mask(tmp_path / "mask.png", False, (32, 48), crop=(0.0, 0.5))
+    assert torch.equal(mask, left[..., 0])
+
+
+def test_random_crop_and_color_aug_draw_every_step_and_only_when_on(tmp_path):
+    images(tmp_path / "a", 4)
+    (d,) = datasets_from_config(config(train_data_dir=str(tmp_path / "a"), caption_extension=".txt",
+                                       random_crop=True, color_aug=True))
+    assert all(s.random_crop and s.color_aug for s in d.subsets)
+    plan, gen = BatchPlan([d]), torch.Generator().manual_seed(0)
+    pictures = [p for _ in range(300) for p in plan.make((0, [0]), gen).images]
+    crops = {p.crop for p in pictures}
+    assert len(crops) == 300 and all(0 <= v <= 1 for c in crops for v in c)
+    colors = [p.color for p in pictures]
+    changed = [c for c in colors if c is not None]
+    assert 0.25 < len(changed) / 300 < 0.41                 # kohya: a third of the time
+    hues = [v for k, v in changed if k == "hue"]
+    gammas = [v for k, v in changed if k == "gamma"]
+    assert hues and gammas and all(-8 <= v <= 8 for v in hues) and all(0.95 <= v <= 1.05 for v in gammas)
+    (plain,) = datasets_from_config(config(train_data_dir=str(tmp_path / "a"), caption_extension=".txt"))
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    picture = BatchPlan([plain]).make((0, [0]), gen).images[0]
+    assert picture.crop is None and picture.color is None and torch.equal(gen.get_state(), state)
+    with pytest.raises(ConfigError, match=r"--cache_latents: random_crop \(subset .*\) makes a new picture every "):
+        datasets_from_config(config(train_data_dir=str(tmp_path / "a"), caption_extension=".txt",
+                                    random_crop=True, cache_latents=True))
+    toml = tmp_path / "data.toml"
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  caption_extension = ".txt"\n'
+                    '  color_aug = true\n  [[datasets.subsets]]\n  image_dir = "a"\n  caption_extension = ".txt"\n')
+    (d,) = datasets_from_config(config(dataset_config=str(toml), random_crop=True))
+    assert [(s.color_aug, s.random_crop) for s in d.subsets] == [(True, True), (False, True)]
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  random_crop = "yes"\n')
+    with pytest.raises(ConfigError, match=r"subset #1: random_crop = 'yes' should be true or false"):
+        datasets_from_config(config(dataset_config=str(toml)))
+
+
+def test_color_changes_are_kohyas():
+    """A hue shift of 8 (OpenCV's 0-180 scale: 16 degrees) turns red towards yellow and keeps its brightness;
+    kohya's gamma acts on the 0-255 values themselves (v ** gamma, clipped)."""
+    from comfyui_mole.trainer.training.data import recolor
+
+    red = np.full((4, 4, 3), (200, 0, 0), np.uint8)
+    shifted = recolor(red, ("hue", 8.0))[0, 0]
+    assert shifted[0] >= 195 and 30 < shifted[1] < 70 and shifted[2] < 5
+    assert recolor(red, ("hue", -8.0))[0, 0][2] > 30               # the other way: towards magenta
+    assert recolor(red, None) is red
+    gray = np.array([[[200, 100, 1]]], np.uint8)
+    assert recolor(gray, ("gamma", 1.05)).tolist() == [[[255, 125, 1]]]
+    assert recolor(gray, ("gamma", 0.95)).tolist() == [[[153, 79, 1]]]

@@ -96,3 +96,47 @@ def test_huber_and_smooth_l1_losses_as_kohya_writes_them():
     assert huber_threshold(0.1, "exponential", t, abar).tolist() == pytest.approx([1.0, 0.1], rel=1e-2)
     snr = huber_threshold(0.1, "snr", t, abar)
     assert 0.1 < snr[1] < snr[0] <= 1.0               # from about 1 at t=0 down towards huber_c at the noisy end
+
+
+# -- v-prediction and zero terminal SNR (kohya's --v_parameterization, --zero_terminal_snr) -------------------------
+def test_zero_terminal_snr_against_the_papers_algorithm():
+    """Lin et al. 2023, algorithm 1, written through the betas as kohya does."""
+    from comfyui_mole.trainer.training.model import zero_terminal_snr
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alphas = torch.cat([root[:1] ** 2, root[1:] ** 2 / root[:-1] ** 2])
+    reference = torch.cumprod(alphas, 0)
+    abar = zero_terminal_snr(ddpm_alphas_cumprod())
+    torch.testing.assert_close(abar, reference.float(), atol=1e-6, rtol=1e-5)
+    assert abar[-1] == 0 and abar[0] == pytest.approx(1 - 0.00085, rel=1e-6) and (abar[1:] < abar[:-1]).all()
+
+
+def test_v_target_recovers_the_clean_latent_and_min_snr_weights_v_as_kohya():
+    from types import SimpleNamespace
+
+    from comfyui_mole.trainer.training.model import Base, zero_terminal_snr
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 300, 700, 999])
+    for abar in (ddpm_alphas_cumprod(), zero_terminal_snr(ddpm_alphas_cumprod())):
+        base = SimpleNamespace(alphas_cumprod=abar, v_prediction=True)
+        x_t, v = Base.noisy(base, x0, noise, t), Base.target(base, x0, noise, t)
+        a = abar[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, atol=1e-5, rtol=1e-5)
+    assert Base.target(SimpleNamespace(alphas_cumprod=abar, v_prediction=False), x0, noise, t) is noise
+    abar = ddpm_alphas_cumprod()
+    snr = abar[t] / (1 - abar[t])
+    torch.testing.assert_close(min_snr_weight(abar, t, 5.0, v_prediction=True), torch.clamp(snr, max=5.0) / (snr + 1))
+    w = min_snr_weight(zero_terminal_snr(abar), t, 5.0, v_prediction=True)
+    assert torch.isfinite(w).all() and w[-1] == 0        # pure noise at the last step: weight 0, not a NaN
+
+
+def test_cosine_half_periods_from_lr_scheduler_args():
+    """kohya passes --lr_scheduler_args to the schedule: cosine's num_cycles counts half-periods (0.5: one decay)."""
+    c = TrainConfig(learning_rate=1.0, lr_scheduler="cosine", max_train_steps=4, lr_scheduler_args=["num_cycles=1"])
+    assert _rates(c, 5) == pytest.approx([1.0, 0.5, 0.0, 0.5, 1.0])
+    c = TrainConfig(learning_rate=1.0, lr_scheduler="cosine", max_train_steps=4, lr_scheduler_args=["num_cycles=0.5"])
+    assert _rates(c, 5) == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])

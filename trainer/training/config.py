@@ -86,6 +86,20 @@ class TrainConfig:
                                           "discount^i)", 0.3)
     ip_noise_gamma: float = _opt("kohya's input perturbation: the noisy latent gets gamma times extra noise the "
                                  "target does not contain (0.1 is usual); off when not given")
+    v_parameterization: bool = _opt("train the UNet to predict v = sqrt(abar) eps - sqrt(1 - abar) x_0 instead of "
+                                     "the noise (v-prediction bases; a train-base fine-tune becomes one: sample it "
+                                     "with ModelSamplingDiscrete v_prediction, SDXL files are marked and load so)",
+                                     False)
+    zero_terminal_snr: bool = _opt("rescale the noise schedule so that the last timestep is pure noise (Lin et al. "
+                                   "2023, as kohya does); needs --v_parameterization", False)
+    random_crop: bool = _opt("crop each picture at a random place instead of its centre, anew every step (also a "
+                             "dataset subset key; not with --cache_latents)", False)
+    color_aug: bool = _opt("kohya's colour augmentation: a third of the time a hue shift (up to 8 of 180) or a "
+                           "gamma in [0.95, 1.05], anew every step (also a subset key; not with --cache_latents)",
+                           False)
+    max_data_loader_n_workers: int = _opt("threads that read and decode a batch's pictures in parallel (at most the "
+                                          "CPU count; no effect with --cache_latents, where nothing is read while "
+                                          "training); default: read in the training thread")
     caption_dropout_rate: float = _opt("train on an empty caption with this probability (the unconditional "
                                        "prediction classifier-free guidance needs; also a dataset subset key)",
                                        0.0)
@@ -118,6 +132,9 @@ class TrainConfig:
     lr_scheduler: str = _opt("learning-rate schedule", "constant", choices=SCHEDULERS)
     lr_warmup_steps: int = _opt("warm-up steps (constant_with_warmup, cosine, cosine_with_restarts, linear)", 0)
     lr_scheduler_num_cycles: int = _opt("cosine_with_restarts: how many times the cosine restarts from the top", 1)
+    lr_scheduler_args: list = _opt("extra arguments of the schedule as kohya passes them, key=value: num_cycles=N "
+                                   "for cosine (half-periods of the cosine; 0.5, the default, decays once to 0)",
+                                   None, nargs="*")
     loss_type: str = _opt("the loss of the noise prediction: l2 (the paper's), or kohya's huber and smooth_l1 "
                           "(less pull from outliers)", "l2", choices=LOSS_TYPES)
     huber_c: float = _opt("huber / smooth_l1: the threshold between squared and linear error (scheduled per "
@@ -146,6 +163,13 @@ class TrainConfig:
     network_dim: int = _opt("LoRA rank", 4, stages=("expert",))
     network_alpha: float = _opt("LoRA alpha (scale = alpha / rank)", 1.0, stages=("expert",))
     network_weights: str = _opt("start from this LoRA file instead of a fresh one", stages=("expert",))
+    network_dropout: float = _opt("kohya's neuron dropout: while training, each hidden unit of the LoRA (the down "
+                                  "projection's output) is zeroed with this probability (0.1 is usual); off when not "
+                                  "given", stages=("expert",))
+    scale_weight_norms: float = _opt("kohya's max-norm regularisation: after each step every layer whose LoRA "
+                                     "delta (scale x up @ down) has a norm above this is scaled back to it (1.0 is "
+                                     "usual); the progress bar shows the keys scaled and the mean norm",
+                                     stages=("expert",))
     expert_name: str = _opt("[MoLE] the expert's role name written into the file (face, hand, ...)", "expert",
                             stages=("expert",))
     # stage 3: the gates
@@ -186,6 +210,30 @@ class TrainConfig:
                 raise ConfigError(f"--experts: the role {name!r} is given twice")
             out[check_role_name(name, "--experts")] = Path(path)
         return out
+
+    def scheduler_kwargs(self) -> dict:
+        """--lr_scheduler_args as kohya reads them (key=value, the value a Python literal), checked against what
+        the chosen schedule takes."""
+        import ast
+
+        takes = {"cosine": {"num_cycles"}}.get(self.lr_scheduler, set())
+        kwargs = {}
+        for item in self.lr_scheduler_args or []:
+            key, sep, value = str(item).partition("=")
+            if not sep:
+                raise ConfigError(f"--lr_scheduler_args {item!r}: give key=value, e.g. num_cycles=1.5")
+            if key not in takes:
+                raise ConfigError(f"--lr_scheduler_args {item!r}: the {self.lr_scheduler} schedule takes "
+                                  f"{', '.join(sorted(takes)) or 'no arguments'} here (cosine_with_restarts: use "
+                                  "--lr_scheduler_num_cycles)")
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as e:
+                raise ConfigError(f"--lr_scheduler_args {item!r}: {value!r} is not a Python literal") from e
+            if isinstance(parsed, bool) or not isinstance(parsed, (int, float)) or parsed <= 0:
+                raise ConfigError(f"--lr_scheduler_args {item!r}: {key} must be a number > 0")
+            kwargs[key] = float(parsed)
+        return kwargs
 
     def optimizer_kwargs(self) -> dict:
         kwargs = {}
@@ -332,6 +380,16 @@ def validate(c: TrainConfig) -> None:
     if c.lr_scheduler_num_cycles < 1 or (c.lr_scheduler_num_cycles > 1 and c.lr_scheduler != "cosine_with_restarts"):
         raise ConfigError(f"--lr_scheduler_num_cycles {c.lr_scheduler_num_cycles}: at least 1, and more than 1 only "
                           "with --lr_scheduler cosine_with_restarts")
+    c.scheduler_kwargs()
+    if c.zero_terminal_snr and not c.v_parameterization:
+        raise ConfigError("--zero_terminal_snr needs --v_parameterization: at the last timestep the noisy latent is "
+                          "pure noise, so predicting the noise there teaches nothing (kohya warns the same)")
+    if c.network_dropout is not None and not 0 <= c.network_dropout < 1:
+        raise ConfigError(f"--network_dropout must be in [0, 1), got {c.network_dropout}")
+    if c.scale_weight_norms is not None and c.scale_weight_norms <= 0:
+        raise ConfigError(f"--scale_weight_norms must be > 0 (1.0 is usual), got {c.scale_weight_norms}")
+    if c.max_data_loader_n_workers is not None and c.max_data_loader_n_workers < 0:
+        raise ConfigError(f"--max_data_loader_n_workers must be >= 0, got {c.max_data_loader_n_workers}")
     if not 0 < c.huber_c <= 1:
         raise ConfigError(f"--huber_c must be in (0, 1], got {c.huber_c}")
     if c.lr_warmup_steps >= c.max_train_steps:

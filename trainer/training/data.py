@@ -2,11 +2,12 @@
 
 - Dataset TOML: `[general]` (defaults for everything below), `[[datasets]]` (resolution, batch_size, and subset
   defaults), `[[datasets.subsets]]` (image_dir, caption_extension, num_repeats, metadata_file, shuffle_caption,
-  keep_tokens, flip_aug). Unknown keys are errors.
+  keep_tokens, flip_aug, random_crop, color_aug, ...). Unknown keys are errors.
 - Captions: `<image stem><caption_extension>` next to the image, or a metadata file `{key: {"caption", "tags"}}`
   (JSON, or JSONL of `{"key"/"image": ..., "caption": ..., "tags": ...}` lines), keys with or without extension;
   caption and tags are joined with ", " as kohya does.
-- Images: resized to cover the training size, then center-cropped. Unreadable or missing images are skipped,
+- Images: resized to cover the training size, then center-cropped (random_crop: cropped at a random place, drawn
+  anew every step; color_aug: kohya's hue shift or gamma a third of the time). Unreadable or missing images are skipped,
   counted and reported, never fatal.
 - Loss masks (--masked_loss, kohya's semantics): a mask image of the same file name in the subset's
   `conditioning_data_dir` (its red channel), or with `alpha_mask` the image's own alpha channel; white = learn,
@@ -22,6 +23,7 @@ import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +36,8 @@ from .config import ConfigError, TrainConfig, parse_resolution, read_text
 log = logging.getLogger("mole.trainer")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SUBSET_KEYS = {"image_dir", "caption_extension", "num_repeats", "metadata_file", "shuffle_caption", "keep_tokens",
-               "flip_aug", "conditioning_data_dir", "alpha_mask", "caption_dropout_rate"}
+               "flip_aug", "conditioning_data_dir", "alpha_mask", "caption_dropout_rate", "random_crop", "color_aug"}
+SWITCHES = ("shuffle_caption", "flip_aug", "alpha_mask", "random_crop", "color_aug")
 BUCKET_KEYS = {"enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
 DATASET_KEYS = {"resolution", "batch_size"} | BUCKET_KEYS
 
@@ -51,6 +54,18 @@ class Subset:
     conditioning_data_dir: str | None = None
     alpha_mask: bool = False
     caption_dropout_rate: float = 0.0
+    random_crop: bool = False
+    color_aug: bool = False
+
+
+class Picture(NamedTuple):
+    """One training picture as a step sees it: the file, mirrored or not, where it is cropped ((x, y) fractions
+    of the slack; None = the centre) and its colour change (("hue", shift of 180) or ("gamma", g); None)."""
+
+    path: Path
+    flip: bool = False
+    crop: tuple[float, float] | None = None
+    color: tuple[str, float] | None = None
 
 
 @dataclass
@@ -94,8 +109,8 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
             settings.get("resolution"), list) else settings.get("resolution", config.resolution), where)
         batch = int(settings.get("batch_size", config.train_batch_size))
         buckets = _bucket_settings({k: settings.get(k, getattr(config, k)) for k in BUCKET_KEYS}, resolution)
-        subset_defaults = {"caption_dropout_rate": config.caption_dropout_rate,
-                           **{k: v for k, v in settings.items() if k in SUBSET_KEYS}}
+        subset_defaults = {"caption_dropout_rate": config.caption_dropout_rate, "random_crop": config.random_crop,
+                           "color_aug": config.color_aug, **{k: v for k, v in settings.items() if k in SUBSET_KEYS}}
         subsets = []
         for j, sub in enumerate(table.get("subsets") or []):
             sub = {**subset_defaults, **_take(sub, SUBSET_KEYS, f"{where} [[datasets.subsets]] #{j + 1}")}
@@ -104,6 +119,9 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
             folders = {key: str(_relative(path, sub[key])) for key in ("metadata_file", "conditioning_data_dir")
                        if sub.get(key)}
             _check_dropout(sub["caption_dropout_rate"], f"{where} subset #{j + 1}")
+            for key in SWITCHES:
+                if not isinstance(sub.get(key, False), bool):
+                    raise ConfigError(f"{where} subset #{j + 1}: {key} = {sub[key]!r} should be true or false")
             subsets.append(Subset(**{**sub, "image_dir": str(_relative(path, sub["image_dir"])), **folders}))
         if not subsets:
             raise ConfigError(f"{where}: no [[datasets.subsets]]")
@@ -122,7 +140,8 @@ def datasets_from_config(config: TrainConfig) -> list[Dataset]:
     else:
         subset = Subset(config.train_data_dir, config.caption_extension, metadata_file=config.in_json,
                         conditioning_data_dir=config.conditioning_data_dir, alpha_mask=config.alpha_mask,
-                        caption_dropout_rate=config.caption_dropout_rate)
+                        caption_dropout_rate=config.caption_dropout_rate, random_crop=config.random_crop,
+                        color_aug=config.color_aug)
         buckets = _bucket_settings({k: getattr(config, k) for k in BUCKET_KEYS}, config.size)
         datasets = [Dataset(config.size, config.train_batch_size, [subset], buckets=buckets)]
     for d in datasets:
@@ -139,6 +158,11 @@ def datasets_from_config(config: TrainConfig) -> list[Dataset]:
             log.info("dataset at %dx%d: %s", *d.resolution, summary(d.sizes))
     if not any(d.items for d in datasets):
         raise ConfigError("no usable training images were found (see the skipped images above)")
+    changing = [(s.image_dir, k) for d in datasets for s in d.subsets for k in ("random_crop", "color_aug")
+                if getattr(s, k)]
+    if config.latents_cached and changing:
+        raise ConfigError(f"--cache_latents: {changing[0][1]} (subset {changing[0][0]}) makes a new picture every "
+                          "step, so its latent cannot be encoded once; drop one of them (as in kohya)")
     if config.loss_masked:
         for d in datasets:
             d.masks = {path: mask_source(path, s) for path, _, s in d.items}
@@ -250,23 +274,56 @@ def _decoded(path: Path, what: str, convert):
                           "PNG or JPEG, or remove it") from e
 
 
-def load_image(path: Path, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] (ComfyUI's IMAGE layout): resized to cover `size` (W, H), center-cropped."""
-    return _decoded(path, "image", lambda im: torch.from_numpy(
-        np.asarray(_fit(im.convert("RGB"), size, flip)).astype(np.float32) / 255.0))
+def load_image(path: Path, size: tuple[int, int], flip: bool = False, crop: tuple[float, float] | None = None,
+               color: tuple[str, float] | None = None) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] (ComfyUI's IMAGE layout): resized to cover `size` (W, H), cropped (centre, or at
+    `crop`), mirrored with `flip`, colour-changed with `color` (see Picture)."""
+    def convert(im):
+        pixels = np.asarray(_fit(im.convert("RGB"), size, flip, crop))
+        return torch.from_numpy(recolor(pixels, color).astype(np.float32) / 255.0)
+
+    return _decoded(path, "image", convert)
 
 
-def _fit(im, size: tuple[int, int], flip: bool):
-    """A PIL image resized to cover `size` (W, H), center-cropped, optionally mirrored."""
+def _fit(im, size: tuple[int, int], flip: bool, crop: tuple[float, float] | None = None):
+    """A PIL image resized to cover `size` (W, H), cropped (at the centre, or at `crop`: fractions of the slack, as
+    kohya's random_crop draws an offset in [0, slack]), optionally mirrored."""
     from PIL import Image
 
     width, height = size
     scale = max(width / im.width, height / im.height)
     w, h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
     im = im.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - width) // 2, (h - height) // 2
+    if crop is None:
+        left, top = (w - width) // 2, (h - height) // 2
+    else:
+        left, top = round(crop[0] * (w - width)), round(crop[1] * (h - height))
     im = im.crop((left, top, left + width, top + height))
     return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+
+def draw_color(gen: torch.Generator) -> tuple[str, float] | None:
+    """kohya's color_aug draw: a third of the time, half of those a hue shift in [-8, 8] (of 180, OpenCV's hue
+    scale), half a gamma in [0.95, 1.05]."""
+    u = torch.rand(3, generator=gen).tolist()
+    if u[0] > 0.33:
+        return None
+    return ("hue", 16 * u[2] - 8) if u[1] > 0.5 else ("gamma", 0.95 + 0.1 * u[2])
+
+
+def recolor(pixels: np.ndarray, color: tuple[str, float] | None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with kohya's colour change: hue rotated by shift/180 of a turn (saturation and value
+    kept), or every value v raised to v ** gamma on the 0-255 scale and clipped (kohya's gamma, as it computes it)."""
+    if color is None:
+        return pixels
+    kind, value = color
+    if kind == "gamma":
+        return np.clip(pixels.astype(np.float64) ** value, 0, 255).astype(np.uint8)
+    from PIL import Image
+
+    hsv = np.asarray(Image.fromarray(pixels).convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(value * 256 / 180)) % 256
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
 
 
 def mask_source(image: Path, subset: Subset) -> tuple[Path, bool] | None:
@@ -289,12 +346,13 @@ def _has_alpha(path: Path) -> bool:
         return "A" in im.getbands() or "transparency" in im.info
 
 
-def load_mask(path: Path, alpha: bool, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+def load_mask(path: Path, alpha: bool, size: tuple[int, int], flip: bool = False,
+              crop: tuple[float, float] | None = None) -> torch.Tensor:
     """(H, W) loss weights in [0, 1]: the mask file's red channel or the image's alpha, cropped and flipped exactly
     as load_image crops and flips the image."""
     def convert(im):
         channel = im.convert("RGBA").getchannel("A") if alpha else im.convert("RGB").getchannel("R")
-        return torch.from_numpy(np.asarray(_fit(channel, size, flip)).astype(np.float32) / 255.0)
+        return torch.from_numpy(np.asarray(_fit(channel, size, flip, crop)).astype(np.float32) / 255.0)
 
     return _decoded(path, "mask", convert)
 
@@ -358,7 +416,7 @@ class LatentCache:
 
 @dataclass
 class Batch:
-    images: list[tuple[Path, bool]]     # (path, flipped)
+    images: list[Picture]
     captions: list[str]
     size: tuple[int, int]
     masks: list[tuple[Path, bool] | None] = field(default_factory=list)   # (mask file, is alpha) per image, or []
@@ -398,9 +456,12 @@ class BatchPlan:
         for i in indices:
             path, caption, subset = d.items[i]
             flip = bool(subset.flip_aug and torch.rand((), generator=gen).item() < 0.5)
-            images.append((path, flip))
+            # each augmentation draws only when on, so runs without it stay bitwise alike
+            crop = tuple(torch.rand(2, generator=gen).tolist()) if subset.random_crop else None
+            color = draw_color(gen) if subset.color_aug else None
+            images.append(Picture(path, flip, crop, color))
             captions.append(process_caption(caption, subset, gen))
-        masks = [d.masks.get(path) for path, _ in images] if d.masks else []
+        masks = [d.masks.get(p.path) for p in images] if d.masks else []
         return Batch(images, captions, d.size_of(indices[0]), masks)
 
     def __len__(self) -> int:

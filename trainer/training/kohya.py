@@ -79,9 +79,8 @@ REGISTRY: tuple[Flag, ...] = (
     Flag("network_alpha_hand", NO_OP, "the hand expert's alpha is read from its file", stages=("gates",)),
     Flag("save_model_as", NO_OP, "files are always .safetensors; ckpt and pt (pickles) and diffusers folders are "
          "not written", accept=_one_of("safetensors")),
-    Flag("max_data_loader_n_workers", NO_OP, "pictures are read in the training process (their latents are "
-         "cached with --cache_latents); there are no loader workers"),
-    Flag("persistent_data_loader_workers", NO_OP, "no loader workers (see max_data_loader_n_workers)", switch=True),
+    Flag("persistent_data_loader_workers", NO_OP, "the reading threads of --max_data_loader_n_workers live for "
+         "the whole run already", switch=True),
     Flag("logging_dir", NO_OP, "the run's log (a CSV row per step) and its loss curve go to --output_dir"),
     Flag("log_with", NO_OP, "the run's log is a CSV and a loss-curve PNG in --output_dir; no TensorBoard or "
          "wandb"),
@@ -91,18 +90,13 @@ REGISTRY: tuple[Flag, ...] = (
     Flag("prior_loss_weight", NO_OP, "there are no regularisation images here, so a weight of 1 changes nothing; "
          "other weights are refused", accept=_float_is(1.0)),
     # -- refused ------------------------------------------------------------------------------------------------
-    Flag("v_parameterization", REFUSED, "the bases here predict noise (SD1.5 and SDXL, epsilon); v-prediction "
-         "models are not supported", switch=True),
-    Flag("zero_terminal_snr", REFUSED, "needs v-prediction (see v_parameterization)", switch=True),
     Flag("full_fp16", REFUSED, "weights train in float32; use --mixed_precision bf16 for half-precision compute",
          switch=True),
     Flag("full_bf16", REFUSED, "weights train in float32; use --mixed_precision bf16 for half-precision compute",
          switch=True),
-    Flag("network_args", REFUSED, "LyCORIS and LoCon arguments: the experts are plain kohya LoRAs on the layers "
-         "MoLE gates (SPEC.md)"),
-    Flag("network_dropout", REFUSED, "not implemented yet; train without it"),
-    Flag("scale_weight_norms", REFUSED, "not implemented yet; --max_grad_norm clips the gradient instead"),
-    Flag("lr_scheduler_args", REFUSED, "not implemented yet; the schedules take --lr_warmup_steps only"),
+    Flag("network_args", REFUSED, "LyCORIS and LoCon arguments (conv_dim, algo, ...), block-wise ranks and learning "
+         "rates, rank and module dropout: the experts are plain kohya LoRAs on the layers MoLE gates (SPEC.md); "
+         "--network_dropout is supported"),
     Flag("dim_from_weights", NO_OP, "a --network_weights file always keeps its own rank and alpha",
          switch=True, stages=("expert",)),
 )

@@ -1,10 +1,12 @@
 """The training loop shared by every stage: one readable step, in the order of the math.
 
     latents x_0 (VAE, cached or not)  ->  noise eps, timesteps t ~ U{0..999}  ->  x_t = sqrt(abar) x_0 + sqrt(1-abar) eps
-    ->  eps_hat = UNet(x_t, t, text) with the stage's MoLE hooks  ->  loss = mean_CHW (eps_hat - eps)^2 (x Min-SNR weight)
+    ->  eps_hat = UNet(x_t, t, text) with the stage's MoLE hooks  ->  loss = mean_CHW (eps_hat - eps)^2 (x Min-SNR weight;
+        with --v_parameterization the target is v instead of eps)
     ->  backward (gradient accumulation)  ->  clip  ->  optimizer and schedule step  ->  log, sample, save
 
-Everything random (data order, caption shuffles, flips, noise, timesteps, fresh weights) comes from one
+Everything random (data order, caption shuffles, flips, crops, colours, noise, timesteps, fresh weights, the
+seed of each step's expert dropout) comes from one
 generator seeded by --seed, whose state is part of the saved training state: a resumed run continues bitwise
 where the interrupted one stopped, step counter included.
 
@@ -75,6 +77,14 @@ class Run:
         self.gen = torch.Generator().manual_seed(config.seed)
         use_comfy()
         self.base = Base(config.pretrained_model_name_or_path, config.clip_skip)
+        if self.base.loaded_as_v and not config.v_parameterization:
+            raise ConfigError(f"{config.pretrained_model_name_or_path}: ComfyUI loads this checkpoint as a "
+                              "v-prediction model; give --v_parameterization (and --zero_terminal_snr if it was "
+                              "trained so), or its training would teach it to predict the noise")
+        if config.v_parameterization:
+            self.base.predict_v(config.zero_terminal_snr)
+            log.info("v-prediction%s: the UNet learns v = sqrt(abar) eps - sqrt(1 - abar) x_0",
+                     " on the zero-terminal-SNR schedule" if config.zero_terminal_snr else "")
         if config.cache_text_encoder_outputs_to_disk:
             self.base.text_folder = self.out / "text_cache"
         self.stage = STAGES[config.stage](self.base, config, self.gen)
@@ -90,6 +100,8 @@ class Run:
             if config.latents_cached else None
         self.mask_cache: dict[tuple, torch.Tensor] = {}
         self.progress = state.Progress()
+        self.readers = readers(config)
+        self.norms: tuple[int, float, float] | None = None      # the last step's --scale_weight_norms figures
 
     # -- data ------------------------------------------------------------------------------------------------
     def next_batch(self) -> Batch:
@@ -101,15 +113,25 @@ class Run:
         return self.plan.make(entry, self.gen)
 
     def latents(self, batch: Batch) -> torch.Tensor:
-        out = []
-        for path, flip in batch.images:
-            key = image_key(path, batch.size, flip, self.base.vae_id) if self.cache is not None else None
-            latent = self.cache.get(key) if key else None
-            if latent is None:
-                latent = self.base.encode_images(load_image(path, batch.size, flip)[None])[0].cpu()
-                if key:
-                    self.cache.put(key, latent)
-            out.append(latent)
+        """The batch's latents: from the cache, or read (by --max_data_loader_n_workers threads in parallel) and
+        encoded one picture at a time (the same numbers however many threads read)."""
+        out: list[torch.Tensor | None] = [None] * len(batch.images)
+        todo = []
+        for i, p in enumerate(batch.images):
+            key = image_key(p.path, batch.size, p.flip, self.base.vae_id) if self.cache is not None else None
+            out[i] = self.cache.get(key) if key else None
+            if out[i] is None:
+                todo.append((i, key))
+
+        def read(i: int) -> torch.Tensor:
+            p = batch.images[i]
+            return load_image(p.path, batch.size, p.flip, p.crop, p.color)
+
+        pixels = (self.readers.map if self.readers else map)(read, [i for i, _ in todo])
+        for (i, key), image in zip(todo, pixels):
+            out[i] = self.base.encode_images(image[None])[0].cpu()
+            if key:
+                self.cache.put(key, out[i])
         return torch.stack(out).to(self.base.device)
 
     def precache(self) -> None:
@@ -136,10 +158,11 @@ class Run:
         """(B, 1, h, w) loss weights of a batch at latent resolution (area-averaged, as kohya); ones for an image
         without a mask."""
         out = []
-        for (path, flip), mask in zip(batch.images, batch.masks or [None] * len(batch.images)):
-            key = (mask, batch.size, flip, tuple(hw))
+        for p, mask in zip(batch.images, batch.masks or [None] * len(batch.images)):
+            key = (mask, batch.size, p.flip, p.crop, tuple(hw))
             if key not in self.mask_cache:
-                full = torch.ones(batch.size[::-1]) if mask is None else load_mask(mask[0], mask[1], batch.size, flip)
+                full = torch.ones(batch.size[::-1]) if mask is None else \
+                    load_mask(mask[0], mask[1], batch.size, p.flip, p.crop)
                 self.mask_cache[key] = latent_mask(full, tuple(hw))
             out.append(self.mask_cache[key])
         return torch.stack(out).to(self.base.device)
@@ -189,6 +212,8 @@ class Run:
             noise = pyramid_noise(noise, c.multires_noise_iterations, c.multires_noise_discount, gen)
         perturb = c.ip_noise_gamma * torch.randn(noise.shape, generator=gen) if c.ip_noise_gamma else None
         t = torch.randint(0, len(self.base.alphas_cumprod), (n,), generator=gen)
+        if c.network_dropout:       # the experts' dropout draws from torch's generator, seeded from ours per step
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=gen)))
         mine = batch.rows(rows)
         x0 = self.latents(mine)
         noise, t = noise[rows].to(x0.device), t[rows].to(x0.device)
@@ -196,15 +221,18 @@ class Run:
         x_t = self.base.noisy(x0, noise if perturb is None else noise + perturb[rows].to(x0.device), t)
         # prediction (the stage's hooks act inside the UNet)
         eps = self.model(x_t, t, mine.captions, mine.size)
-        # loss per sample (only where the masks are white, with --masked_loss), optionally Min-SNR weighted
+        # loss per sample (only where the masks are white, with --masked_loss), optionally Min-SNR weighted; the
+        # target is the noise (or v) without the input perturbation
         huber = None if c.loss_type == "l2" else \
             huber_threshold(c.huber_c, c.huber_schedule, t, self.base.alphas_cumprod.to(t.device))
-        per_sample = denoising_loss(eps, noise, self.loss_masks(mine, eps.shape[-2:]) if c.loss_masked else None,
+        per_sample = denoising_loss(eps, self.base.target(x0, noise, t),
+                                    self.loss_masks(mine, eps.shape[-2:]) if c.loss_masked else None,
                                     c.loss_type, huber)
         if c.min_snr_gamma:
             from .model import min_snr_weight
 
-            per_sample = per_sample * min_snr_weight(self.base.alphas_cumprod.to(t.device), t, c.min_snr_gamma)
+            per_sample = per_sample * min_snr_weight(self.base.alphas_cumprod.to(t.device), t, c.min_snr_gamma,
+                                                     self.base.v_prediction)
         return per_sample.sum() / n * factor
 
     def step(self) -> tuple[float, int]:
@@ -225,6 +253,8 @@ class Run:
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.stage.parameters(), c.max_grad_norm)
         self.optimizer.step()
+        if c.scale_weight_norms:
+            self.norms = self.stage.max_norm(c.scale_weight_norms)
         self.scheduler.step()
         self.progress.step += 1
         return total, samples
@@ -254,7 +284,10 @@ class Run:
                 step, lr = self.progress.step, self.scheduler.get_last_lr()[0]
                 if world.main:
                     logbook.write(step, loss, lr, time.monotonic() - start)
-                shown.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                # kohya's progress-bar figures of --scale_weight_norms
+                norms = {} if self.norms is None else {"keys_scaled": self.norms[0],
+                                                       "avg_norm": f"{self.norms[1]:.3f}"}
+                shown.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **norms)
                 shown.update(1)
                 if c.sample_every_n_steps and step % c.sample_every_n_steps == 0 and world.main:
                     self.sample(step)
@@ -295,6 +328,19 @@ class Run:
         self.progress = state.restore(loaded, folder, self.stage.named_trainable(), self.optimizer, self.scheduler,
                                       self.gen)
         log.info("resumed from %s at step %d", folder, self.progress.step)
+
+
+def readers(config: TrainConfig):
+    """--max_data_loader_n_workers threads (at most the CPU count) that read a batch's pictures, or None."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = min(config.max_data_loader_n_workers or 0, os.cpu_count() or 1)
+    if config.max_data_loader_n_workers and config.latents_cached:
+        log.info("--max_data_loader_n_workers %d: no effect with --cache_latents (nothing is read while training)",
+                 config.max_data_loader_n_workers)
+        return None
+    return ThreadPoolExecutor(n, thread_name_prefix="mole-reader") if n else None
 
 
 def latent_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -382,6 +428,8 @@ def train(config: TrainConfig) -> Path:
         return run.train()
     finally:
         world = run.world
+        if run.readers is not None:
+            run.readers.shutdown()
         run.model = None                  # DistributedDataParallel lets go of the group before the group ends
         del run
         gc.collect()

@@ -2,7 +2,8 @@
 trained is exactly what the nodes run; and the DDPM noise schedule of SD1.5/SDXL training (SPEC.md section 5).
 
 Noising follows DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with scaled_linear betas 0.00085..0.012
-over 1000 steps, epsilon prediction, t uniform. ComfyUI's sampler feeds its UNet x_sigma / sqrt(sigma^2 + 1)
+over 1000 steps, epsilon prediction (or, with --v_parameterization, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0;
+--zero_terminal_snr rescales abar so that abar_999 = 0), t uniform. ComfyUI's sampler feeds its UNet x_sigma / sqrt(sigma^2 + 1)
 with sigma = sqrt((1 - abar) / abar), which is this same x_t, so the UNet is called here with x_t and t directly.
 """
 from __future__ import annotations
@@ -29,11 +30,21 @@ def ddpm_alphas_cumprod(steps: int = 1000, start: float = 0.00085, end: float = 
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma for epsilon prediction: min(snr, gamma) / snr, snr = abar / (1 - abar); per sample."""
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 (algorithm 1, as kohya's --zero_terminal_snr): sqrt(abar) shifted so that the last timestep's
+    is 0 and scaled so that the first one's is unchanged."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    return (((root - last) * first / (first - last)) ** 2).float()
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
+                   v_prediction: bool = False) -> torch.Tensor:
+    """Min-SNR-gamma: min(snr, gamma) / snr for epsilon prediction, min(snr, gamma) / (snr + 1) for v-prediction
+    (as kohya), snr = abar / (1 - abar); per sample."""
     abar = alphas_cumprod[t]
     snr = abar / (1 - abar)
-    return torch.clamp(snr, max=gamma) / snr
+    return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
 
 
 @dataclass
@@ -148,6 +159,7 @@ class Base:
             self.clip.clip_layer(-clip_skip)
         self.unet.requires_grad_(False)
         self.alphas_cumprod = ddpm_alphas_cumprod()
+        self.v_prediction = self.zsnr = False         # set by predict_v (--v_parameterization)
         self.fingerprint = fingerprint(self.unet)
         self.vae_id = self._vae_id()
         self.clip_skip = clip_skip
@@ -233,6 +245,32 @@ class Base:
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
         return abar.sqrt() * latents + (1 - abar).sqrt() * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to predict: the noise, or with predict_v the velocity
+        v = sqrt(abar) eps - sqrt(1 - abar) x_0."""
+        if not self.v_prediction:
+            return noise
+        abar = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * latents
+
+    @property
+    def loaded_as_v(self) -> bool:
+        """ComfyUI loaded this checkpoint as a v-prediction model (an SD2-v or a file marked `v_pred`)."""
+        return getattr(self.model.model_type, "name", "") in ("V_PREDICTION", "V_PREDICTION_EDM")
+
+    def predict_v(self, zsnr: bool = False) -> None:
+        """Train (and sample while training) as a v-prediction model, with --zero_terminal_snr on the rescaled
+        schedule; the sampler gets ComfyUI's own v-prediction sampling (what ModelSamplingDiscrete sets)."""
+        import comfy.model_sampling
+
+        class VSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+            pass
+
+        self.v_prediction, self.zsnr = True, zsnr
+        if zsnr:
+            self.alphas_cumprod = zero_terminal_snr(self.alphas_cumprod)
+        self.patcher.add_object_patch("model_sampling", VSampling(self.model.model_config, zsnr=zsnr))
 
     def checkpoint_activations(self, text_encoder: bool = False) -> int:
         """Gradient checkpointing: every ResBlock and transformer of the UNet (and every CLIP layer, with

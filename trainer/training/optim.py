@@ -27,8 +27,9 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     """constant, constant_with_warmup, cosine, cosine_with_restarts (--lr_scheduler_num_cycles hard restarts) and
     linear (the decaying ones reach 0 at max_train_steps after the warm-up), as in diffusers' get_scheduler which
-    kohya uses."""
+    kohya uses; cosine takes num_cycles from --lr_scheduler_args (half-periods; 0.5 decays once)."""
     warmup, total = config.lr_warmup_steps, config.max_train_steps
+    half_periods = config.scheduler_kwargs().get("num_cycles", 0.5)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -42,6 +43,6 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> tor
             if progress >= 1.0:
                 return 0.0
             return 0.5 * (1.0 + math.cos(math.pi * ((config.lr_scheduler_num_cycles * progress) % 1.0)))
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * half_periods * min(progress, 1.0))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

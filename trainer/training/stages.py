@@ -107,10 +107,27 @@ class ExpertStage(Stage):
             self.expert = fresh_expert(base, config.expert_name, config.network_dim, config.network_alpha, gen)
         self.config = config
         self.mole = build([self.expert], None, base.layout, trainable="experts")
-        super().__init__(base, GateSettings("none"))
+        super().__init__(base, GateSettings("none", dropout=config.network_dropout or 0.0))
 
     def parameters(self) -> list[nn.Parameter]:
         return self.mole.expert_parameters()
+
+    @torch.no_grad()
+    def max_norm(self, limit: float) -> tuple[int, float, float]:
+        """kohya's max-norm regularisation (--scale_weight_norms), after an optimizer step: a layer whose delta
+        scale * up @ down has a Frobenius norm above `limit` gets up and down each scaled by sqrt(limit / norm), so
+        the delta's norm is `limit`. Returns (layers scaled, mean norm, largest norm) after scaling."""
+        scaled, norms = 0, []
+        for _, layer in self.mole.items():
+            lora = layer.experts[self.expert.name]
+            norm = float((lora.up.float() @ lora.down.float()).norm()) * lora.scale
+            ratio = min(norm, limit) / norm if norm > 0 else 1.0
+            if ratio != 1.0:
+                scaled += 1
+                lora.up.mul_(ratio ** 0.5)
+                lora.down.mul_(ratio ** 0.5)
+            norms.append(norm * ratio)
+        return scaled, sum(norms) / len(norms), max(norms)
 
     def current(self) -> ExpertFile:
         layers = {}
@@ -214,16 +231,20 @@ class FinetuneStage:
         return out
 
     def save(self, path: Path, step: int) -> Path:
-        """A full checkpoint (UNet, text encoder, VAE) in the single-file layout the stock loader reads."""
+        """A full checkpoint (UNet, text encoder, VAE) in the single-file layout the stock loader reads. A
+        v-prediction fine-tune carries ComfyUI's markers `v_pred` (and `ztsnr`), which its SDXL loader reads (an
+        SD1.5 one is sampled through ModelSamplingDiscrete), and modelspec.prediction_type "v"."""
         import os
 
         import comfy.sd
 
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
+        marks = {} if not self.base.v_prediction else \
+            {"v_pred": torch.tensor([]), **({"ztsnr": torch.tensor([])} if self.base.zsnr else {})}
         comfy.sd.save_checkpoint(str(tmp), self.base.patcher, self.base.clip, self.base.vae,
                                  metadata=checkpoint_metadata(self.base, self.config, step,
-                                                              self.text_encoder is not None))
+                                                              self.text_encoder is not None), extra_keys=marks)
         os.replace(tmp, path)
         return path
 
@@ -241,6 +262,7 @@ def checkpoint_metadata(base: Base, config: TrainConfig, step: int, text_encoder
             "modelspec.title": config.output_name,
             "modelspec.date": datetime.date.today().isoformat(),
             "modelspec.resolution": f"{width}x{height}",
+            "modelspec.prediction_type": "v" if base.v_prediction else "epsilon",
             "modelspec.description": f"MoLE stage 1 fine-tune of {base.path.name}, {step} steps",
             "mole.stage": "1", "mole.steps": str(step), "mole.text_encoder_trained": str(text_encoder).lower(),
             **({"ss_training_comment": config.training_comment} if config.training_comment else {})}
