@@ -48,8 +48,8 @@ def test_dataset_toml_general_datasets_subsets(tmp_path):
 
 def test_unknown_toml_key_is_an_error(tmp_path):
     toml = tmp_path / "data.toml"
-    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  face_crop_aug_range = [2.0, 4.0]\n')
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['face_crop_aug_range'\]"):
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  colour_aug = true\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['colour_aug'\]"):
         datasets_from_config(config(dataset_config=str(toml)))
 
 
@@ -277,3 +277,58 @@ def test_color_changes_are_kohyas():
     gray = np.array([[[200, 100, 1]]], np.uint8)
     assert recolor(gray, ("gamma", 1.05)).tolist() == [[[255, 125, 1]]]
     assert recolor(gray, ("gamma", 0.95)).tolist() == [[[153, 79, 1]]]
+
+
+# -- kohya's caption keys ---------------------------------------------------------------------------------------------
+def test_prefix_suffix_separators_and_the_first_line():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    subset = Subset("x", caption_prefix="mole style,", caption_suffix=", best", secondary_separator=";;")
+    assert process_caption("a person;;waving", subset, gen) == "mole style, a person,waving , best"
+    assert process_caption("a person\nsecond line", Subset("x"), gen) == "a person"      # kohya: the first line
+    assert torch.equal(gen.get_state(), state)              # nothing random asked: nothing drawn
+    kept = Subset("x", shuffle_caption=True, keep_tokens_separator="|||")
+    for seed in range(5):
+        out = process_caption("a person, photo ||| b, c, d ||| best, sharp", kept, torch.Generator().manual_seed(seed))
+        assert out.startswith("a person, photo, ") and out.endswith(", best, sharp")
+        assert sorted(out.split(", ")[2:5]) == ["b", "c", "d"]
+    semicolons = Subset("x", shuffle_caption=True, keep_tokens=1, caption_separator=";")
+    assert process_caption("a;b", semicolons, torch.Generator()) == "a, b"
+
+
+def test_tag_dropout_epoch_dropout_wildcards_and_token_warmup():
+    gen = torch.Generator().manual_seed(0)
+    tags = ", ".join(f"t{i}" for i in range(10))
+    kept = [process_caption(tags, Subset("x", keep_tokens=2, caption_tag_dropout_rate=0.5), gen).split(", ")
+            for _ in range(200)]
+    assert all(k[:2] == ["t0", "t1"] for k in kept)
+    assert 0.4 < sum(len(k) - 2 for k in kept) / (200 * 8) < 0.6   # half of the other tags stay
+    every = Subset("x", caption_dropout_every_n_epochs=2)
+    assert [process_caption("a", every, gen, epoch=e) for e in (1, 2, 3, 4)] == ["a", "", "a", ""]
+    wild = Subset("x", enable_wildcard=True)
+    drawn = {process_caption("a {red|blue} shirt, {{literal}}\nsecond", wild, gen) for _ in range(60)}
+    assert drawn == {"a red shirt, {literal}", "a blue shirt, {literal}", "second"}
+    warm = Subset("x", token_warmup_min=1, token_warmup_step=0.5)        # half of a 10-step run
+    lengths = [len(process_caption(tags, warm, gen, step=s, total_steps=10).split(", ")) for s in range(7)]
+    assert lengths == [1, 2, 4, 6, 8, 10, 10]
+
+
+def test_class_tokens_and_kohyas_other_dataset_keys(tmp_path, caplog):
+    images(tmp_path / "a", 2, captions=False)
+    toml = tmp_path / "data.toml"
+    toml.write_text('[general]\ncache_info = true\nresize_interpolation = "lanczos"\n[[datasets]]\nresolution = 64\n'
+                    '  [[datasets.subsets]]\n  image_dir = "a"\n  class_tokens = "sks person"\n')
+    with caplog.at_level("INFO", logger="mole.train"):
+        (d,) = datasets_from_config(config(dataset_config=str(toml)))
+    assert [c for _, c, _ in d.items] == ["sks person", "sks person"]
+    assert "cache_info = True: no effect here" in caplog.text and "resize_interpolation = 'lanczos'" in caplog.text
+    for key, value, reason in (("face_crop_aug_range", "[2.0, 4.0]", "face-centred crops need face boxes"),
+                               ("is_reg", "true", "regularisation"), ("validation_split", "0.1", "no validation"),
+                               ("resize_interpolation", '"area"', "Lanczos"),
+                               ("network_multiplier", "0.5", "multiplier 1")):
+        toml.write_text(f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  {key} = {value}\n')
+        with pytest.raises(ConfigError, match=rf"subsets\]\] #1: {key} = .*: not supported: .*{reason}"):
+            datasets_from_config(config(dataset_config=str(toml)))
+    toml.write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "a"\n  caption_prefix = 3\n')
+    with pytest.raises(ConfigError, match="caption_prefix = 3 should be a string"):
+        datasets_from_config(config(dataset_config=str(toml)))

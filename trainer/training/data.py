@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import tomllib
 from collections import Counter
@@ -35,11 +36,46 @@ from .config import ConfigError, TrainConfig, parse_resolution, read_text
 
 log = logging.getLogger("mole.trainer")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_KEYS = {"caption_prefix", "caption_suffix", "caption_separator", "keep_tokens_separator", "secondary_separator",
+                "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "enable_wildcard", "token_warmup_min",
+                "token_warmup_step", "class_tokens"}
 SUBSET_KEYS = {"image_dir", "caption_extension", "num_repeats", "metadata_file", "shuffle_caption", "keep_tokens",
-               "flip_aug", "conditioning_data_dir", "alpha_mask", "caption_dropout_rate", "random_crop", "color_aug"}
-SWITCHES = ("shuffle_caption", "flip_aug", "alpha_mask", "random_crop", "color_aug")
+               "flip_aug", "conditioning_data_dir", "alpha_mask", "caption_dropout_rate", "random_crop",
+               "color_aug"} | CAPTION_KEYS
+SWITCHES = ("shuffle_caption", "flip_aug", "alpha_mask", "random_crop", "color_aug", "enable_wildcard")
+TEXTS = ("caption_prefix", "caption_suffix", "caption_separator", "keep_tokens_separator", "secondary_separator",
+         "class_tokens")
+COUNTS = ("keep_tokens", "num_repeats", "caption_dropout_every_n_epochs", "token_warmup_min")
 BUCKET_KEYS = {"enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"}
 DATASET_KEYS = {"resolution", "batch_size"} | BUCKET_KEYS
+# what each key does here (docs/kohya.md's dataset table); every key is kohya's, with kohya's meaning
+KEY_HELP = {
+    "resolution": "training size, S or [W, H]", "batch_size": "batch size of this dataset (per process)",
+    "enable_bucket": "aspect-ratio bucketing", "min_bucket_reso": "smallest bucket side",
+    "max_bucket_reso": "largest bucket side", "bucket_reso_steps": "bucket sides are multiples of this",
+    "bucket_no_upscale": "never enlarge a picture for its bucket",
+    "image_dir": "the subset's pictures (and, by default, their caption files)",
+    "caption_extension": "caption files' extension", "num_repeats": "each picture counts this many times per epoch",
+    "metadata_file": "kohya fine-tune metadata JSON/JSONL instead of caption files",
+    "shuffle_caption": "shuffle the tags after the first keep_tokens every step",
+    "keep_tokens": "tags kept in front when shuffling", "flip_aug": "mirror half of the pictures at random",
+    "conditioning_data_dir": "loss masks named like the pictures (with --masked_loss)",
+    "alpha_mask": "the pictures' alpha channel is their loss mask",
+    "caption_dropout_rate": "train on an empty caption with this probability",
+    "random_crop": "crop at a random place every step instead of the centre",
+    "color_aug": "a hue shift or gamma a third of the time, every step",
+    "caption_prefix": "put in front of every caption (with a space)",
+    "caption_suffix": "put after every caption (with a space)",
+    "caption_separator": "what separates tags (default ,)",
+    "keep_tokens_separator": "tags before it stay in front, after a second one stay at the end",
+    "secondary_separator": "replaced by caption_separator after shuffling (keeps groups of tags together)",
+    "caption_tag_dropout_rate": "drop each shuffled tag with this probability",
+    "caption_dropout_every_n_epochs": "every N-th epoch trains on empty captions",
+    "enable_wildcard": "a random line of a multi-line caption, and {a|b} choices drawn every step",
+    "token_warmup_min": "tags at the start of the token warm-up",
+    "token_warmup_step": "steps (below 1: share of the run) over which the tags grow to all of them",
+    "class_tokens": "the caption of pictures without a caption file (DreamBooth subsets)",
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +92,26 @@ class Subset:
     caption_dropout_rate: float = 0.0
     random_crop: bool = False
     color_aug: bool = False
+    # kohya's caption keys (process_caption)
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    caption_separator: str = ","
+    keep_tokens_separator: str = ""
+    secondary_separator: str = ""
+    caption_tag_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
+    class_tokens: str | None = None
+
+    @property
+    def captions_vary(self) -> str | None:
+        """The key that makes a caption differ from step to step (beyond dropping it), or None."""
+        for key in ("shuffle_caption", "caption_tag_dropout_rate", "enable_wildcard", "token_warmup_step"):
+            if getattr(self, key):
+                return key
+        return None
 
 
 class Picture(NamedTuple):
@@ -84,10 +140,18 @@ class Dataset:
 
 
 def _take(table: dict, allowed: set[str], where: str) -> dict:
+    """The keys of `table` that are ours; kohya's other keys print their line (no effect here) or stop with their
+    reason (kohya.DATASET_KEYS); anything else is an unknown key."""
+    from .kohya import dataset_key
+
+    table = dict(table)
+    for key in sorted(set(table) - allowed):
+        if dataset_key(key, table[key], where):
+            del table[key]
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; supported: {sorted(allowed)}")
-    return dict(table)
+    return table
 
 
 def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
@@ -119,9 +183,7 @@ def load_dataset_toml(path: Path, config: TrainConfig) -> list[Dataset]:
             folders = {key: str(_relative(path, sub[key])) for key in ("metadata_file", "conditioning_data_dir")
                        if sub.get(key)}
             _check_dropout(sub["caption_dropout_rate"], f"{where} subset #{j + 1}")
-            for key in SWITCHES:
-                if not isinstance(sub.get(key, False), bool):
-                    raise ConfigError(f"{where} subset #{j + 1}: {key} = {sub[key]!r} should be true or false")
+            _check_types(sub, f"{where} subset #{j + 1}")
             subsets.append(Subset(**{**sub, "image_dir": str(_relative(path, sub["image_dir"])), **folders}))
         if not subsets:
             raise ConfigError(f"{where}: no [[datasets.subsets]]")
@@ -238,6 +300,8 @@ def scan_subset(subset: Subset) -> tuple[list, list[str]]:
         else:
             caption_file = image.with_suffix(subset.caption_extension)
             caption = read_text(caption_file, "caption file").strip() if caption_file.exists() else None
+        if caption is None and subset.class_tokens:       # kohya's DreamBooth subsets: the class as the caption
+            caption = subset.class_tokens
         if caption is None:
             skipped.append(f"{image} (no caption)")
             continue
@@ -357,23 +421,104 @@ def load_mask(path: Path, alpha: bool, size: tuple[int, int], flip: bool = False
     return _decoded(path, "mask", convert)
 
 
+def _check_types(sub: dict, where: str) -> None:
+    """The types of a subset's keys, as kohya's schema has them."""
+    def fail(key: str, what: str):
+        raise ConfigError(f"{where}: {key} = {sub[key]!r} should be {what}")
+
+    for key in SWITCHES:
+        if key in sub and not isinstance(sub[key], bool):
+            fail(key, "true or false")
+    for key in TEXTS:
+        if key in sub and not isinstance(sub[key], str):
+            fail(key, "a string")
+    for key in COUNTS:
+        if key in sub and (isinstance(sub[key], bool) or not isinstance(sub[key], int) or sub[key] < 0):
+            fail(key, "a whole number >= 0")
+    if sub.get("caption_separator", ",") == "":
+        fail("caption_separator", "a non-empty string")
+    rate = sub.get("caption_tag_dropout_rate", 0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        fail("caption_tag_dropout_rate", "a number from 0 to 1")
+    warmup = sub.get("token_warmup_step", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0:
+        fail("token_warmup_step", "a number >= 0 (below 1: a share of --max_train_steps)")
+
+
 def _check_dropout(rate, where: str) -> None:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
         raise ConfigError(f"{where}: caption_dropout_rate = {rate!r} should be a number from 0 to 1")
 
 
-def process_caption(caption: str, subset: Subset, gen: torch.Generator) -> str:
-    """kohya's caption_dropout_rate (the caption becomes empty with that probability: the model learns the
-    unconditional prediction that classifier-free guidance needs) and shuffle_caption (shuffle the
-    comma-separated tags after the first keep_tokens). Draws from `gen` only where a subset asks for either."""
+def process_caption(caption: str, subset: Subset, gen: torch.Generator, epoch: int = 1, step: int = 0,
+                    total_steps: int = 1) -> str:
+    """A caption as a training step sees it, in kohya's order: caption_prefix / caption_suffix (joined with a
+    space); the caption dropped (empty: the unconditional prediction classifier-free guidance needs) with
+    caption_dropout_rate, or in every caption_dropout_every_n_epochs-th epoch (epochs count from 1); one line (the
+    first, or with enable_wildcard a random one, whose {a|b|c} choices are drawn; {{ and }} are literal braces);
+    then, with shuffle_caption, caption_tag_dropout_rate or token_warmup_step, the tags (split at
+    caption_separator) after the first keep_tokens (or before a keep_tokens_separator, and after a second one) are
+    cut to the warm-up length, shuffled and dropped one by one, and joined with ", "; finally secondary_separator
+    becomes caption_separator. Draws from `gen` only where a subset asks for a random change."""
+    if subset.caption_prefix:
+        caption = f"{subset.caption_prefix} {caption}"
+    if subset.caption_suffix:
+        caption = f"{caption} {subset.caption_suffix}"
     if subset.caption_dropout_rate and torch.rand((), generator=gen).item() < subset.caption_dropout_rate:
         return ""
-    if not subset.shuffle_caption:
-        return caption
-    tags = [t.strip() for t in caption.split(",")]
-    keep, rest = tags[:subset.keep_tokens], tags[subset.keep_tokens:]
-    order = torch.randperm(len(rest), generator=gen).tolist()
-    return ", ".join(keep + [rest[i] for i in order])
+    if subset.caption_dropout_every_n_epochs and epoch % subset.caption_dropout_every_n_epochs == 0:
+        return ""
+    if subset.enable_wildcard:
+        lines = caption.split("\n")
+        caption = lines[int(torch.randint(len(lines), (), generator=gen))] if len(lines) > 1 else caption
+        caption = _wildcards(caption, gen)
+    else:
+        caption = caption.split("\n")[0]
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate or subset.token_warmup_step:
+        caption = _tags(caption, subset, gen, step, total_steps)
+    if subset.secondary_separator:
+        caption = caption.replace(subset.secondary_separator, subset.caption_separator)
+    return caption
+
+
+def _wildcards(caption: str, gen: torch.Generator) -> str:
+    """kohya's {a|b|c}: one choice each, drawn from `gen`; {{ and }} stay as literal braces."""
+    import re
+
+    def choose(match) -> str:
+        options = match.group(1).split("|")
+        return options[int(torch.randint(len(options), (), generator=gen))]
+
+    open_mark, close_mark = "\x00", "\x01"
+    caption = caption.replace("{{", open_mark).replace("}}", close_mark)
+    caption = re.sub(r"\{([^}]+)\}", choose, caption)
+    return caption.replace(open_mark, "{").replace(close_mark, "}")
+
+
+def _tags(caption: str, subset: Subset, gen: torch.Generator, step: int, total_steps: int) -> str:
+    sep, split = subset.caption_separator, subset.keep_tokens_separator
+    fixed, suffix = [], []
+    if split and split in caption:
+        fixed_part, flex_part = caption.split(split, 1)
+        if split in flex_part:
+            flex_part, suffix_part = flex_part.split(split, 1)
+            suffix = [t.strip() for t in suffix_part.split(sep) if t.strip()]
+        fixed = [t.strip() for t in fixed_part.split(sep) if t.strip()]
+        flex = [t.strip() for t in flex_part.split(sep) if t.strip()]
+    else:
+        tags = [t.strip() for t in caption.strip().split(sep)]
+        fixed, flex = tags[:subset.keep_tokens], tags[subset.keep_tokens:]
+    warmup = subset.token_warmup_step
+    warmup = math.floor(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
+    if warmup and step < warmup:
+        flex = flex[:math.floor(step * (len(flex) - subset.token_warmup_min) / warmup) + subset.token_warmup_min]
+    if subset.shuffle_caption:
+        order = torch.randperm(len(flex), generator=gen).tolist()
+        flex = [flex[i] for i in order]
+    if subset.caption_tag_dropout_rate:
+        keep = (torch.rand(len(flex), generator=gen) >= subset.caption_tag_dropout_rate).tolist()
+        flex = [t for t, k in zip(flex, keep) if k]
+    return ", ".join(fixed + flex + suffix)
 
 
 def image_key(path: Path, size: tuple[int, int], flip: bool, vae_id: str) -> str:
@@ -449,7 +594,10 @@ class BatchPlan:
         shuffle = torch.randperm(len(batches), generator=gen).tolist()
         return [batches[i] for i in shuffle]
 
-    def make(self, entry: tuple[int, list[int]], gen: torch.Generator) -> Batch:
+    def make(self, entry: tuple[int, list[int]], gen: torch.Generator, epoch: int = 1, step: int = 0,
+             total_steps: int = 1) -> Batch:
+        """The batch of `entry`, its random changes drawn from `gen`; `epoch` (from 1), `step` (optimizer steps
+        done) and `total_steps` for the captions' epoch- and step-dependent keys."""
         di, indices = entry
         d = self.datasets[di]
         images, captions = [], []
@@ -460,7 +608,7 @@ class BatchPlan:
             crop = tuple(torch.rand(2, generator=gen).tolist()) if subset.random_crop else None
             color = draw_color(gen) if subset.color_aug else None
             images.append(Picture(path, flip, crop, color))
-            captions.append(process_caption(caption, subset, gen))
+            captions.append(process_caption(caption, subset, gen, epoch, step, total_steps))
         masks = [d.masks.get(p.path) for p in images] if d.masks else []
         return Batch(images, captions, d.size_of(indices[0]), masks)
 

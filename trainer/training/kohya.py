@@ -102,6 +102,39 @@ REGISTRY: tuple[Flag, ...] = (
 )
 BY_NAME = {f.name: f for f in REGISTRY}
 
+# kohya's dataset TOML keys (library/config_util.py's schema) that are not keys of ours (data.SUBSET_KEYS,
+# data.DATASET_KEYS): what each does here
+DATASET_KEYS: tuple[Flag, ...] = (
+    Flag("cache_info", NO_OP, "picture sizes are read quickly at the start of every run; no cache file"),
+    Flag("resize_interpolation", NO_OP, "pictures are resized with Lanczos here; other filters are refused",
+         accept=_one_of("lanczos")),
+    Flag("network_multiplier", NO_OP, "every dataset trains the network at multiplier 1; other values are refused",
+         accept=_float_is(1.0)),
+    Flag("face_crop_aug_range", REFUSED, "face-centred crops need face boxes in the file names; use random_crop, or "
+         "`python -m trainer prepare` for face and hand close-ups"),
+    Flag("is_reg", REFUSED, "regularisation (prior-preservation) subsets are not supported"),
+    Flag("validation_split", REFUSED, "no validation split while training; measure held-out pictures with "
+         "`python -m trainer evaluate`"),
+    Flag("validation_seed", REFUSED, "no validation split while training (see validation_split)"),
+    Flag("custom_attributes", REFUSED, "kohya passes these to other architectures' models; SD1.5 and SDXL take none"),
+)
+DATASET_BY_NAME = {f.name: f for f in DATASET_KEYS}
+
+
+def dataset_key(name: str, value, where: str) -> bool:
+    """A kohya dataset key that is not ours: True after one printed line (no effect here); ConfigError with the
+    reason (refused, or a value other than the one that changes nothing); False for a key kohya does not have."""
+    from .config import ConfigError
+
+    f = DATASET_BY_NAME.get(name)
+    if f is None:
+        return False
+    if f.kind == REFUSED or (f.accept is not None and not f.accept(str(value))):
+        raise ConfigError(f"{where}: {name} = {value!r}: not supported: {f.meaning}")
+    if value is not False:
+        log.info("%s: %s = %r: no effect here (%s)", where, name, value, f.meaning)
+    return True
+
 
 def add_flags(parser, stage: str) -> None:
     """The registry's flags of `stage`, in three --help groups."""
@@ -171,6 +204,21 @@ def table(native: dict[str, tuple[str, tuple | None]]) -> str:
         lines.append(f"| `--{name}` | {kind} | {_stages(stages)} | {help_text.replace('|', '/')} |")
     for f in REGISTRY:
         lines.append(f"| `--{f.name}` | {f.kind} | {_stages(f.stages)} | {f.meaning.replace('|', '/')} |")
+    from .data import DATASET_KEYS as OURS, KEY_HELP, SUBSET_KEYS
+
+    lines += ["", "## Dataset TOML keys", "",
+              f"kohya's keys of `[general]`, `[[datasets]]` and `[[datasets.subsets]]` (its `config_util.py` schema, "
+              f"for the image datasets these stages use): {len(OURS | SUBSET_KEYS)} implemented, "
+              + ", ".join(f"{sum(f.kind == k for f in DATASET_KEYS)} {k}" for k in (NO_OP, REFUSED))
+              + ". A subset key may also be given for a whole dataset or in `[general]`, as in kohya; any other key "
+              "is an error that lists the supported ones.", "",
+              "| key | class | where | meaning here |", "|---|---|---|---|"]
+    for key in sorted(OURS) + sorted(SUBSET_KEYS):
+        where = "dataset, general" if key in OURS else \
+            "subset, dataset" if key in ("image_dir", "metadata_file") else "subset, dataset, general"
+        lines.append(f"| `{key}` | {IMPLEMENTED} | {where} | {KEY_HELP[key].replace('|', '/')} |")
+    for f in DATASET_KEYS:
+        lines.append(f"| `{f.name}` | {f.kind} | any | {f.meaning.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

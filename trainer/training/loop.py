@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from dataclasses import replace
 import logging
 import math
 import time
@@ -27,7 +28,8 @@ import torch
 from ..harness.host import use_comfy
 from . import state
 from .config import ConfigError, TrainConfig
-from .data import Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image, load_mask
+from .data import (Batch, BatchPlan, LatentCache, datasets_from_config, image_key, load_image, load_mask,
+                   process_caption)
 from .dist import World, peak_rss_mib
 from .logbook import Logbook
 from .optim import make_optimizer, make_scheduler
@@ -69,9 +71,9 @@ class Run:
         self.datasets = datasets_from_config(config)           # fails fast, before the model loads
         self.plan = BatchPlan(self.datasets, processes=self.world.size)
         config = self.config = in_steps(config, len(self.plan))
-        shuffled = [str(s.image_dir) for d in self.datasets for s in d.subsets if s.shuffle_caption]
-        if config.text_encoder_outputs_cached and shuffled:
-            raise ConfigError(f"--cache_text_encoder_outputs: shuffle_caption (subset {shuffled[0]}) makes a new "
+        varying = [(s.captions_vary, s.image_dir) for d in self.datasets for s in d.subsets if s.captions_vary]
+        if config.text_encoder_outputs_cached and varying:
+            raise ConfigError(f"--cache_text_encoder_outputs: {varying[0][0]} (subset {varying[0][1]}) makes a new "
                               "caption every step, so nothing can be encoded up front; drop one of them")
         self.prompts = samples.parse_prompt_file(config.sample_prompts, config.size) if config.sample_prompts else []
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -110,7 +112,7 @@ class Run:
             p.order, p.position, p.epoch = self.plan.epoch(self.gen), 0, p.epoch + 1
         entry = p.order[p.position]
         p.position += 1
-        return self.plan.make(entry, self.gen)
+        return self.plan.make(entry, self.gen, p.epoch, p.step, self.config.max_train_steps)
 
     def latents(self, batch: Batch) -> torch.Tensor:
         """The batch's latents: from the cache, or read (by --max_data_loader_n_workers threads in parallel) and
@@ -180,8 +182,13 @@ class Run:
 
         TEXT_CACHE.limit = None
         encoder, folder = self.base.text_encoder_id, self.base.text_folder
-        captions = sorted({caption for d in self.plan.datasets for _, caption, _ in d.items} |
-                          ({""} if any(s.caption_dropout_rate for d in self.plan.datasets for s in d.subsets) else set()))
+        # the captions as steps see them (prefix, suffix, first line: nothing random, see the check in __init__)
+        steady = {id(s): replace(s, caption_dropout_rate=0.0, caption_dropout_every_n_epochs=0)
+                  for d in self.plan.datasets for s in d.subsets}
+        dropped = any(s.caption_dropout_rate or s.caption_dropout_every_n_epochs
+                      for d in self.plan.datasets for s in d.subsets)
+        captions = sorted({process_caption(caption, steady[id(s)], torch.Generator())
+                           for d in self.plan.datasets for _, caption, s in d.items} | ({""} if dropped else set()))
         mine, encoded = captions[self.world.rank::self.world.size], 0
         for caption in bar(mine, desc="caching text encoder outputs", unit="caption", disable=not self.world.main):
             if TEXT_CACHE.get(encoder, caption, folder) is None:
@@ -390,8 +397,6 @@ def autocast(precision: str, device: torch.device):
 def in_steps(config: TrainConfig, batches_per_epoch: int) -> TrainConfig:
     """--max_train_epochs and --save_every_n_epochs as steps, as kohya counts them: an epoch is the global batches
     of one pass over the data / --gradient_accumulation_steps optimizer steps (rounded up)."""
-    from dataclasses import replace
-
     per_epoch = max(1, -(-batches_per_epoch // config.gradient_accumulation_steps))
     changes = {}
     if config.max_train_epochs:
