@@ -144,6 +144,9 @@ def _take(table: dict, allowed: set[str], where: str) -> dict:
     reason (kohya.DATASET_KEYS); anything else is an unknown key."""
     from .kohya import dataset_key
 
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: should be a table of keys ([[datasets]] with [[datasets.subsets]] under it), "
+                          f"not {type(table).__name__} {table!r}"[:300])
     table = dict(table)
     for key in sorted(set(table) - allowed):
         if dataset_key(key, table[key], where):
