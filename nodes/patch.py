@@ -15,6 +15,11 @@ The hooks read that context from ContextVars rather than from what `inject` saw:
 model for two clones whose injections have the same key, and two Apply MoLE nodes on one base must not leak into
 each other. Wrappers look their attachment up on the patcher that is sampling, so a clone's own attachment (see
 `MoLEPatch.on_model_patcher_clone`) is the one that acts.
+
+A UNet call outside any sampling run (a node that calls the loaded MoLE model's `apply_model` itself) has no such
+context: there the patch of the clone whose injection is in the model acts (ComfyUI ejects a clone's injections
+before it loads another clone of the same model, so that is the loaded one), at every call (there is no schedule
+to place a step range in) and without recording a trace.
 """
 from __future__ import annotations
 
@@ -76,11 +81,22 @@ class _Call:
 _sampling: contextvars.ContextVar[object | None] = contextvars.ContextVar("mole_sampling", default=None)
 _current: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("mole_call", default=None)
 _injected: dict[int, tuple[int, list]] = {}   # id(model) -> (injection count, hook handles)
+_owners: dict[int, weakref.ref] = {}           # id(model) -> the clone whose injection is in it (direct calls)
 
 
-def _hook(key: str):
+def _direct_call(root: int) -> _Call | None:
+    """A UNet call outside any sampling run: the loaded clone's MoLE patch, without its trace (see above)."""
+    owner = _owners.get(root)
+    patcher = owner() if owner is not None else None
+    patch = patcher.get_attachment(KEY) if patcher is not None else None
+    return _Call(replace(patch, trace=None), True) if patch is not None else None
+
+
+def _hook(key: str, root: int):
     def hook(module, args, output):
         call = _current.get()
+        if call is None and _sampling.get() is None:
+            call = _direct_call(root)
         if call is None or not call.active or key not in call.patch.mole.kohya_names:
             return output
         patch = call.patch
@@ -96,12 +112,15 @@ def _mole_of(patcher) -> MoLE:
 def _inject(patcher) -> None:
     """Hooks on every expert-capable layer of the model, once per module tree however many clones inject:
     they dispatch to the patch of whichever clone is sampling."""
-    count, handles = _injected.get(id(patcher.model), (0, []))
+    root = id(patcher.model)
+    count, handles = _injected.get(root, (0, []))
     if count == 0:
         modules = dict(patcher.model.named_modules())
-        handles = [modules[key].register_forward_hook(_hook(key))
+        handles = [modules[key].register_forward_hook(_hook(key, root))
                    for key in _mole_of(patcher).layout.layer_keys if key in modules]
-    _injected[id(patcher.model)] = (count + 1, handles)
+    _injected[root] = (count + 1, handles)
+    if patcher.get_attachment(KEY) is not None:
+        _owners[root] = weakref.ref(patcher)
 
 
 def _eject(patcher) -> None:
@@ -109,6 +128,7 @@ def _eject(patcher) -> None:
     if count > 1:
         _injected[id(patcher.model)] = (count - 1, handles)
         return
+    _owners.pop(id(patcher.model), None)
     for handle in handles:
         handle.remove()
 

@@ -119,3 +119,31 @@ def test_different_base_fingerprint_warns(tiny, mole):
     experts[1].metadata[METADATA_KEY] = "unet-sha256:0123456789abcdef"
     (warning,) = check_base(unet, experts)
     assert "'hand'" in warning and "another base model" in warning
+
+
+def test_a_direct_unet_call_outside_sampling_runs_the_loaded_clones_mole(tiny, mole):
+    """A node that calls the MoLE model's apply_model itself (no sampling run, so no OUTER_SAMPLE wrapper): the
+    loaded clone's patch acts, and only that clone's; loading another clone (or the base) takes it out."""
+    import comfy.model_management as mm
+
+    from comfyui_mole.mole_ops.ops import GateSettings
+
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 4, 4, 6, generator=gen), torch.randn(1, 7, 64, generator=gen)
+    sigma = torch.tensor([2.0])
+
+    def direct(model):
+        mm.load_models_gpu([model])
+        with torch.no_grad():
+            return model.model.apply_model(x, sigma, c_crossattn=context)
+
+    base = direct(tiny)
+    full = attach(tiny, mole)
+    half = attach(tiny, mole, settings=GateSettings("both", {"face": 0.5, "hand": 0.5}))
+    off = attach(tiny, mole, settings=GateSettings("both", {"face": 0.0, "hand": 0.0}))
+    a, b = direct(full), direct(half)
+    assert (a - base).abs().max() > 1e-4 and (b - base).abs().max() > 1e-4 and (a - b).abs().max() > 1e-5
+    assert torch.equal(direct(off), base)
+    torch.testing.assert_close(direct(full), a, rtol=0, atol=0)
+    assert torch.equal(direct(tiny), base)                     # the base again: no MoLE left in the model
+    assert torch.equal(sample(tiny), sample(tiny))
