@@ -2,20 +2,24 @@
 
 Keys `expert.<name>.<kohya LoRA key>` and `gate.<gate-file key>`; metadata `mole.pack_version`,
 `mole.pack_experts` (JSON list, column order), `mole.expert_metadata` (JSON {name: that expert's metadata}),
-plus the gate file's own `mole.*` fields.
+plus the gate file's own `mole.*` fields, and optionally a card (`card.py`: `modelspec.*`, `mole.pack_base_model`,
+`mole.pack_recommended`), which a load reads leniently (`load_card`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from . import card as card_format
 from . import expert_file, gate_file, safetensors_io
 from .errors import FormatError
 
 PACK_VERSION = "1"
 
 
-def save(path: str | Path, experts: list[expert_file.ExpertFile], gates: gate_file.GateFile) -> Path:
+def save(path: str | Path, experts: list[expert_file.ExpertFile], gates: gate_file.GateFile,
+         card: dict[str, str] | None = None) -> Path:
+    """`card`: card.to_metadata's keys, written beside the pack's own."""
     names = [e.name for e in experts]
     if tuple(names) != gates.experts:
         raise FormatError(f"{path}: experts {names} are not the gates' column order {list(gates.experts)}")
@@ -23,14 +27,25 @@ def save(path: str | Path, experts: list[expert_file.ExpertFile], gates: gate_fi
     tensors.update({f"gate.{k}": v for k, v in gates.tensors().items()})
     metadata = {**gates.meta(), "mole.pack_version": PACK_VERSION, "mole.pack_experts": json.dumps(names),
                 "mole.expert_metadata": json.dumps({e.name: e.metadata for e in experts})}
+    metadata = {k: v for k, v in metadata.items() if not k.startswith(CARD_PREFIXES)}
+    metadata.update(card or {})
     return safetensors_io.write(path, tensors, metadata)
+
+
+CARD_PREFIXES = ("modelspec.", "mole.pack_base_model", "mole.pack_recommended")
+
+
+def load_card(metadata: dict[str, str]) -> tuple[card_format.Card | None, list[str]]:
+    """A pack's card from its metadata (None without one) and what in it was malformed; never raises."""
+    return card_format.from_metadata(metadata)
 
 
 def is_pack(metadata: dict[str, str]) -> bool:
     return "mole.pack_version" in metadata
 
 
-def load(path: str | Path) -> tuple[list[expert_file.ExpertFile], gate_file.GateFile]:
+def load(path: str | Path, with_metadata: bool = False):
+    """(experts, gates) of a pack; with `with_metadata`, (experts, gates, its metadata) (for load_card)."""
     tensors, metadata, _ = safetensors_io.read(path)
     where = str(path)
     if not is_pack(metadata):
@@ -55,7 +70,8 @@ def load(path: str | Path) -> tuple[list[expert_file.ExpertFile], gate_file.Gate
     orphans = [k for k in tensors if k.startswith("expert.") and not k.startswith(known)]
     if orphans:
         raise FormatError(f"{where}: expert keys for experts not listed in mole.pack_experts: {orphans[:3]}")
-    gate_meta = {k: v for k, v in metadata.items() if not k.startswith(("mole.pack_", "mole.expert_metadata"))}
+    gate_meta = {k: v for k, v in metadata.items()
+                 if not k.startswith(("mole.pack_", "mole.expert_metadata") + CARD_PREFIXES)}
     gates = gate_file.parse({k[5:]: v for k, v in tensors.items() if k.startswith("gate.")}, gate_meta,
                             f"{where} [gates]")
-    return experts, gates
+    return (experts, gates, metadata) if with_metadata else (experts, gates)

@@ -16,7 +16,7 @@ from . import inputs
 from .files import expert_files, full_path
 from .patch import MoLEPatch, apply_mole
 from .report import caught_warnings, node_ui
-from .types import Experts, Gates, Trace
+from .types import Experts, Gates, Settings, Trace
 
 log = logging.getLogger("mole")
 
@@ -70,17 +70,23 @@ class ApplyMoLE(io.ComfyNode):
                     io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                    tooltip="Fraction of the sampling schedule where MoLE stops acting."),
                     io.Boolean.Input("record_trace", default=False, tooltip="Record the gate maps while sampling "
-                                     "(for the gate-map nodes); off costs nothing.")],
+                                     "(for the gate-map nodes); off costs nothing."),
+                    Settings.Input("recommended", optional=True, tooltip="A pack's recommended settings (Load MoLE "
+                                   "Pack): when connected they replace mode, the strengths of the roles they name "
+                                   "and the step range set here.")],
             outputs=[io.Model.Output(display_name="model"), Trace.Output(display_name="trace"),
                      io.String.Output(display_name="info", tooltip="What was attached (experts, files, ranks, "
                                       "strengths, layers, gates) and any warning; also shown on the node itself.")])
 
     @classmethod
     def execute(cls, model, experts, mode, strength_1, strength_2, strength_3, start_percent, end_percent,
-                record_trace, gates=None) -> io.NodeOutput:
+                record_trace, gates=None, recommended=None) -> io.NodeOutput:
         inputs.finite(strength_1=strength_1, strength_2=strength_2, strength_3=strength_3,
                       start_percent=start_percent, end_percent=end_percent)
         experts, gates = inputs.experts(experts), inputs.gates(gates)
+        recommended = inputs.recommended(recommended)
+        if recommended is not None:        # the pack's settings win over the widgets (see the strengths below)
+            mode, start_percent, end_percent = recommended.mode, recommended.start_percent, recommended.end_percent
         record_trace = inputs.flag("record_trace", record_trace)
         if mode not in MODES:
             raise MismatchError(f"input mode is {mode!r}: one of {', '.join(MODES)}")
@@ -94,11 +100,16 @@ class ApplyMoLE(io.ComfyNode):
         with caught_warnings() as warnings:
             warnings_for(model, experts, gates)
             mole = shared(list(experts), gates, model_layout(model))
-        settings = GateSettings(mode, dict(zip(mole.order, (strength_1, strength_2, strength_3))))
+        strengths = dict(zip(mole.order, (strength_1, strength_2, strength_3)))
+        if recommended is not None:
+            strengths = {name: recommended.strengths.get(name, strengths.get(name, 1.0)) for name in mole.order}
+        settings = GateSettings(mode, strengths)
         trace = GateTrace(mole.order) if record_trace else None
         patched = apply_mole(model, MoLEPatch(mole, settings, start_percent, end_percent, trace))
-        text, ui = node_ui(describe(mole, list(experts), gates, settings, start_percent, end_percent, SLOTS),
-                           warnings)
+        lines = describe(mole, list(experts), gates, settings, start_percent, end_percent, SLOTS)
+        if recommended is not None:
+            lines.append("settings: the pack's recommended ones (its recommended input), not this node's widgets")
+        text, ui = node_ui(lines, warnings)
         return io.NodeOutput(patched, trace, text, ui=ui)
 
 

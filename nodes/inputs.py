@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from ..mole_ops.card import Recommended
 from ..mole_ops.errors import MismatchError
 from ..mole_ops.expert_file import ExpertFile
 from ..mole_ops.gate_file import GateFile
@@ -36,6 +37,13 @@ def experts(value, name: str = "experts") -> tuple[ExpertFile, ...]:
         raise MismatchError(f"input {name} is {value!r:.60}: connect it to the experts output of Load MoLE "
                             "Experts, Load MoLE Pack or Load MoLE Three-File Set")
     return tuple(value)
+
+
+def recommended(value, name: str = "recommended") -> Recommended | None:
+    if value is not None and not isinstance(value, Recommended):
+        raise MismatchError(f"input {name} is {value!r:.60}: connect it to the recommended output of Load MoLE "
+                            "Pack, or leave it unconnected")
+    return value
 
 
 def gates(value, name: str = "gates") -> GateFile | None:

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+import logging
+
+from ..mole_ops import card as card_format
 from ..mole_ops import expert_file, pack_file
 from ..mole_ops import gate_file as gate_format
 from ..mole_ops.errors import MismatchError
 from . import inputs
 from .files import NONE, expert_files, full_path, mole_files
-from .types import Experts, Gates
+from .report import caught_warnings, node_ui
+from .types import Experts, Gates, Settings
 
 SLOTS = (("face", True), ("hand", False), ("", False))     # default role per slot; the third is free
+log = logging.getLogger("mole")
 
 
 class LoadExperts(io.ComfyNode):
@@ -80,14 +85,30 @@ class LoadPack(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MoLE_LoadPack", display_name="Load MoLE Pack", category="MoLE",
-            description="Load a single-file MoLE pack (experts + gates).",
+            description="Load a single-file MoLE pack (experts + gates), with its card: what it is, the base it "
+                        "needs and the settings its author recommends.",
             inputs=[io.Combo.Input("pack", options=mole_files(), tooltip="MoLE pack file in models/mole.")],
-            outputs=[Experts.Output(display_name="experts"), Gates.Output(display_name="gates")])
+            outputs=[Experts.Output(display_name="experts"), Gates.Output(display_name="gates"),
+                     Settings.Output(display_name="recommended", tooltip="The pack's recommended Apply MoLE "
+                                     "settings (mode, strengths, step range): connect it to Apply MoLE's "
+                                     "recommended input to use them; nothing when the pack has none."),
+                     io.String.Output(display_name="info", tooltip="The pack's card: title, author, licence, base "
+                                      "model and recommended settings (sampler steps and CFG included); also "
+                                      "shown on the node.")])
 
     @classmethod
     def execute(cls, pack) -> io.NodeOutput:
-        experts, gates = pack_file.load(full_path(pack))
-        return io.NodeOutput(tuple(experts), gates)
+        inputs.text("pack", pack)
+        with caught_warnings() as warnings:
+            experts, gates, metadata = pack_file.load(full_path(pack), with_metadata=True)
+            card, problems = pack_file.load_card(metadata)
+            for problem in problems:
+                log.warning("MoLE: %s: card field ignored: %s", pack, problem)
+        lines = [f"pack {pack}: experts {', '.join(e.name for e in experts)}"]
+        lines += card_format.summary(card) if card is not None else ["no card (no title, base or recommended "
+                                                                     "settings in this pack)"]
+        text, ui = node_ui(lines, warnings)
+        return io.NodeOutput(tuple(experts), gates, card.recommended if card is not None else None, text, ui=ui)
 
 
 class LoadSet(io.ComfyNode):

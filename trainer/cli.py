@@ -46,6 +46,8 @@ COMMANDS = {
                         "through ComfyUI's sampler, with paired differences and error bars (the paper's tables)"),
     "kohya-table": Command("training.kohya", "write docs/kohya.md: every kohya flag the trainer takes, implemented, "
                            "accepted with no effect, or refused, from the registry the parser uses"),
+    "pack": Command("pack", "share a MoLE: experts + gates (+ card TOML, preview) -> one pack with its card in the "
+                    "metadata, a model card (.md) and a ready ComfyUI workflow"),
     "prepare": Command("training.prepare", "dataset preparation as in the paper: sliding-window crops, caption "
                        "clean-up, optional CLIP score filter, kohya metadata"),
 }

@@ -238,6 +238,34 @@ WORKFLOWS = {
 }
 
 
+PACK_FILE = "mole_pack.safetensors"
+
+
+def pack_txt2img() -> Graph:
+    """A shared pack in the SD1.5 txt2img graph: Load MoLE Pack's experts, gates and recommended settings into
+    Apply MoLE (python -m trainer pack fills in a pack's names and sampler settings)."""
+    g = Graph()
+    ckpt, pos, neg, latent = _base(g, SD15, 512, 512)
+    pack = g.add("MoLE_LoadPack", "Load MoLE Pack", pack=PACK_FILE)
+    apply_id = g.add("MoLE_Apply", "Apply MoLE", model=[ckpt, 0], experts=[pack, 0], gates=[pack, 1], mode="both",
+                     strength_1=1.0, strength_2=1.0, strength_3=1.0, start_percent=0.0, end_percent=1.0,
+                     record_trace=False, recommended=[pack, 2])
+    sample = _sampler(g, [apply_id, 0], [pos, 0], [neg, 0], [latent, 0], "KSampler", 20, 7.5, sampler="euler",
+                      scheduler="normal")
+    decode = g.add("VAEDecode", samples=[sample, 0], vae=[ckpt, 2])
+    g.add("SaveImage", "Save image", images=[decode, 0], filename_prefix="mole_pack")
+    return g          # no gate views: a pack may recommend a mode without local or global gates
+
+
+# rendered without an API twin into a subfolder, which ComfyUI's template list does not scan: the model card's
+# workflow, not a template
+PACK = Workflow(pack_txt2img, "pack/MoLE pack txt2img",
+                "A shared MoLE pack: put the pack in models/mole and the checkpoint its card names in "
+                "models/checkpoints. Load MoLE Pack shows the pack's card on itself (title, base model, recommended "
+                "settings); its recommended output sets Apply MoLE's mode, strengths and step range (disconnect it "
+                "to use Apply MoLE's own); the KSampler holds the recommended steps, CFG, sampler and scheduler.")
+
+
 def api_path(name: str) -> Path:
     return API_FOLDER / f"{name}.api.json"
 
@@ -373,15 +401,22 @@ def api_to_ui(api: dict, object_info: dict, note: str = "") -> dict:
 
 
 def render(object_info: dict) -> dict[str, str]:
-    """{path relative to workflows/: JSON text} of every shipped workflow: the UI file and its API twin."""
-    files = {}
-    for name, workflow in WORKFLOWS.items():
+    """{path relative to workflows/: JSON text} of every shipped workflow: the UI file and its API twin; and the
+    pack workflow's UI file."""
+    def titled(workflow: Workflow) -> dict:
         api = workflow.build().api()
         for node in api.values():   # untitled nodes show their display name, as when added by hand
             if node["_meta"]["title"] == node["class_type"]:
                 node["_meta"]["title"] = object_info[node["class_type"]]["display_name"] or node["class_type"]
+        return api
+
+    files = {}
+    for name, workflow in WORKFLOWS.items():
+        api = titled(workflow)
         files[workflow.ui_path.name] = json.dumps(api_to_ui(api, object_info, workflow.note), indent=1) + "\n"
         files[str(api_path(name).relative_to(FOLDER))] = json.dumps(api, indent=1) + "\n"
+    files[str(PACK.ui_path.relative_to(FOLDER))] = json.dumps(api_to_ui(titled(PACK), object_info, PACK.note),
+                                                              indent=1) + "\n"
     return files
 
 
