@@ -62,38 +62,67 @@ def test_frontend_loads_and_runs_shipped_workflow(browser, request, name):
     workflow = resize_ui(json.loads(WORKFLOWS[name].ui_path.read_text()), width=64, height=64, steps=3)
     page, seen = _open_frontend(browser, server)
     try:
-        page.evaluate("([wf, name]) => window.app.loadGraphData(wf, true, true, name)", [workflow, name])
-        page.wait_for_timeout(1000)
-        missing = page.evaluate("window.app.graph._nodes.filter(n => !window.LiteGraph.registered_node_types"
-                                "[n.type]).map(n => n.type)")
-        assert missing == []
-        assert "missing nodes" not in page.inner_text("body")
-        types = sorted({n["type"] for n in workflow["nodes"]})
-        assert sorted(page.evaluate("[...new Set(window.app.graph._nodes.map(n => n.type))]")) == types
+        _load_and_run(page, seen, server, workflow, name)
+    finally:
+        page.close()
 
-        history_before = set(server.get("/history"))
-        page.get_by_role("button", name="Run", exact=True).first.click()
-        deadline = time.monotonic() + 240
-        prefixes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "SaveImage"]
-        while time.monotonic() < deadline:
-            new = {k: v for k, v in server.get("/history").items() if k not in history_before}
-            done = [v for v in new.values() if v.get("status", {}).get("completed") is not None]
-            if done:
-                assert done[0]["status"]["status_str"] == "success", done[0]["status"]
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"{name}: the queued workflow did not finish:\n{server.log_tail()}")
-        # the page received every Save Image node's output, and fetched the main image to draw it on the canvas
-        page.wait_for_function(f"Object.keys(window.app.nodeOutputs || {{}}).length >= {len(prefixes)}",
-                               timeout=30_000)
-        received = page.evaluate("Object.values(window.app.nodeOutputs).flatMap(o => (o.images || [])"
-                                 ".map(i => i.filename))")
-        assert all(any(f.startswith(p + "_0") for f in received) for p in prefixes), (prefixes, received)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(prefixes[0] + "_0" in u for u in seen):
-            page.wait_for_timeout(250)
-        assert any(prefixes[0] + "_0" in u for u in seen), (prefixes[0], seen)
+
+def _load_and_run(page, seen, server, workflow: dict, name: str) -> None:
+    """Load a UI workflow into the page (no missing node), queue it with the Run button, wait for success, and
+    check that the page received every Save Image output and fetched the first to draw it."""
+    page.evaluate("([wf, name]) => window.app.loadGraphData(wf, true, true, name)", [workflow, name])
+    page.wait_for_timeout(1000)
+    missing = page.evaluate("window.app.graph._nodes.filter(n => !window.LiteGraph.registered_node_types"
+                            "[n.type]).map(n => n.type)")
+    assert missing == []
+    assert "missing nodes" not in page.inner_text("body")
+    types = sorted({n["type"] for n in workflow["nodes"]})
+    assert sorted(page.evaluate("[...new Set(window.app.graph._nodes.map(n => n.type))]")) == types
+
+    history_before = set(server.get("/history"))
+    page.get_by_role("button", name="Run", exact=True).first.click()
+    deadline = time.monotonic() + 240
+    prefixes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "SaveImage"]
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in server.get("/history").items() if k not in history_before}
+        done = [v for v in new.values() if v.get("status", {}).get("completed") is not None]
+        if done:
+            assert done[0]["status"]["status_str"] == "success", done[0]["status"]
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"{name}: the queued workflow did not finish:\n{server.log_tail()}")
+    # the page received every Save Image node's output, and fetched the main image to draw it on the canvas
+    page.wait_for_function(f"Object.keys(window.app.nodeOutputs || {{}}).length >= {len(prefixes)}",
+                           timeout=30_000)
+    received = page.evaluate("Object.values(window.app.nodeOutputs).flatMap(o => (o.images || [])"
+                             ".map(i => i.filename))")
+    assert all(any(f.startswith(p + "_0") for f in received) for p in prefixes), (prefixes, received)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(prefixes[0] + "_0" in u for u in seen):
+        page.wait_for_timeout(250)
+    assert any(prefixes[0] + "_0" in u for u in seen), (prefixes[0], seen)
+
+
+def test_a_packs_model_card_workflow_loads_and_runs_in_the_frontend(browser, server, mole_files, tmp_path):
+    """`python -m trainer pack` writes a pack, its model card and a workflow: dropped into the real frontend the
+    workflow loads (no missing node), runs on the pack, and Load MoLE Pack shows the card on itself."""
+    from test_pack_card import make_pack
+
+    folder = server.base_dir / "models" / "mole"
+    pack = make_pack(mole_files, folder, "browser_pack")
+    workflow = json.loads(pack.with_name("browser_pack_workflow.json").read_text())
+    # its checkpoint (the default name, mole_sd15_stage1.safetensors) is the server's detectable checkpoint
+    workflow = resize_ui(workflow, width=64, height=64, steps=2)
+    page, seen = _open_frontend(browser, server)
+    try:
+        _load_and_run(page, seen, server, workflow, "browser_pack_workflow")
+        loader = next(n["id"] for n in workflow["nodes"] if n["type"] == "MoLE_LoadPack")
+        page.wait_for_function(f"(window.app.nodeOutputs[{loader}] || {{}}).mole_lines", timeout=30_000)
+        lines = page.evaluate(f"window.app.nodeOutputs[{loader}].mole_lines")
+        assert "card: Crisp hands by A. Artist, licence openrail" in lines, lines
+        shown = page.evaluate(f"window.app.graph.getNodeById({loader}).widgets.map(w => w.name)")
+        assert "mole_report" in shown, shown
     finally:
         page.close()
 

@@ -143,3 +143,26 @@ def test_the_in_world_evaluation_is_the_evaluate_command(quick_demo, tmp_path):
     wrong = subprocess.run([sys.executable, "-m", "trainer", *args[:-4], "--seeds", "0", "1", "--output_dir",
                             str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert wrong.returncode != 0 and "holds an evaluation of other models, pictures or seeds" in wrong.stderr
+
+
+def test_the_demo_shares_its_mole_as_a_pack_with_every_card_field(quick_demo):
+    """`python -m trainer pack` on the demo's files (demo/share): the card's every field is in the pack, the model
+    card's links (preview, workflow) resolve, and the workflow loads this pack."""
+    from comfyui_mole.mole_ops import pack_file
+
+    share = quick_demo / "share"
+    experts, gates, meta = pack_file.load(share / "mole_sd15_demo.safetensors", with_metadata=True)
+    assert [e.name for e in experts] == ["face", "hand"] and gates.experts == ("face", "hand")
+    for key in ("sai_model_spec", "architecture", "implementation", "title", "description", "author", "license",
+                "date", "tags", "usage_hint", "thumbnail"):
+        assert meta.get(f"modelspec.{key}"), key
+    card, problems = pack_file.load_card(meta)
+    assert problems == [] and card.title == "MoLE demo world" and card.base_model.startswith("the demo's stage-1")
+    assert card.thumbnail.startswith("data:image/jpeg;base64,") and card.recommended.steps == 3
+    text = (share / "mole_sd15_demo.md").read_text()
+    links = [part.split(")")[0] for part in text.split("](")[1:]]
+    assert sorted(links) == ["mole_sd15_demo.png", "mole_sd15_demo_workflow.json"]
+    assert all((share / link).is_file() for link in links)
+    flow = json.loads((share / "mole_sd15_demo_workflow.json").read_text())
+    assert any(n["type"] == "MoLE_LoadPack" and n["widgets_values"] == ["mole_sd15_demo.safetensors"]
+               for n in flow["nodes"])

@@ -41,3 +41,23 @@ def test_no_function_of_the_training_loop_runs_past_60_lines():
     long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60}
     assert not long, long
+
+
+def test_the_registry_fields_point_at_files_of_this_repository():
+    """pyproject's [tool.comfy] Icon is the raw URL of a picture in this repository (icon size), the Repository URL
+    is set, and the version is written once (pyproject only)."""
+    import tomllib
+
+    from PIL import Image
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    repository = meta["project"]["urls"]["Repository"]
+    icon = meta["tool"]["comfy"]["Icon"]
+    assert repository.startswith("https://github.com/") and icon.startswith("https://raw.githubusercontent.com/")
+    path = ROOT / icon.split("/main/", 1)[1]
+    with Image.open(path) as im:
+        assert im.size == (128, 128)
+    version = meta["project"]["version"]
+    hits = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and ".host" not in p.parts
+            and version in p.read_text(errors="ignore")]
+    assert hits == [], hits

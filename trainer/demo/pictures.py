@@ -172,6 +172,25 @@ def sdxl_diagram() -> Image.Image:
     return canvas
 
 
+ICON = IMAGES / "icon.png"
+
+
+def icon(size: int = 128) -> Image.Image:
+    """The pack's icon (pyproject's [tool.comfy] Icon): a face and a raised hand of the demo world, each on the
+    colour of its expert in the gate maps (face orange, hand blue), drawn at 4x and scaled down."""
+    from .world import HAIRS, SHIRTS, SKINS, draw_face, draw_hand
+
+    big = size * 4
+    canvas = Image.new("RGB", (big, big), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.rounded_rectangle((0, 0, big / 2 + 8, big - 1), radius=big // 8, fill=(246, 178, 140))
+    draw.rounded_rectangle((big / 2 - 8, 0, big - 1, big - 1), radius=big // 8, fill=(150, 196, 238))
+    draw.rectangle((big / 2 - 8, 0, big / 2 + 8, big - 1), fill=(246, 178, 140))
+    draw_face(draw, big * 0.27, big * 0.5, big * 0.2, SKINS["tan"], HAIRS["brown"])
+    draw_hand(draw, big * 0.74, big * 0.55, big * 0.36, SKINS["tan"], cuff=SHIRTS["yellow"])
+    return canvas.resize((size, size), Image.LANCZOS)
+
+
 # A node's box on the page, in CSS pixels of the canvas, with room for its title bar.
 _NODE_BOX = """(id) => {
   const ds = window.app.canvas.ds, n = window.app.graph.getNodeById(id), title = 30;
@@ -239,6 +258,7 @@ def ui_pictures(chromium: str) -> None:
     use_comfy()
     sdxl = WORKFLOWS["mole_sdxl_three_files"]
     sdxl_diagram().save(sdxl.thumbnail, quality=90)
+    icon().save(ICON)
     with tempfile.TemporaryDirectory(prefix="mole-ui-pictures-") as tmp:
         models = Path(tmp) / "models"
         checkpoint = write_detectable_checkpoint(models / SD15["checkpoint"], seed=0)
@@ -251,7 +271,7 @@ def ui_pictures(chromium: str) -> None:
             warning_screenshot(context, server, IMAGES / "node_warning.png")
             templates_screenshot(context, server, IMAGES / "template_cards.png")
             browser.close()
-    for path in (sdxl.thumbnail, IMAGES / "node_warning.png", IMAGES / "template_cards.png"):
+    for path in (sdxl.thumbnail, ICON, IMAGES / "node_warning.png", IMAGES / "template_cards.png"):
         log.info("wrote %s (%s)", path, "x".join(map(str, _open(path).size)))
 
 

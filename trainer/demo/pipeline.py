@@ -294,6 +294,35 @@ def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: P
     return written
 
 
+DEMO_CARD = """title = "MoLE demo world"
+description = "The face and hand experts and the gates that ComfyUI-MoLE's demo trains on its synthetic world (64 px \
+scenes of one person with a face and a raised hand) on two CPU cores: a toy, to see what a shared MoLE looks like."
+author = "ComfyUI-MoLE's demo (python -m trainer demo)"
+license = "gpl-3.0"
+base_model = "the demo's stage-1 checkpoint (mole_sd15_stage1.safetensors)"
+tags = ["demo", "synthetic world"]
+usage_hint = "64 px pictures of the demo world: a person with a face and a raised hand"
+"""
+
+
+def share(out: Path, models: dict[str, Path], recipe: Recipe, images: list[Path]) -> Path:
+    """The demo's MoLE as others would share it (python -m trainer pack): out/share/mole_sd15_demo.safetensors with
+    its card, model card, preview (the txt2img workflow's picture) and workflow."""
+    from .. import pack
+
+    folder = out / "share"
+    folder.mkdir(parents=True, exist_ok=True)
+    card = folder / "card.toml"
+    card.write_text(DEMO_CARD + f'\n[recommended]\nmode = "both"\nstrengths = {{ face = 1.0, hand = 1.0 }}\n'
+                    f'steps = {recipe.sample_steps}\ncfg = 7.5\nsampler = "ddim"\nscheduler = "ddim_uniform"\n')
+    preview = next((p for p in images if p.name.startswith("mole_sd15_0")), None)
+    args = argparse.Namespace(experts=[f"face={models['face']}", f"hand={models['hand']}"], gates=models["gates"],
+                              output=folder / "mole_sd15_demo.safetensors", card=card, preset=None, preview=preview,
+                              thumbnail=None, checkpoint_name=None, prompt=DEMO_PROMPT)
+    pack.run(args)
+    return args.output
+
+
 def prepare(out: Path, recipe: Recipe, seed: int) -> tuple[dict, dict[str, Path]]:
     """The world and every trained file of the demo in `out`, built where missing: (world, models)."""
     from .world import write_world
@@ -342,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
     for curve in (out / "models").rglob("train/*_loss.png"):
         shutil.copy2(curve, results / curve.name)
     images = run_workflows(out, models, recipe, results)
+    share(out, models, recipe, images)
     phases.done("shipped workflows")
     from . import generated_gates
 
