@@ -2,7 +2,8 @@
 (with its thumbnail, no API twin listed, no error), reached by the README's menu path click by click, its card
 title whole; each shipped UI workflow loads with no missing-node warning, is queued with the Run button and its
 output image comes back to the page; the pack's extension (web/mole.js) draws Apply MoLE's summary and warnings on
-the node and raises one toast for a run with warnings, without console errors and without touching other nodes.
+the node and raises one toast for a run with warnings, without console errors and without touching other nodes; a
+pack's model-card workflow (`python -m trainer pack`) loads and runs on the pack.
 
 Needs Debian's chromium (`.ci/run` installs it). Without it the test is skipped, unless MOLE_REQUIRE_BROWSER=1
 (set by CI), where a missing browser fails.
