@@ -87,3 +87,24 @@ def test_a_pack_without_a_card_or_with_a_bad_field_still_loads(server, detectabl
                                       "are left out)"], shown
     assert "mode both" in node_ui(outputs, api, "MoLE_Apply")["mole_lines"][0]      # the widgets' settings
     assert card_format.from_metadata(meta)[0].title == "Crisp hands"
+
+
+def test_the_stock_lora_loader_ignores_what_it_does_not_know(comfy, detectable, mole_files, tmp_path, caplog):
+    """A carded pack in ComfyUI's stock LoRA loader: nothing of it is applied (its keys are the pack's own) and
+    nothing fails; the expert files the pack was made from still load there whole."""
+    import logging
+
+    import comfy.sd
+    import comfy.utils
+
+    pack = make_pack(mole_files, tmp_path, "stock")
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(detectable), output_vae=False, output_clip=True)
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(pack), safe_load=True),
+                                                   1.0, 1.0)
+    assert len(patched.patches) == 0 and "lora key not loaded" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(
+            model, clip, comfy.utils.load_torch_file(str(mole_files["face"]), safe_load=True), 1.0, 1.0)
+    assert len(patched.patches) > 0 and "lora key not loaded" not in caplog.text
