@@ -368,6 +368,17 @@ def validate(c: TrainConfig) -> None:
     for name in ("pretrained_model_name_or_path", "dataset_config", "train_data_dir", "in_json", "resume",
                  "sample_prompts", "network_weights", "gate_weights", "conditioning_data_dir"):
         exists(name)
+    _check_optimisation(c)
+    _check_numbers(c)
+    _check_device_options(c)
+    if c.text_encoder_outputs_cached and c.train_text_encoder:
+        raise ConfigError("--cache_text_encoder_outputs needs a frozen text encoder: a training one changes its "
+                          "outputs every step (drop --train_text_encoder or the caching)")
+    _check_stage(c)
+
+
+def _check_optimisation(c: TrainConfig) -> None:
+    """Steps, learning rates, schedules and the trained network's kohya options."""
     parse_resolution(c.resolution, "--resolution")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
         if getattr(c, name) < 1:
@@ -390,6 +401,10 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"--scale_weight_norms must be > 0 (1.0 is usual), got {c.scale_weight_norms}")
     if c.max_data_loader_n_workers is not None and c.max_data_loader_n_workers < 0:
         raise ConfigError(f"--max_data_loader_n_workers must be >= 0, got {c.max_data_loader_n_workers}")
+
+
+def _check_numbers(c: TrainConfig) -> None:
+    """Loss, noise, saving and sampling options: ranges and the options they need."""
     if not 0 < c.huber_c <= 1:
         raise ConfigError(f"--huber_c must be in (0, 1], got {c.huber_c}")
     if c.lr_warmup_steps >= c.max_train_steps:
@@ -415,10 +430,10 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--multires_noise_discount must be in (0, 1] and --ip_noise_gamma in [0, 1]")
     if c.noise_offset is not None and not 0 <= c.noise_offset <= 1:
         raise ConfigError(f"--noise_offset must be from 0 to 1 (0.05-0.1 is usual), got {c.noise_offset}")
-    _check_device_options(c)
-    if c.text_encoder_outputs_cached and c.train_text_encoder:
-        raise ConfigError("--cache_text_encoder_outputs needs a frozen text encoder: a training one changes its "
-                          "outputs every step (drop --train_text_encoder or the caching)")
+
+
+def _check_stage(c: TrainConfig) -> None:
+    """What one stage's options need."""
     if c.stage == "finetune":
         if c.save_precision != "float":
             raise ConfigError(f"--save_precision {c.save_precision}: train-base writes the full checkpoint as "
@@ -434,7 +449,8 @@ def validate(c: TrainConfig) -> None:
             raise ConfigError("--network_dim must be >= 1 and --network_alpha > 0")
         check_role_name(c.expert_name)
     else:
-        need("experts", " for train-gates (the frozen experts, role=path in column order)")
+        if not c.experts:
+            raise ConfigError("--experts is required for train-gates (the frozen experts, role=path in column order)")
         for name, path in c.expert_paths().items():
             if not path.exists():
                 raise ConfigError(f"--experts {name}={path}: no such file")
