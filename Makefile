@@ -6,7 +6,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: host demo serve test test-all fuzz bench imagereward-env
+.PHONY: host demo serve test test-all fuzz bench imagereward-env detector-env
 
 host:
 	@bash scripts/host.sh >/dev/null
@@ -21,6 +21,10 @@ serve: host
 # ImageReward's own environment for `python -m trainer evaluate --imagereward ...` (.venv-imagereward)
 imagereward-env: host
 	bash scripts/imagereward-env.sh
+
+# The face, hand and person detector's own environment for `python -m trainer prepare --detect ...` (.venv-detector)
+detector-env: host
+	bash scripts/detector-env.sh
 
 test: host
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ...mole_ops.atomic import replacing, write_text
 from .config import ConfigError
 from .data import IMAGE_EXTENSIONS, read_metadata
@@ -86,12 +88,17 @@ class Report:
     cleaned: list = field(default_factory=list)         # (before, after) of captions the clean-up changed
     scores: list = field(default_factory=list)          # CLIP scores of every crop scored
     rows: list = field(default_factory=list)            # per source: file, crops written, reason if dropped
+    detected: Counter = field(default_factory=Counter)   # crops with a mask of each part (--detect)
+    closeups: Counter = field(default_factory=Counter)   # close-ups written per part (--closeups)
+    no_person: list = field(default_factory=list)       # images the person filter dropped
+    sheet: list = field(default_factory=list)           # (crop, {part: mask}) drawn in the report
 
     def as_dict(self) -> dict:
         return {"sources": self.sources, "kept_sources": self.kept_sources, "crops": self.crops,
                 "written": self.written, "dropped_sources": dict(self.dropped_sources),
                 "dropped_crops": dict(self.dropped_crops), "captions_cleaned": len(self.cleaned),
-                "clip_scores": _stats(self.scores), "files": self.rows}
+                "clip_scores": _stats(self.scores), "files": self.rows, "detected": dict(self.detected),
+                "closeups": dict(self.closeups), "no_person": self.no_person}
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -146,10 +153,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip_threshold", type=float, help="drop crops whose score (100 x cosine) is below "
                         "this (the authors used 20 and 25); without it scores are only reported")
     parser.add_argument("--batch_size", type=int, default=16, help="crops per CLIP batch")
+    d = parser.add_argument_group("faces, hands and people (a detector in its own environment: make detector-env)")
+    d.add_argument("--detect", type=_parts, default=[], metavar="face,hand", help="region masks of these parts for "
+                   "every crop: masks/<crop>_<part>.png (expert-effect, evaluate --heldout), masks_<part>/ (that "
+                   "expert's conditioning_data_dir for --masked_loss), masks_all/; plus caption files and <part>.toml")
+    d.add_argument("--closeups", type=_parts, default=[], metavar="face,hand", help="square close-ups around each "
+                   "detection in the full picture (padded where they leave it), each with its caption and mask, in "
+                   "closeups_<part>/ (and its subset in <part>.toml)")
+    d.add_argument("--closeup_size", type=int, default=512, help="side of the close-ups (default 512, the paper's)")
+    d.add_argument("--closeup_min", type=int, default=256, help="skip close-ups whose square in the picture is "
+                   "smaller than this many pixels (default 256; they would be upscaled)")
+    d.add_argument("--closeup_context", type=float, default=1.0, help="context around a detection: the square is "
+                   "its longer side x (1 + this) (default 1)")
+    d.add_argument("--closeup_caption", default="a close-up of a {part}, {caption}", help="caption of a close-up; "
+                   "{part} and {caption} (the picture's) are filled in")
+    d.add_argument("--require", choices=("person",), help="drop pictures in which the detector finds no person "
+                   "(no body pose, face or hand)")
+    d.add_argument("--detect_threshold", type=float, default=0.5, help="the detector's minimum confidence "
+                   "(default 0.5)")
+    d.add_argument("--mask_margin", type=float, default=0.15, help="masks grow by this share of the part's size "
+                   "(default 0.15)")
+    d.add_argument("--detector_python", type=Path, default=None, help="the detector environment's Python "
+                   "(default: .venv-detector/bin/python, which make detector-env builds)")
     parser.set_defaults(run=run)
 
 
+def _parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if p not in ("face", "hand")]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: give face, hand or face,hand")
+    return list(dict.fromkeys(parts))
+
+
 def check(args: argparse.Namespace) -> None:
+    """Every option checked (and the defaults of those a caller's Namespace leaves out filled in) before any work."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for key, value in vars(parser.parse_args(["--input_dir", ".", "--output_dir", "."])).items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
     if not args.input_dir.is_dir():
         raise ConfigError(f"--input_dir {args.input_dir}: no such folder")
     if args.output_dir.resolve() == args.input_dir.resolve():
@@ -163,6 +206,18 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--stride {args.stride} must be between 1 and --window ({args.window})")
     if args.clip_threshold is not None and not args.clip_model:
         raise ConfigError("--clip_threshold needs --clip_model (the CLIP that computes the score)")
+    if args.closeup_size < 8 or args.closeup_size % 8 or args.closeup_min < 1 or args.closeup_context < 0:
+        raise ConfigError("--closeup_size must be a multiple of 8, --closeup_min >= 1 and --closeup_context >= 0")
+    if not 0 < args.detect_threshold < 1 or not 0 <= args.mask_margin <= 1:
+        raise ConfigError("--detect_threshold must be in (0, 1) and --mask_margin in [0, 1]")
+    try:
+        args.closeup_caption.format(part="face", caption="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--closeup_caption {args.closeup_caption!r}: only {{part}} and {{caption}} ({e})") from e
+    if args.detector_python is None:
+        from .detector import DEFAULT_PYTHON
+
+        args.detector_python = DEFAULT_PYTHON
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,65 +226,94 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prepare(args: argparse.Namespace) -> Report:
-    from PIL import Image, UnidentifiedImageError
     from .progress import bar
 
     check(args)
-    scorer = ClipScorer(args.clip_model) if args.clip_model else None
-    captions = read_metadata(args.in_json) if args.in_json else None
-    images_dir = args.output_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    report, metadata, pending = Report(), {}, []
     sources = sorted(p for p in args.input_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not sources:
         raise ConfigError(f"--input_dir {args.input_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    run = Preparation(args)
+    try:
+        for source in bar(sources, desc="preparing", unit="img"):
+            run.source(source)
+        run.flush()
+    finally:
+        run.close()
+    write_text(args.output_dir / "metadata.json", json.dumps(run.metadata, indent=1, ensure_ascii=False))
+    if run.detector_used:
+        write_dataset_tomls(args)
+    write_report(args, run.report)
+    report = run.report
+    log.info("prepare: %d of %d images kept, %d crops written of %d; report: %s", report.kept_sources,
+             report.sources, report.written, report.crops, args.output_dir / "prepare_report.md")
+    return report
 
-    def drop(source: Path, reason: str) -> None:
-        report.dropped_sources[reason] += 1
-        report.rows.append({"file": source.name, "crops": 0, "dropped": reason})
 
-    def flush() -> None:
-        """Score (when a CLIP is given) and write the pending crops."""
-        scores = scorer([c[1] for c in pending], [c[2] for c in pending]) if scorer else [None] * len(pending)
-        for (key, crop, caption, row), score in zip(pending, scores):
-            if score is not None:
-                report.scores.append(score)
-            if score is not None and args.clip_threshold is not None and score < args.clip_threshold:
-                report.dropped_crops[f"CLIP score below {args.clip_threshold:g}"] += 1
-                continue
-            with replacing(images_dir / f"{key}.{args.format}") as tmp:
-                crop.save(tmp, format="PNG" if args.format == "png" else "JPEG", quality=95)
-            metadata[key] = {"caption": caption, "train_resolution": [args.size, args.size]}
-            row["crops"] += 1
-            report.written += 1
-        pending.clear()
+class Preparation:
+    """One `prepare` run: the CLIP scorer and the detector (each only when asked for), the crops waiting for
+    their CLIP batch, the metadata and the report."""
 
-    for source in bar(sources, desc="preparing", unit="img"):
-        report.sources += 1
-        if captions is not None:
-            raw = captions.get(source.stem)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.scorer = ClipScorer(args.clip_model) if args.clip_model else None
+        self.detector_used = bool(args.detect or args.closeups or args.require)
+        self.detector = None
+        if self.detector_used:
+            from .detector import Detector
+
+            self.detector = Detector(args.detector_python, {p: args.detect_threshold
+                                                            for p in ("face", "hand", "person")})
+        self.captions = read_metadata(args.in_json) if args.in_json else None
+        self.images_dir = args.output_dir / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.report, self.metadata, self.pending = Report(), {}, []
+
+    def close(self) -> None:
+        if self.detector is not None:
+            self.detector.close()
+
+    def drop(self, source: Path, reason: str) -> None:
+        self.report.dropped_sources[reason] += 1
+        self.report.rows.append({"file": source.name, "crops": 0, "dropped": reason})
+
+    def caption_of(self, source: Path) -> str | None:
+        """The cleaned caption, or None after dropping the image for it."""
+        if self.captions is not None:
+            raw = self.captions.get(source.stem)
         else:
-            caption_file = source.with_suffix(args.caption_extension)
+            caption_file = source.with_suffix(self.args.caption_extension)
             raw = caption_file.read_text(errors="replace") if caption_file.exists() else None
         if raw is None:
-            drop(source, "no caption")
-            continue
-        caption = clean_caption(raw, tuple(args.drop_phrase))
+            self.drop(source, "no caption")
+            return None
+        caption = clean_caption(raw, tuple(self.args.drop_phrase))
         if caption != " ".join(raw.split()):
-            report.cleaned.append((" ".join(raw.split()), caption))
+            self.report.cleaned.append((" ".join(raw.split()), caption))
         if not caption:
-            drop(source, "empty caption after clean-up")
-            continue
+            self.drop(source, "empty caption after clean-up")
+            return None
+        return caption
+
+    def source(self, source: Path) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        args, report = self.args, self.report
+        report.sources += 1
+        caption = self.caption_of(source)
+        if caption is None:
+            return
         try:
             with Image.open(source) as im:
                 im.load()
                 image = im.convert("RGB")
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-            drop(source, "unreadable image")
-            continue
+            self.drop(source, "unreadable image")
+            return
         if min(image.size) < args.size:
-            drop(source, f"smaller than {args.size} px")
-            continue
+            self.drop(source, f"smaller than {args.size} px")
+            return
+        if (args.require or args.closeups) and not self.look_at_source(source, image, caption):
+            return
         report.kept_sources += 1
         row = {"file": source.name, "crops": 0, "dropped": ""}
         report.rows.append(row)
@@ -238,15 +322,108 @@ def prepare(args: argparse.Namespace) -> Report:
             if side != args.size:
                 crop = crop.resize((args.size, args.size), Image.Resampling.LANCZOS)
             report.crops += 1
-            pending.append((f"{source.stem}_{n}", crop, caption, row))
-            if len(pending) >= args.batch_size:
-                flush()
-    flush()
-    write_text(args.output_dir / "metadata.json", json.dumps(metadata, indent=1, ensure_ascii=False))
-    write_report(args, report)
-    log.info("prepare: %d of %d images kept, %d crops written of %d; report: %s", report.kept_sources,
-             report.sources, report.written, report.crops, args.output_dir / "prepare_report.md")
-    return report
+            self.pending.append((f"{source.stem}_{n}", crop, caption, row))
+            if len(self.pending) >= args.batch_size:
+                self.flush()
+
+    def look_at_source(self, source: Path, image, caption: str) -> bool:
+        """The detector on the whole picture: the person filter (False: dropped) and the close-ups."""
+        args = self.args
+        wanted = sorted(set(args.closeups) | ({"face", "hand"} if args.require else set()))
+        found = self.detector.find(source, wanted + (["person"] if args.require else []))
+        if found.error:
+            self.drop(source, f"the detector could not read it ({found.error})")
+            return False
+        if args.require and not any(found.parts.get(p) for p in ("person", "face", "hand")):
+            self.drop(source, "no person found by the detector")
+            self.report.no_person.append(source.name)
+            return False
+        for part in args.closeups:
+            self.closeups(source, image, caption, part, found.parts.get(part, []))
+        return True
+
+    def closeups(self, source: Path, image, caption: str, part: str, detections: list[dict]) -> None:
+        from .detector import closeup_window, crop_padded, region_mask, save_mask
+
+        args, report = self.args, self.report
+        folder = args.output_dir / f"closeups_{part}"
+        for i, d in enumerate(detections):
+            window = closeup_window(d["box"], image.size, args.closeup_context)
+            if window[2] < args.closeup_min:
+                report.dropped_crops[f"{part} too small for a close-up (under {args.closeup_min} px)"] += 1
+                continue
+            name = f"{source.stem}_{part}{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            with replacing(folder / f"{name}.png") as tmp:
+                crop_padded(image, window, args.closeup_size).save(tmp, format="PNG")
+            mask = region_mask(image.size, [d], part, args.mask_margin)
+            from PIL import Image
+
+            small = crop_padded(Image.fromarray(mask.astype("uint8") * 255, "L"), window, args.closeup_size)
+            save_mask(folder / "masks" / f"{name}.png", np.asarray(small) > 127)
+            write_text(folder / f"{name}.caption", args.closeup_caption.format(part=part, caption=caption))
+            report.closeups[part] += 1
+
+    def flush(self) -> None:
+        """Score (when a CLIP is given), write the pending crops, and find their parts (with --detect)."""
+        args, report = self.args, self.report
+        scores = self.scorer([c[1] for c in self.pending], [c[2] for c in self.pending]) if self.scorer else \
+            [None] * len(self.pending)
+        for (key, crop, caption, row), score in zip(self.pending, scores):
+            if score is not None:
+                report.scores.append(score)
+            if score is not None and args.clip_threshold is not None and score < args.clip_threshold:
+                report.dropped_crops[f"CLIP score below {args.clip_threshold:g}"] += 1
+                continue
+            path = self.images_dir / f"{key}.{args.format}"
+            with replacing(path) as tmp:
+                crop.save(tmp, format="PNG" if args.format == "png" else "JPEG", quality=95)
+            self.metadata[key] = {"caption": caption, "train_resolution": [args.size, args.size]}
+            row["crops"] += 1
+            report.written += 1
+            if args.detect:
+                self.masks(key, path, caption)
+        self.pending.clear()
+
+    def masks(self, key: str, path: Path, caption: str) -> None:
+        """Region masks of one written crop (detector.write_masks), and its caption file beside it (expert-effect
+        and evaluate --heldout read caption files)."""
+        from .detector import region_mask, write_masks
+
+        found = self.detector.find(path, list(self.args.detect))
+        if found.error:
+            self.report.dropped_crops[f"no masks: the detector could not read it ({found.error})"] += 1
+            return
+        masks = {part: region_mask(found.size, found.parts[part], part, self.args.mask_margin)
+                 for part in self.args.detect}
+        write_masks(self.args.output_dir, key, masks)
+        write_text(path.with_suffix(".caption"), caption)
+        for part, mask in masks.items():
+            self.report.detected[part] += int(mask.any())
+        if len(self.report.sheet) < SHEET:
+            self.report.sheet.append((path, masks))
+
+
+SHEET = 12     # pictures with their masks drawn in the report
+
+
+def write_dataset_tomls(args: argparse.Namespace) -> list[Path]:
+    """`<part>.toml` per part found or cut out: kohya dataset TOMLs for that part's expert (with --masked_loss):
+    the crops masked to the part (--detect), and its close-ups with their own masks (--closeups)."""
+    out, written = args.output_dir, []
+    for part in sorted(set(args.detect) | set(args.closeups)):
+        lines = [f"# the {part} expert's data (python -m trainer prepare); train with --masked_loss"]
+        if part in args.detect:
+            lines += ["", "[[datasets]]", f"resolution = {args.size}", "  [[datasets.subsets]]",
+                      '  image_dir = "images"', '  metadata_file = "metadata.json"',
+                      f'  conditioning_data_dir = "masks_{part}"']
+        if part in args.closeups and (out / f"closeups_{part}").is_dir():
+            lines += ["", "[[datasets]]", f"resolution = {args.closeup_size}", "  [[datasets.subsets]]",
+                      f'  image_dir = "closeups_{part}"', '  caption_extension = ".caption"',
+                      f'  conditioning_data_dir = "closeups_{part}/masks"']
+        if len(lines) > 1:
+            written.append(write_text(out / f"{part}.toml", "\n".join(lines) + "\n"))
+    return written
 
 
 def write_report(args: argparse.Namespace, report: Report) -> None:
@@ -262,6 +439,7 @@ def write_report(args: argparse.Namespace, report: Report) -> None:
         lines += [f"| image | {r} | {n} |" for r, n in report.dropped_sources.most_common()]
         lines += [f"| crop | {r} | {n} |" for r, n in report.dropped_crops.most_common()]
         lines.append("")
+    lines += detection_section(args, report)
     if report.scores:
         from ...mole_ops.plots import histogram, save_png
 
@@ -279,6 +457,47 @@ def write_report(args: argparse.Namespace, report: Report) -> None:
     lines += ["## Files", "", "| image | crops | dropped because |", "|---|---|---|"]
     lines += [f"| {_cell(r['file'])} | {r['crops']} | {r['dropped']} |" for r in report.rows]
     write_text(out / "prepare_report.md", "\n".join(lines) + "\n")
+
+
+def detection_section(args: argparse.Namespace, report: Report) -> list[str]:
+    """The detector's part of the report: what it found and made, how masks are drawn, the images the person
+    filter dropped, and a contact sheet of masks over the first crops."""
+    if not (args.detect or args.closeups or args.require):
+        return []
+    lines = ["## Faces, hands and people (mediapipe's bundled detectors)", "",
+             f"- threshold {args.detect_threshold:g}; masks: a face is the ellipse in its box grown by "
+             f"{args.mask_margin:.0%} on every side, a hand the convex hull of its 21 landmarks grown by "
+             f"{args.mask_margin:.0%} around their centre"]
+    lines += [f"- crops with a {part} mask: {report.detected[part]} of {report.written}" for part in args.detect]
+    lines += [f"- {part} close-ups written: {report.closeups[part]} ({args.closeup_size} px, in `closeups_{part}/`)"
+              for part in args.closeups]
+    if args.require:
+        shown = ", ".join(report.no_person[:10]) + (" ..." if len(report.no_person) > 10 else "")
+        lines.append(f"- dropped, no person found: {len(report.no_person)}" + (f" ({shown})" if shown else ""))
+    if report.sheet:
+        contact_sheet(report.sheet).save(args.output_dir / "detections.png")
+        lines += ["", "The first crops with their masks (face red, hand blue):", "", "![masks](detections.png)"]
+    return lines + [""]
+
+
+COLOURS = {"face": (230, 60, 40), "hand": (40, 110, 230)}
+
+
+def contact_sheet(items: list, side: int = 160, columns: int = 4):
+    """Pictures with their part masks tinted over them, in a grid."""
+    from PIL import Image
+
+    columns = max(1, min(columns, len(items)))
+    rows = -(-len(items) // columns)
+    sheet = Image.new("RGB", (columns * side, rows * side), "white")
+    for i, (path, masks) in enumerate(items):
+        with Image.open(path) as im:
+            picture = np.asarray(im.convert("RGB").resize((side, side))).astype(np.float32)
+        for part, mask in masks.items():
+            small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((side, side))) > 127
+            picture[small] = picture[small] * 0.5 + np.asarray(COLOURS.get(part, (0, 200, 0))) * 0.5
+        sheet.paste(Image.fromarray(picture.astype(np.uint8)), ((i % columns) * side, (i // columns) * side))
+    return sheet
 
 
 def _cell(text: str) -> str:
