@@ -26,8 +26,10 @@ their own, so backward computes no weight gradient for the experts' rows.
 
 The frozen stack (FusedWeights) does not depend on the settings: every expert and both gates' rows are in it,
 and mode and strengths act on the small per-token factors. So one stack serves every Apply MoLE on the same files;
-it is a module of frozen parameters, which ComfyUI's ModelPatcher can load, offload and count like weights. An
-expert at strength 0 is still computed (and multiplied by 0).
+it is a module of frozen parameters, which ComfyUI's ModelPatcher can load, offload and count like weights. Experts
+at strength 0 before the first or after the last active one are left out of the matmuls (views of their rows, no
+copy: an ablation's face-only and hand-only nodes cost one expert each); one at strength 0 between two active
+ones is still computed (and multiplied by 0).
 
 Compute dtype: the activation's, except bf16/fp16 activations on a CPU without native units for them (no
 AVX512-BF16/AMX-BF16, no AVX512-FP16/AMX-FP16). There those matmuls are emulated and several times slower than
@@ -279,11 +281,17 @@ class MoLELayer(nn.Module):
         alone on that row: the batched ensemble pass of EMoE).
         Without active experts y is returned unchanged (bit-exact).
         """
-        strengths = [settings.strength(n) for n in self.order]
+        strengths, names = [settings.strength(n) for n in self.order], list(self.order)
         if not any(strengths):
             return y
         dtype = compute_dtype(x)
         f = self.fused(settings, x.device, dtype)
+        lo, hi = _active_span(strengths)
+        if rows is None and hi - lo < f.n and all(strengths[lo:hi]) and _can_narrow(f):
+            # experts at strength 0 on either side of the active ones are not computed: their rows of the one
+            # stack are left out of the matmuls (views, no copy), so an ablation's face-only node costs one expert
+            f = _narrowed(f, lo, hi)
+            strengths, names = strengths[lo:hi], names[lo:hi]
         conv = x.ndim == 4
         if not conv and x.ndim != 3:
             raise MoLEError(f"MoLE layer input must be (B, n, d) or (B, C, H, W), got {tuple(x.shape)}")
@@ -316,7 +324,7 @@ class MoLELayer(nn.Module):
         if record is not None:
             active = [i for i, s in enumerate(strengths) if s != 0.0]
             record(None if local_gate is None else local_gate[..., active],
-                   None if global_gate is None else global_gate[:, active], [self.order[i] for i in active])
+                   None if global_gate is None else global_gate[:, active], [names[i] for i in active])
         inplace = not (torch.is_grad_enabled() and (y.requires_grad or hidden.requires_grad))
         if f.up is None:                     # dense experts: the gated sum of the output blocks is the delta
             delta = self._sum_blocks(hidden, coef, f).reshape(-1, self.d_out)
@@ -353,6 +361,29 @@ class MoLELayer(nn.Module):
             return blocks.mul_(c).flatten(2) if inplace else (blocks * c).flatten(2)
         c = torch.repeat_interleave(coef, f.ranks_t, dim=2, output_size=f.rank_total)
         return hidden.mul_(c) if inplace else hidden * c
+
+
+def _active_span(strengths: list[float]) -> tuple[int, int]:
+    """[lo, hi): from the first to the last expert whose strength is not 0."""
+    active = [i for i, s in enumerate(strengths) if s != 0.0]
+    return active[0], active[-1] + 1
+
+
+def _can_narrow(f) -> bool:
+    """The stack holds every expert's rows and, folded after them or as rows of their own, both gates' rows."""
+    return f.gate_w is not None or f.w1.shape[0] >= f.rank_total + 2 * f.n
+
+
+def _narrowed(f, lo: int, hi: int) -> "_Fused":
+    """The stack of experts lo..hi-1 only: views of their rows of w1 and columns of up, and their gate rows (2 per
+    expert, the only copy)."""
+    a, b = sum(f.ranks[:lo]), sum(f.ranks[:hi])
+    k = hi - lo
+    gates, start = (f.gate_w, 0) if f.gate_w is not None else (f.w1, f.rank_total)
+    gate_w = torch.cat([gates.narrow(0, start + lo, k), gates.narrow(0, start + f.n + lo, k)])
+    return _Fused(w1=f.w1.narrow(0, a, b - a), up=None if f.up is None else f.up.narrow(1, a, b - a),
+                  ranks=list(f.ranks[lo:hi]), rank_total=b - a, n=k, local_b=f.local_b[lo:hi],
+                  global_b=f.global_b[lo:hi], ranks_t=f.ranks_t[lo:hi], gate_w=gate_w)
 
 
 class FusedWeights(nn.Module):

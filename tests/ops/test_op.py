@@ -297,3 +297,46 @@ def test_expert_dropout_drops_hidden_units_while_training_only(conv):
         torch.testing.assert_close(layer(x, y.clone(), settings), naive(layer, x, y, GateSettings("none")))
     with pytest.raises(MoLEError, match="expert dropout 1.0 is not in"):
         GateSettings("none", dropout=1.0)
+
+
+class _MatmulWidths(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output width (columns) of every matrix product."""
+
+    def __init__(self):
+        super().__init__()
+        self.widths = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.widths.append(out.shape[-1])
+        return out
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("training", ("nothing", "gates"))
+@pytest.mark.parametrize("strengths", [(1.0, 0.0, 0.0), (0.0, 0.7, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 1.0),
+                                       (1.0, 0.0, 1.0)])
+def test_idle_experts_are_not_computed_and_change_nothing(ranks, conv, training, strengths):
+    """Experts at strength 0 before the first or after the last active one: their rows are not in any matmul
+    (every product is as wide as the active experts, their gates, or the layer), and the output equals the naive
+    reference with those strengths; one between two active ones is computed and multiplied by 0."""
+    layer = make_layer(12 if ranks == "dense" else 24, 20, RANKS[ranks][:3], "official")
+    set_training(layer, training)
+    x, y = inputs(layer, conv, (3, 4))
+    settings = GateSettings("both", dict(zip(layer.order, strengths)))
+    with torch.no_grad():
+        layer(x, y.clone(), settings)                      # build the stacks first
+        with _MatmulWidths() as seen:
+            out = layer(x, y.clone(), settings)
+    torch.testing.assert_close(out, naive(layer, x, y, settings))
+    active = [i for i, s in enumerate(strengths) if s]
+    span = range(active[0], active[-1] + 1)
+    dense = layer.fused(settings, x.device, x.dtype).up is None
+    widths = [layer.d_out if dense else layer.experts[layer.order[i]].rank for i in span]
+    everything = sum(layer.d_out if dense else e.rank for e in layer.experts.values())
+    if len(span) == len(active):
+        assert max(seen.widths) <= max(sum(widths), layer.d_out, 2 * len(span)), seen.widths
+    else:                                           # the idle expert in the middle is computed
+        assert max(seen.widths) >= everything, seen.widths
