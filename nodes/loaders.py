@@ -1,9 +1,9 @@
 """Loader nodes: experts, gates, packs -> MOLE_EXPERTS / MOLE_GATES."""
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 import logging
+
+from comfy_api.latest import io
 
 from ..mole_ops import card as card_format
 from ..mole_ops import expert_file, pack_file

@@ -9,6 +9,9 @@ repetition:
   authors   the authors' code structure: per expert down then up, local gate as its own Linear, global gate
             pooled over that expert's output (a baseline for comparison, not used anywhere else)
   peft      two unmerged LoRAs without gates (separate down/up per adapter, added to the output)
+  face only the ablation's face-only node: the same two-expert MoLE, mode both, hand at strength 0
+  one fixed one expert (the face one) at fixed scale, no gates (MoLE Expert at Fixed Scale): face only / one fixed
+            is what an idle expert still costs
 FLOP ratios are counted with torch's FlopCounterMode on the same calls (attention included, see
 attention_flops_on_cpu); the authors' and peft's are the low-rank count, ours is lower where experts run dense.
 Below each row: the recorder's own time (summed inside GateTrace's methods) as a share of a traced call, which is
@@ -123,6 +126,7 @@ def attach_modules(root, per_layer):
 
 
 def make_mole(unet_root, dtype):
+    """(the two-expert MoLE, its experts)."""
     from mole_fakes import fake_expert, fake_gates
 
     modules = dict(unet_root.named_modules())
@@ -130,17 +134,16 @@ def make_mole(unet_root, dtype):
               for k in SD15.layer_keys}
     experts = [fake_expert("face", shapes, rank=256, alpha=64, seed=1),
                fake_expert("hand", shapes, rank=256, alpha=128, seed=2)]
-    mole = build(experts, fake_gates(experts), SD15)
     # A trained expert changes a layer's weight by a small fraction; random rank-256 factors change it by several
     # times the weight itself, and 192 such layers in a row make the UNet's output chaotic (a 1e-6 change of the
     # input moves it by more than its own size). Scale each expert's delta to 10% of the layer weight's spread, so
     # the variants' outputs can be compared (the timing does not depend on it).
     with torch.no_grad():
-        for key, layer in mole.items():
-            spread = modules[key].weight.float().std()
-            for e in layer.experts.values():
-                e.up.mul_(0.1 * spread / ((e.up @ e.down) * e.scale).std())
-    return mole
+        for e in experts:
+            for name, w in e.layers.items():
+                spread = modules[SD15.name_map[name]].weight.float().std()
+                w.up.mul_(0.1 * spread / ((w.up.float() @ w.down.float()) * w.alpha / w.down.shape[0]).std())
+    return build(experts, fake_gates(experts), SD15), experts
 
 
 class TimedTrace(GateTrace):
@@ -199,7 +202,7 @@ def bench(model, dtype, size, reps, min_seconds, device="cpu"):
     x = torch.randn(2, 4, size, size, generator=gen).to(device=device, dtype=dtype)
     t = torch.tensor([500.0, 500.0], device=device)
     ctx = torch.randn(2, 77, 768, generator=gen).to(device=device, dtype=dtype)
-    mole = make_mole(root, dtype)
+    mole, experts = make_mole(root, dtype)
     trace = TimedTrace(mole.order)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
@@ -234,6 +237,11 @@ def bench(model, dtype, size, reps, min_seconds, device="cpu"):
     variants["+trace"] = lambda: with_hooks(lambda: attach(root, mole, traced_state))(traced_call)
     authors = {k: m.to(device) for k, m in baseline_modules(root, mole, AuthorsLayer, dtype).items()}
     peft = {k: m.to(device) for k, m in baseline_modules(root, mole, PeftLayer, dtype).items()}
+    face_only = HookState(GateSettings("both", {"face": 1.0, "hand": 0.0}))
+    variants["face only"] = with_hooks(lambda: attach(root, mole, face_only))
+    one = build(experts[:1], None, SD15)
+    one_state = HookState(GateSettings("none"))
+    variants["one fixed"] = with_hooks(lambda: attach(root, one, one_state))
     variants["authors"] = with_hooks(lambda: attach_modules(root, authors))
     variants["peft"] = with_hooks(lambda: attach_modules(root, peft))
 
@@ -315,6 +323,9 @@ def main() -> None:
               f"{paired(times, 'mole', 'base') - 1:.2f} of a base call: the authors' adds "
               f"{extra(times, 'authors', 'mole'):.1f}x what ours adds (authors/mole is bounded by authors/base)",
               flush=True)
+        print(f"{'':11}the ablation's face-only node: {paired(times, 'face only', 'one fixed'):.3f}x the time of one "
+              f"expert at fixed scale ({paired(times, 'face only', 'base'):.2f}x and "
+              f"{paired(times, 'one fixed', 'base'):.2f}x the base call)", flush=True)
         print(f"{'':11}recorder's own time: {recorder * 100:.2f}% of a traced call; outputs differ from ours by "
               f"{agreement['+trace']:.1e} (+trace), {agreement['authors']:.1e} (authors) of the experts' effect",
               flush=True)

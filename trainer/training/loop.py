@@ -6,9 +6,8 @@
     ->  backward (gradient accumulation)  ->  clip  ->  optimizer and schedule step  ->  log, sample, save
 
 Everything random (data order, caption shuffles, flips, crops, colours, noise, timesteps, fresh weights, the
-seed of each step's expert dropout) comes from one
-generator seeded by --seed, whose state is part of the saved training state: a resumed run continues bitwise
-where the interrupted one stopped, step counter included.
+seed of each step's expert dropout) comes from one generator seeded by --seed, whose state is part of the saved
+training state: a resumed run continues bitwise where the interrupted one stopped, step counter included.
 
 Under torchrun every process runs this same loop on the same global batches and keeps its own rows of each
 (dist.py); DistributedDataParallel averages the gradients, and rank 0 alone logs and writes files.
@@ -17,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import replace
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch

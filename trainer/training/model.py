@@ -3,8 +3,9 @@ trained is exactly what the nodes run; and the DDPM noise schedule of SD1.5/SDXL
 
 Noising follows DDPM: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with scaled_linear betas 0.00085..0.012
 over 1000 steps, epsilon prediction (or, with --v_parameterization, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0;
---zero_terminal_snr rescales abar so that abar_999 = 0), t uniform. ComfyUI's sampler feeds its UNet x_sigma / sqrt(sigma^2 + 1)
-with sigma = sqrt((1 - abar) / abar), which is this same x_t, so the UNet is called here with x_t and t directly.
+--zero_terminal_snr rescales abar so that abar_999 = 0), t uniform. ComfyUI's sampler feeds its UNet
+x_sigma / sqrt(sigma^2 + 1) with sigma = sqrt((1 - abar) / abar), which is this same x_t, so the UNet is called here
+with x_t and t directly.
 """
 from __future__ import annotations
 
