@@ -17,15 +17,14 @@ Every scorer maps a list of (image path, prompt) to one float each.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..training.config import ConfigError
+from ..training.side_process import SideProcess
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -214,40 +213,19 @@ class ImageRewardScorer:
             raise ScorerError(f"--imagereward_tokenizer {tokenizer}: no vocab.txt there (bert-base-uncased's folder)")
         cmd = [str(python), str(worker), "--checkpoint", str(checkpoint), "--med_config", str(med_config),
                "--device", device] + (["--tokenizer", str(tokenizer)] if tokenizer else [])
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        first = self._reply()
-        if not first.get("ready"):
-            self.close()
-            raise ScorerError(f"ImageReward: {first.get('error', 'the scorer process did not start')}")
-
-    def _reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-            return {"error": f"the scorer process ended: {err.strip()[-2000:]}"}
-        return json.loads(line)
+        self.side = SideProcess(cmd, "ImageReward", ScorerError)
 
     def score(self, items: list[tuple[Path, str]]) -> list[float]:
         out = []
         for path, prompt in items:
-            self.proc.stdin.write(json.dumps({"image": str(path), "prompt": prompt}) + "\n")
-            self.proc.stdin.flush()
-            reply = self._reply()
+            reply = self.side.ask({"image": str(path), "prompt": prompt})
             if "score" not in reply:
                 raise ScorerError(f"ImageReward on {path}: {reply.get('error')}")
             out.append(float(reply["score"]))
         return out
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
+        self.side.close()
 
 
 class WorldJudgeScorer:

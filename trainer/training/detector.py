@@ -8,8 +8,6 @@ their centre (the fingers' tips are landmarks, so the hull holds the whole hand)
 """
 from __future__ import annotations
 
-import json
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 
 from ...mole_ops.atomic import replacing
 from .config import ConfigError
+from .side_process import SideProcess
 
 WORKER = Path(__file__).with_name("detector_worker.py")
 DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / ".venv-detector" / "bin" / "python"
@@ -41,39 +40,17 @@ class Detector:
             raise ConfigError(f"--detector_python {python}: no such file (build the detector's environment: "
                               "make detector-env, or bash scripts/detector-env.sh)")
         self.thresholds = dict(thresholds or {})
-        self.proc = subprocess.Popen([str(python), str(worker)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        first = self._reply()
-        if not first.get("ready"):
-            self.close()
-            raise ConfigError(f"the detector did not start: {first.get('error', 'no answer')}")
-        self.version = first.get("mediapipe", "")
-
-    def _reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-            return {"error": f"the detector process ended: {err.strip()[-2000:]}"}
-        return json.loads(line)
+        self.side = SideProcess([str(python), str(worker)], "the detector did not start", ConfigError)
+        self.version = self.side.ready.get("mediapipe", "")
 
     def find(self, image: Path, parts: list[str]) -> Found:
-        self.proc.stdin.write(json.dumps({"image": str(image), "find": list(parts),
-                                          "threshold": self.thresholds}) + "\n")
-        self.proc.stdin.flush()
-        reply = self._reply()
+        reply = self.side.ask({"image": str(image), "find": list(parts), "threshold": self.thresholds})
         if "error" in reply:
             return Found(error=reply["error"])
         return Found(tuple(reply["size"]), {p: reply.get(p, []) for p in parts})
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
+        self.side.close()
 
     def __enter__(self) -> "Detector":
         return self
