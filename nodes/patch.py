@@ -89,7 +89,9 @@ def _direct_call(root: int) -> _Call | None:
     owner = _owners.get(root)
     patcher = owner() if owner is not None else None
     patch = patcher.get_attachment(KEY) if patcher is not None else None
-    return _Call(replace(patch, trace=None), True) if patch is not None else None
+    if patch is None:
+        return None
+    return _Call(patch if patch.trace is None else replace(patch, trace=None), True)
 
 
 def _hook(key: str, root: int):
