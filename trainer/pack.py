@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,17 +189,14 @@ def run(args: argparse.Namespace) -> int:
     pack_file.save(out, experts, gates, card_format.to_metadata(card, family))
     experts, gates = pack_file.load(out)          # what a user loads: checked, and with the hashes as stored
     preview = None
-    if args.preview:
-        preview = f"{out.stem}.png"
-        if args.preview.suffix.lower() == ".png":
-            shutil.copyfile(args.preview, out.with_name(preview + ".tmp"))
-            out.with_name(preview + ".tmp").replace(out.with_name(preview))
-        else:
-            from PIL import Image
+    if args.preview:                     # the preview beside the card, as PNG (written to a temp file, renamed)
+        from PIL import Image
 
-            with Image.open(args.preview) as im:
-                im.convert("RGB").save(out.with_name(preview + ".tmp"), "PNG")
-            out.with_name(preview + ".tmp").replace(out.with_name(preview))
+        from ..mole_ops.atomic import replacing
+
+        preview = f"{out.stem}.png"
+        with Image.open(args.preview) as im, replacing(out.with_name(preview)) as tmp:
+            im.convert("RGB").save(tmp, "PNG")
     named = card.base_model.split("(")[-1].strip(" )") if card.base_model else ""
     checkpoint = args.checkpoint_name or (named if named.endswith((".safetensors", ".ckpt")) else
                                           "mole_sd15_stage1.safetensors")
