@@ -17,16 +17,18 @@ PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05
 
 
 def _header_length(blob: bytes, path: Path) -> int:
+    # a safetensors header of 640, 896, 1152 or 1408 bytes starts with a pickle's magic bytes (0x80 0x02..0x05),
+    # so the pickle check comes only after the bytes fail to read as a safetensors header
+    n = struct.unpack("<Q", blob[:8])[0] if len(blob) >= 8 else -1
+    if 0 <= n <= len(blob) - 8 and blob[8:9] == b"{":
+        return n
     if blob[:4] in PICKLE_MAGIC[:1] or blob[:2] in PICKLE_MAGIC[1:]:
         raise FormatError(f"{path}: a pickle checkpoint (.ckpt/.pt) is refused, it can run code when loaded; "
                           "convert it to .safetensors")
     if len(blob) < 8:
         raise FormatError(f"{path}: {len(blob)} bytes is too short for a safetensors file")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > len(blob) - 8 or blob[8:9] != b"{":
-        raise FormatError(f"{path}: not a safetensors file, or truncated (header says {n} bytes, "
-                          f"file has {len(blob)}); re-download or re-export it")
-    return n
+    raise FormatError(f"{path}: not a safetensors file, or truncated (header says {n} bytes, "
+                      f"file has {len(blob)}); re-download or re-export it")
 
 
 def read(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:

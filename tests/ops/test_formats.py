@@ -293,3 +293,23 @@ def test_mixture_refuses_unpairable_experts(sd15_shapes):
         detect_layout(["lora_unet_nothing_here"], "x")
     with pytest.raises(MismatchError, match="gate variant 'soft'"):
         build([face], layout=SD15, variant="soft")
+
+
+@pytest.mark.parametrize("header_bytes", [640, 896, 1152, 1408])
+def test_a_safetensors_header_whose_length_reads_as_pickle_magic_loads(tmp_path, header_bytes):
+    """A header of 640 bytes begins with 0x80 0x02, a pickle's magic: it is still a safetensors file."""
+    import struct
+
+    from safetensors.torch import save
+
+    for pad in range(0, 1400):
+        blob = save({"a.lora_down.weight": torch.ones(2, 4), "a.lora_up.weight": torch.ones(4, 2)},
+                    {"x": "y" * pad})
+        if struct.unpack("<Q", blob[:8])[0] == header_bytes:
+            break
+    else:
+        pytest.fail(f"no padding gives a {header_bytes}-byte header")
+    assert blob[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(blob)
+    assert expert_file.load(path, "face").ranks == {2}
