@@ -17,6 +17,7 @@ from . import safetensors_io
 from .errors import FormatError
 
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+SOURCE_KEY = "mole.resized_from"     # a reduced expert's source: {"sha256", "rank", "alpha", "rule"} (rank.py)
 ROLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 BASE_VERSIONS = {"SD1.5": "sd_v1", "SDXL": "sdxl_base_v1-0"}
 ARCHITECTURES = {"SD1.5": "stable-diffusion-v1/lora", "SDXL": "stable-diffusion-xl-v1-base/lora"}
@@ -53,6 +54,13 @@ class ExpertFile:
     metadata: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
     path: str = ""
+    source: dict | None = None       # reduced from another file (rank.py): its sha256, rank, alpha and the rule
+    reduction: object = field(default=None, repr=False, compare=False)     # rank.Reduction, when reduced here
+
+    @property
+    def origin_sha256(self) -> str:
+        """The sha256 of the file this expert was trained as: its source's if it was reduced, else its own."""
+        return (self.source or {}).get("sha256") or self.sha256
 
     @property
     def ranks(self) -> set[int]:
@@ -115,7 +123,29 @@ def parse(tensors: dict[str, torch.Tensor], where: str) -> dict[str, LoRAWeights
 def load(path: str | Path, name: str) -> ExpertFile:
     """Load a kohya LoRA as the expert `name` (its role: face, hand, ...)."""
     tensors, metadata, sha = safetensors_io.read(path)
-    return ExpertFile(check_role_name(name), parse(tensors, str(path)), metadata, sha, str(path))
+    return ExpertFile(check_role_name(name), parse(tensors, str(path)), metadata, sha, str(path),
+                      source=read_source(metadata, str(path)))
+
+
+def read_source(metadata: dict[str, str], where: str) -> dict | None:
+    """The `mole.resized_from` record of a resized expert, checked (sha256 of 64 hex digits, rank >= 1, alpha,
+    rule), or None; anything else is a FormatError naming the file and the key."""
+    text = metadata.get(SOURCE_KEY)
+    if text in (None, ""):
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        value = None
+    ok = (isinstance(value, dict) and isinstance(value.get("sha256"), str)
+          and re.fullmatch(r"[0-9a-f]{64}", value["sha256"]) is not None
+          and isinstance(value.get("rank"), int) and not isinstance(value.get("rank"), bool) and value["rank"] >= 1
+          and isinstance(value.get("alpha"), (int, float)) and not isinstance(value.get("alpha"), bool)
+          and isinstance(value.get("rule", ""), str))
+    if not ok:
+        raise FormatError(f"{where}: metadata {SOURCE_KEY} should be a JSON object with sha256 (64 hex digits), "
+                          f"rank (a whole number >= 1), alpha (a number) and rule (text); found {str(text)[:80]!r}")
+    return value
 
 
 def kohya_metadata(expert: ExpertFile, family: str, sha256: str, steps: int = 0, comment: str = "") -> dict[str, str]:

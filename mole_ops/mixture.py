@@ -80,13 +80,16 @@ def check_gates(gates: GateFile, experts: list[ExpertFile], layout: UNetLayout |
             break
     for e in experts:
         info = gates.expert_info.get(e.name, {})
-        if "rank" in info and {int(info["rank"])} != e.ranks:
+        # a reduced expert (rank.py) is checked as the file it was reduced from: the gates stay valid for it
+        ranks, alphas = ({int(e.source["rank"])}, {float(e.source["alpha"])}) if e.source else (e.ranks, e.alphas)
+        reduced = f" (reduced from rank {e.source['rank']})" if e.source else ""
+        if "rank" in info and {int(info["rank"])} != ranks:
             report.errors.append(f"gates were trained with expert {e.name!r} of rank {info['rank']}, "
-                                 f"this one has rank {sorted(e.ranks)}")
-        if "alpha" in info and {float(info["alpha"])} != e.alphas:
+                                 f"this one has rank {sorted(ranks)}{reduced}")
+        if "alpha" in info and {float(info["alpha"])} != alphas:
             report.errors.append(f"gates were trained with expert {e.name!r} of alpha {info['alpha']}, "
-                                 f"this one has alpha {sorted(e.alphas)}")
-        if info.get("sha256") and e.sha256 and info["sha256"] != e.sha256:
+                                 f"this one has alpha {sorted(alphas)}{reduced}")
+        if info.get("sha256") and e.origin_sha256 and info["sha256"] != e.origin_sha256:
             report.warnings.append(f"expert {e.name!r} ({e.path}) is not the file the gates were trained with "
                                    "(sha256 differs; fine after a dtype conversion, wrong if it is another expert)")
     return report
@@ -115,7 +118,7 @@ def swapped(experts: list[ExpertFile], gates: GateFile | None = None) -> dict[st
         role = trained_role(e)
         if role and role != e.name:
             reasons.append(f"it was trained as the {role!r} expert")
-        other = hashes.get(e.sha256) if e.sha256 else None
+        other = hashes.get(e.origin_sha256) if e.origin_sha256 else None
         if other and other != e.name:
             reasons.append(f"the gates in {gates.path} were trained with it as {other!r}")
         if reasons:
@@ -153,11 +156,20 @@ def describe(mole: "MoLE", experts: list[ExpertFile], gates: GateFile | None, se
              f"mode {settings.mode}; acting from {start:.0%} to {end:.0%} of the steps"]
     for i, expert in enumerate(mole.order):
         e = by_name[expert]
-        ranks, alphas = sorted(e.ranks), sorted(e.alphas)
         slot = f"{slots[i]} -> " if i < len(slots) else ""
-        lines.append(f"  {slot}{expert}: {name(e.path)} (rank {ranks[0] if len(ranks) == 1 else ranks}, "
-                     f"alpha {alphas[0] if len(alphas) == 1 else alphas}), strength {settings.strength(expert):g}")
+        lines.append(f"  {slot}{expert}: {name(e.path)} ({rank_text(e)}), strength {settings.strength(expert):g}")
     return lines
+
+
+def rank_text(e: ExpertFile) -> str:
+    """"rank 256, alpha 64", or for a reduced expert "rank 12-64 (mean 31.5) of 256, alpha 64 (99% energy)"."""
+    ranks = sorted(e.ranks)
+    if e.source:
+        kept = [w.rank for w in e.layers.values()]
+        span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (mean {sum(kept) / len(kept):.1f})"
+        return f"rank {span} of {e.source['rank']}, alpha {e.source['alpha']:g} ({e.source.get('rule', 'reduced')})"
+    alphas = sorted(e.alphas)
+    return f"rank {ranks[0] if len(ranks) == 1 else ranks}, alpha {alphas[0] if len(alphas) == 1 else alphas}"
 
 
 def expert_info(experts: list[ExpertFile]) -> dict[str, dict]:

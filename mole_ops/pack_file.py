@@ -65,7 +65,8 @@ def load(path: str | Path, with_metadata: bool = False):
         meta = expert_meta.get(name, {})
         sha = safetensors_io.data_sha256(part)
         experts.append(expert_file.ExpertFile(expert_file.check_role_name(name, f"{where} mole.pack_experts"),
-                                              expert_file.parse(part, f"{where} [expert {name}]"), meta, sha, where))
+                                              expert_file.parse(part, f"{where} [expert {name}]"), meta, sha, where,
+                                              source=expert_file.read_source(meta, f"{where} [expert {name}]")))
     known = tuple(f"expert.{n}." for n in names)
     orphans = [k for k in tensors if k.startswith("expert.") and not k.startswith(known)]
     if orphans:
