@@ -51,3 +51,10 @@ def gates(value, name: str = "gates") -> GateFile | None:
         raise MismatchError(f"input {name} is {value!r:.60}: connect it to the gates output of Load MoLE Gates, "
                             "Load MoLE Pack or Load MoLE Three-File Set, or leave it unconnected")
     return value
+
+
+def choice(name: str, value, options) -> str:
+    """An optional COMBO's value: one of its options (a workflow or script can send anything there)."""
+    if not isinstance(value, str) or value not in options:
+        raise MismatchError(f"input {name} is {value!r:.60}: choose one of {', '.join(map(str, options))}")
+    return value

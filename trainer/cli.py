@@ -48,6 +48,8 @@ COMMANDS = {
                            "accepted with no effect, or refused, from the registry the parser uses"),
     "pack": Command("pack", "share a MoLE: experts + gates (+ card TOML, preview) -> one pack with its card in the "
                     "metadata, a model card (.md) and a ready ComfyUI workflow"),
+    "resize-experts": Command("resize", "an expert LoRA reduced to the rank it uses (kohya's resize flags, and an "
+                              "energy share), written as a kohya LoRA that its gate files still find"),
     "prepare": Command("training.prepare", "dataset preparation as in the paper: sliding-window crops, caption "
                        "clean-up, optional CLIP score filter, kohya metadata"),
 }

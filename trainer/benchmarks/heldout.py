@@ -21,6 +21,7 @@ def load_mole(spec: ModelSpec, layout):
     from ...mole_ops import expert_file, gate_file, pack_file
     from ...mole_ops.mixture import build
     from ...mole_ops.ops import GateSettings
+    from ...mole_ops.rank import RankRule, reduce
 
     if spec.experts:
         experts = [expert_file.load(p, r) for p, r in zip(spec.experts, spec.roles)]
@@ -32,6 +33,8 @@ def load_mole(spec: ModelSpec, layout):
         gates = gate_file.load(spec.set[2])
     else:
         return None, GateSettings("none")
+    rule = RankRule.parse(spec.rank)
+    experts = [reduce(e, rule) for e in experts]        # the loaders' rank setting (full: unchanged)
     mole = build(experts, gates, layout)
     strengths = dict(zip(mole.order, spec.strengths))
     return mole, GateSettings(spec.mode, {n: strengths.get(n, 1.0) for n in mole.order})

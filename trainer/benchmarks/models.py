@@ -19,6 +19,7 @@
     experts = ["/weights/face.safetensors", "/weights/hand.safetensors"]
     gates = "/weights/gates.safetensors"
     mode = "local"                           # local, global or both (the paper's MoLE)
+    rank = "99% energy"                      # optional: the loaders' rank setting (experts reduced; default full)
 
     [[model]]
     name = "pack"
@@ -45,10 +46,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...mole_ops.ops import MODES
+from ...mole_ops.rank import NODE_OPTIONS
 from ..harness.workflows import Graph, _apply, load_api
 from ..training.config import ConfigError, read_text
 
-KEYS = {"name", "checkpoint", "experts", "roles", "gates", "pack", "set", "mode", "strengths"}
+KEYS = {"name", "checkpoint", "experts", "roles", "gates", "pack", "set", "mode", "strengths", "rank"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ModelSpec:
     set: tuple[Path, ...] = ()
     mode: str = "both"
     strengths: tuple[float, ...] = ()
+    rank: str = "full"                     # the loaders' rank setting (mole_ops/rank.py NODE_OPTIONS)
 
     @property
     def slug(self) -> str:
@@ -151,6 +154,13 @@ def _spec(source: Path, i: int, entry: dict) -> ModelSpec:
             not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in strengths):
         raise ConfigError(f"{source}: {where}: strengths must be a list of up to 3 numbers, got {strengths!r}")
     spec["strengths"] = tuple(float(s) for s in strengths)
+    rank = entry.get("rank", "full")
+    if rank not in NODE_OPTIONS:
+        raise ConfigError(f"{source}: {where}: rank must be one of {list(NODE_OPTIONS)} (the loaders' setting), "
+                          f"got {rank!r}")
+    if rank != "full" and not sources:
+        raise ConfigError(f"{source}: {where}: rank without experts (it reduces the experts)")
+    spec["rank"] = rank
     return ModelSpec(**spec)
 
 
@@ -220,14 +230,14 @@ def graph(m: ModelSpec, names: dict[Path, tuple[str, str]], prompt: str, negativ
         for i in range(3):
             slots[f"expert_{i + 1}"] = name(m.experts[i]) if i < len(m.experts) else "(none)"
             slots[f"role_{i + 1}"] = m.roles[i] if i < len(m.roles) else ""
-        experts = g.add("MoLE_LoadExperts", **slots)
+        experts = g.add("MoLE_LoadExperts", **slots, rank=m.rank)
         if m.gates:
             gates = g.add("MoLE_LoadGates", experts=[experts, 0], gate_file=name(m.gates))
     elif m.pack:
-        experts = gates = g.add("MoLE_LoadPack", pack=name(m.pack))
+        experts = gates = g.add("MoLE_LoadPack", pack=name(m.pack), rank=m.rank)
     elif m.set:
         experts = gates = g.add("MoLE_LoadSet", expert_1=name(m.set[0]), role_1="face", expert_2=name(m.set[1]),
-                                role_2="hand", gate_file=name(m.set[2]))
+                                role_2="hand", gate_file=name(m.set[2]), rank=m.rank)
     if experts is not None:
         strengths = list(m.strengths) + [1.0] * (3 - len(m.strengths))
         gate_input = [gates, 1] if m.pack or m.set else [gates, 0] if gates else None

@@ -195,9 +195,9 @@ def untrained_gates(path: Path, models: dict[str, Path], seed: int) -> Path:
     return path
 
 
-def write_models_toml(path: Path, models: dict[str, Path], seed: int) -> Path:
+def write_models_toml(path: Path, models: dict[str, Path], seed: int, reduced: bool = False) -> Path:
     """The models.toml of `evaluate` for every model of EVALUATED against stage 1 (the untrained-gates control is
-    written next to it)."""
+    written next to it); with `reduced`, MoLE with its experts reduced (REDUCED) too."""
     untrained = untrained_gates(path.parent / "untrained_gates.safetensors", models, seed)
     experts = json.dumps([str(models["face"]), str(models["hand"])])
     lines = [f"reference = {json.dumps(REFERENCE)}"]
@@ -208,6 +208,12 @@ def write_models_toml(path: Path, models: dict[str, Path], seed: int) -> Path:
             lines += [f"experts = {experts}", f"mode = {json.dumps('both' if mode == 'untrained' else mode)}"]
             lines += [f"strengths = [{strength}, {strength}]"] if mode == "none" else \
                 [f"gates = {json.dumps(str(gates))}"]
+    if reduced:
+        from .report import REDUCED
+
+        lines += ["", "[[model]]", f"name = {json.dumps(REDUCED[0])}", f"checkpoint = {json.dumps(str(models['stage1']))}",
+                  f"experts = {experts}", f"gates = {json.dumps(str(models['gates']))}", 'mode = "both"',
+                  f"rank = {json.dumps(REDUCED[1])}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -220,7 +226,7 @@ def in_world_evaluation(results: Path, models: dict[str, Path], world: dict, see
 
     folder = results / "evaluation"
     folder.mkdir(parents=True, exist_ok=True)
-    toml = write_models_toml(folder / "models.toml", models, seed)
+    toml = write_models_toml(folder / "models.toml", models, seed, reduced=True)
     scenes = world["heldout_scenes"]
     return heldout_evaluation(model_list.load(toml), scenes, scenes / "masks", [seed], folder,
                               "cpu", "held-out scenes of the demo world")
