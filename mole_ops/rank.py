@@ -136,7 +136,7 @@ def _kohya_index(method: str, s: torch.Tensor, target: float, width: int) -> int
 def factor(w: LoRAWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, S, Vh) with up @ down = U diag(S) Vh exactly (fp32), through QR of up and down.T: U (d_out, m),
     S (m,) descending, Vh (m, d_in), m = min(rank, d_out, d_in)."""
-    up, down = w.up.float(), w.down.float()
+    up, down = w.up.detach().float(), w.down.detach().float()
     qu, ru = torch.linalg.qr(up)                  # (d_out, a), (a, r)
     qd, rd = torch.linalg.qr(down.T)              # (d_in, b), (b, r)
     u, s, vh = torch.linalg.svd(ru @ rd.T)        # (a, b)
@@ -209,10 +209,16 @@ def source_of(expert: ExpertFile, rule: RankRule) -> dict:
     return {"sha256": expert.sha256, "rank": max(expert.ranks), "alpha": max(expert.alphas), "rule": rule.label()}
 
 
-def reduce(expert: ExpertFile, rule: RankRule, progress: Callable[[int, int], None] | None = None) -> ExpertFile:
+def factors(expert: ExpertFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every layer's (U, S, Vh) (`factor`), for reducing one expert by several rules (`reduce(..., usv=)`)."""
+    return {name: factor(w) for name, w in expert.layers.items()}
+
+
+def reduce(expert: ExpertFile, rule: RankRule, progress: Callable[[int, int], None] | None = None,
+           usv: dict | None = None) -> ExpertFile:
     """`expert` at the ranks `rule` keeps, with its stats (`expert.reduction.stats`); full rank returns it
     unchanged. Cached per (file content, rule) while anything holds the result, so five loaders of the same file
-    and setting reduce it once."""
+    and setting reduce it once. `usv`: the expert's `factors`, when they are at hand."""
     if rule.full:
         return expert
     key = (expert.sha256, rule) if expert.sha256 else None
@@ -221,10 +227,10 @@ def reduce(expert: ExpertFile, rule: RankRule, progress: Callable[[int, int], No
         stats, layers = Stats(rule), {}
         total = len(expert.layers)
         for i, (name, w) in enumerate(expert.layers.items()):
-            usv = factor(w)
-            k = rule.keep(usv[1], w.rank, min(w.down.shape[1], w.up.shape[0]))
-            new = cut(w, k, usv)
-            sq = usv[1].double().square()
+            f = usv[name] if usv is not None else factor(w)
+            k = rule.keep(f[1], w.rank, min(w.down.shape[1], w.up.shape[0]))
+            new = cut(w, k, f)
+            sq = f[1].double().square()
             layers[name] = new
             stats.kept[name], stats.ranks[name] = k, w.rank
             stats.errors[name] = relative_error(w, new)

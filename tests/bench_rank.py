@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_mole_op  # noqa: E402  (sets up the package import, as every bench does)
-from bench_mole_op import paired  # noqa: E402
+from bench_mole_op import paired  # noqa: E402  (its import also sets up the package, as every bench does)
 
 from comfyui_mole.mole_ops.expert_file import ExpertFile, LoRAWeights  # noqa: E402
 from comfyui_mole.mole_ops.hooks import HookState, attach  # noqa: E402
 from comfyui_mole.mole_ops.layout import SD15, SDXL  # noqa: E402
 from comfyui_mole.mole_ops.mixture import build  # noqa: E402
 from comfyui_mole.mole_ops.ops import GateSettings  # noqa: E402
-from comfyui_mole.mole_ops.rank import RankRule, factor, reduce  # noqa: E402
+from comfyui_mole.mole_ops.rank import RankRule, factor, factors, reduce  # noqa: E402
 from comfyui_mole.trainer.harness.host import use_comfy  # noqa: E402
 
 RULES = ("full", "99% energy", "95% energy", "128", "64", "32")
@@ -60,6 +59,7 @@ def fit_decay(paths: list[str]) -> float:
     return float(-((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
 
 
+@torch.no_grad()
 def experts_with_spectrum(root, spectrum: str, decay: float, seed: int = 0) -> list[ExpertFile]:
     """Two rank-256 experts on every MoLE layer of `root` with the given spectrum, deltas at 10% of the spread."""
     modules = dict(root.named_modules())
@@ -126,9 +126,10 @@ def run(model, spectrum: str, decay: float, reps: int, size: int, device: str) -
         return out
 
     variants, moles = {"base": call}, {}
+    usv = [factors(e) for e in full_experts]
     for text in RULES:
         rule = RankRule.parse(text)
-        experts = [reduce(e, rule) for e in full_experts]
+        experts = [reduce(e, rule, usv=f) for e, f in zip(full_experts, usv)]
         mole = build(experts, gates, SD15)
         mole.freeze(torch.float32, device)
         moles[text] = (mole, experts)

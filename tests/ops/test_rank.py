@@ -245,3 +245,17 @@ def test_a_malformed_source_record_names_the_file_and_key(tmp_path, value):
     safetensors_io.write(path, face.tensors(), {expert_file.SOURCE_KEY: value})
     with pytest.raises(FormatError, match=r"bad\.safetensors: metadata mole\.resized_from should be"):
         expert_file.load(path, "face")
+
+
+def test_five_loaders_with_one_setting_share_one_reduction_and_one_stack():
+    experts, gates = sd15_experts()
+    gates.sha256 = "g" * 64
+    rule = RankRule.parse("99% energy")
+    moles = []
+    for _ in range(5):
+        reduced = [rank.reduce(e, rule) for e in experts]
+        moles.append(mixture.shared(reduced, gates, mixture.resolve_experts(experts, None)[0]))
+    assert all(m is moles[0] for m in moles)
+    other = mixture.shared([rank.reduce(e, RankRule.parse("64")) for e in experts], gates,
+                           mixture.resolve_experts(experts, None)[0])
+    assert other is not moles[0]
