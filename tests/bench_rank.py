@@ -38,8 +38,10 @@ from comfyui_mole.mole_ops.rank import RankRule, factor, factors, reduce  # noqa
 from comfyui_mole.trainer.harness.host import use_comfy  # noqa: E402
 
 RULES = ("full", "99% energy", "95% energy", "128", "64", "32")
-# p of s_i = (i + 1) ** -p fitted on the demo's trained experts (seed 0; `--spectrum-from` refits it)
-DEMO_DECAY = 1.0
+# p of s_i = (i + 1) ** -p fitted on the demo's trained experts (seed 0, rank 16, 2026-12-04: 1.356; their first
+# singular values relative to the largest: face 1, 0.58, 0.39, 0.23, ... 0.05; `--spectrum-from` refits it). At
+# rank 256 this is an extrapolation from 16 values: no trained full-size LoRA is here to measure.
+DEMO_DECAY = 1.36
 
 
 def fit_decay(paths: list[str]) -> float:

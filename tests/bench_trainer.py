@@ -4,7 +4,8 @@ Modes, each in its own process (so peak RSS is its own), same batches:
   base     a plain forward + backward of the base UNet (gradient to the input; nothing trains)
   expert   one stage-2 step: a rank-R LoRA on all target layers, AdamW
   gates    one stage-3 step: two frozen rank-R experts, gates train, AdamW
-Prints samples/s, seconds per step, peak RSS, RSS growth while stepping, and the ratio of a stage-3 (and stage-2) step to the base step.
+Prints samples/s, seconds per step, peak RSS, RSS growth while stepping, and the ratio of a stage-3 (and stage-2) step
+to a base step timed next to it in the same process (interleaved).
 
     .venv/bin/python tests/bench_trainer.py [--size 64] [--batch 4] [--rank 16] [--steps 10]
 """
@@ -14,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,10 +60,12 @@ def one_mode(args) -> dict:
     validate(c)
     run = Run(c)
     run.precache()
-    if args.mode == "base":
-        run.stage.detach()
 
-        def step():
+    def base_step():
+        """The base UNet's forward and backward on the same kind of batch (MoLE's hooks off; gradient to the
+        input, so backward runs through the whole UNet as a training step's does)."""
+        run.stage.state.active = False
+        try:
             batch = run.next_batch()
             x0, cond = run.latents(batch), run.text(batch.captions, batch.size)
             noise = torch.randn(x0.shape, generator=run.gen)
@@ -69,24 +73,28 @@ def one_mode(args) -> dict:
             x_t = run.base.noisy(x0, noise, t).requires_grad_(True)
             loss = ((run.base.predict(x_t, t, cond) - noise) ** 2).mean()
             loss.backward()
-    else:
-        step = run.step
+        finally:
+            run.stage.state.active = True
+
+    steps = {"base": base_step} if args.mode == "base" else {"base": base_step, args.mode: run.step}
     import psutil
 
     process = psutil.Process()
     before = process.memory_info().rss
+    times, in_steps = {name: [] for name in steps}, 0
     with torch.inference_mode(False), torch.enable_grad():
-        for _ in range(3):
-            step()
-        times, in_steps = [], 0
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-            in_steps = max(in_steps, process.memory_info().rss)
-    times.sort()
-    median = times[len(times) // 2]
-    return {"mode": args.mode, "seconds": median, "samples_per_s": args.batch / median,
+        for step in steps.values():
+            for _ in range(3):
+                step()
+        for i in range(args.steps):
+            for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):     # interleaved, alternating order
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - t0)
+                in_steps = max(in_steps, process.memory_info().rss)
+    median = statistics.median(times[args.mode])
+    ratio = statistics.median(a / b for a, b in zip(times[args.mode], times["base"]))
+    return {"mode": args.mode, "seconds": median, "samples_per_s": args.batch / median, "x_base": ratio,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "step_rss_mib": (in_steps - before) / 2**20}
 
@@ -108,7 +116,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mode", choices=("base", "expert", "gates"))
     parser.add_argument("--work")
     args = parser.parse_args()
@@ -123,15 +131,16 @@ def main() -> None:
                    str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[mode] = json.loads(out)
-    base = results["base"]["seconds"]
     print(f"detectable SD1.5 checkpoint, {args.size}x{args.size} images, batch {args.batch}, rank {args.rank}, "
           f"median of {args.steps} steps")
     print("peak RSS: the whole process (loading the checkpoint dominates); +RSS in steps: the most the process "
           "grew while training, over its size after loading and caching")
+    print("x base step: the median over steps of a step's time over the base step's next to it, in the same process "
+          "(interleaved, alternating order: this machine's speed drifts too much between processes)")
     print(f"{'mode':8} {'s/step':>8} {'samples/s':>10} {'peak RSS MiB':>13} {'+RSS in steps':>14} {'x base step':>12}")
     for mode, r in results.items():
         print(f"{mode:8} {r['seconds']:8.3f} {r['samples_per_s']:10.2f} {r['peak_rss_mib']:13.0f} "
-              f"{r['step_rss_mib']:14.0f} {r['seconds'] / base:12.2f}")
+              f"{r['step_rss_mib']:14.0f} {r['x_base']:12.2f}")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,27 @@ def test_gradients_reach_gates_only_and_match_numerics(variant, conv, ranks):
     assert all(p.grad is None for p in layer.experts.parameters())
 
 
+@pytest.mark.parametrize("ranks", [[4, 4], [3, 5, 2], [10, 12]])          # equal, unequal, dense
+@pytest.mark.parametrize("conv", [True, False])
+def test_stage3_node_equals_the_naive_reference_and_its_gradients(ranks, conv):
+    """Gates training on frozen experts runs as one autograd node (_GatesTrain): its output and the gradients of
+    the input and of every gate parameter equal autograd's through the naive reference (strengths not 1)."""
+    layer = make_layer(6, 5, ranks, "official")
+    set_training(layer, "gates")
+    x, y = inputs(layer, conv, (2, 3), batch=2)
+    settings = GateSettings("both", {"hand": 0.6})
+    gates = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for run in (lambda x: layer(x, y.clone(), settings), lambda x: naive(layer, x, y, settings)):
+        xi = x.clone().requires_grad_(True)
+        out = run(xi)
+        grads = torch.autograd.grad(out.square().sum(), [xi] + gates)
+        results.append((out.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_bad_settings_and_shapes_are_refused():
     with pytest.raises(MoLEError, match="gate mode 'half'"):
         GateSettings("half")
