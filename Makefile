@@ -37,12 +37,14 @@ test-all: host
 fuzz: host
 	$(VENV)/bin/pytest -q -s tests/ops/test_fuzz.py --fuzz $(or $(FUZZ),10000)
 
-# Speed of the gated-expert op on the full-size SD1.5 UNet (prints a table; about 30 minutes on 2 cores), MoLE's
+# Speed of the gated-expert op on the full-size SD1.5 UNet (prints a table; about 30 minutes on 2 cores), the same at
+# the ranks the rank setting keeps (time, output error, stack memory per rule; about 10 minutes), MoLE's
 # memory per Apply MoLE node and of a five-node ablation (about 2 minutes), then trainer throughput and peak memory
 # on the detectable checkpoint (about 30 s), stage 1 in 1 and 2 processes (about 1 minute), then the cost of an
 # EMoE score next to a 20-step generation (about 2 minutes). On a GPU machine: tests/gpu_check.py.
 bench: host
 	$(PY) tests/bench_mole_op.py
+	$(PY) tests/bench_rank.py
 	$(PY) tests/bench_memory.py
 	$(PY) tests/bench_trainer.py
 	$(PY) tests/bench_stage1.py

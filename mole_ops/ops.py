@@ -346,14 +346,6 @@ class MoLELayer(nn.Module):
             x = x.to(dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, -1, self.d_in)
         else:
             x = x.to(dtype)
-        if f.gate_w is not None and settings.mode == "both" and record is None and rows is None \
-                and not settings.dropout and torch.is_grad_enabled():
-            # stage 3 (gates train on frozen experts): the same math as one autograd node (_GatesTrain)
-            delta = _GatesTrain.apply(x, f.gate_w, f.local_b, f.global_b, f.w1, f.up, tuple(f.ranks),
-                                      tuple(strengths))
-            if conv:
-                return y + delta.view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2).to(y.dtype)
-            return y + delta.view(y.shape).to(y.dtype)
         h = torch.matmul(x, f.w1.T)                                     # (B, n, K)
         hidden = h if h.shape[2] == f.rank_total else h.narrow(2, 0, f.rank_total)   # (a slice costs a copy in backward)
         if settings.dropout and f.up is not None and torch.is_grad_enabled():
@@ -415,74 +407,6 @@ class MoLELayer(nn.Module):
             return blocks.mul_(c).flatten(2) if inplace else (blocks * c).flatten(2)
         c = torch.repeat_interleave(coef, f.ranks_t, dim=2, output_size=f.rank_total)
         return hidden.mul_(c) if inplace else hidden * c
-
-
-class _GatesTrain(torch.autograd.Function):
-    """MoLELayer.forward while gates train on frozen experts (stage 3, mode both, no trace), as one autograd node
-    with its backward written out: the same math as the general path (tested against it and the naive reference),
-    in about 30 tensor operations per layer and step instead of autograd's ~90 small nodes, whose per-node cost
-    dominated a stage-3 step on small UNets.
-
-    Inputs: x (B, n, d_in) token-major; gate_w (2N, d_in) = [local rows; global vectors] (computed from the gate
-    parameters by autograd outside, so their gradients flow on from gate_w); local_b, global_b (N); w1: expert
-    rows, low-rank [down_i] (R, d_in) with up = [c_i up_i] (d_out, R), or dense [c_i up_i down_i] (N d_out, d_in)
-    with up None; ranks, strengths: per expert. Output: the delta sum_i s_i L_i G_i R_i(X), (B, n, d_out)."""
-
-    @staticmethod
-    def forward(ctx, x, gate_w, local_b, global_b, w1, up, ranks, strengths):
-        n = len(ranks)
-        hid = torch.matmul(x, w1.T)                                               # (B, n_tok, R or N d_out)
-        logits = torch.matmul(x, gate_w.T)                                        # (B, n_tok, 2N)
-        local = torch.sigmoid(logits[..., :n] + local_b)                          # (B, n_tok, N)
-        glob = torch.sigmoid(logits[..., n:].mean(1) + global_b)                  # (B, N)
-        s = x.new_tensor(strengths)
-        coef = local * (glob * s)[:, None]
-        coef = torch.where(coef.abs() < TINY, 0.0, coef)
-        if up is None:
-            delta = (hid.unflatten(2, (n, -1)) * coef.unsqueeze(3)).sum(2)
-        else:
-            delta = torch.matmul(hid * _spread(coef, ranks), up.T)
-        ctx.save_for_backward(x, gate_w, w1, up, hid, local, glob, s)
-        ctx.ranks = ranks
-        return delta
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, gate_w, w1, up, hid, local, glob, s = ctx.saved_tensors
-        ranks, n = ctx.ranks, len(ctx.ranks)
-        gs = glob * s                                                             # (B, N)
-        coef = local * gs[:, None]
-        if up is None:
-            blocks = hid.unflatten(2, (n, -1))                                    # (B, n_tok, N, d_out)
-            dcoef = (blocks * grad.unsqueeze(2)).sum(3)                           # (B, n_tok, N)
-            g_hid = (grad.unsqueeze(2) * coef.unsqueeze(3)).flatten(2)
-        else:
-            g_h2 = torch.matmul(grad, up)                                         # (B, n_tok, R)
-            dcoef = _gather(g_h2 * hid, ranks)
-            g_hid = g_h2 * _spread(coef, ranks)
-        d_local = dcoef * gs[:, None] * local * (1 - local)                       # (B, n_tok, N)
-        d_glob = (dcoef * local).sum(1) * s * glob * (1 - glob)                  # (B, N)
-        d_logits = torch.cat([d_local, (d_glob / x.shape[1])[:, None].expand_as(d_local)], dim=2)
-        grad_x = grad_gate_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(g_hid, w1) + torch.matmul(d_logits, gate_w)
-        if ctx.needs_input_grad[1]:
-            grad_gate_w = d_logits.flatten(0, 1).T @ x.flatten(0, 1)
-        return grad_x, grad_gate_w, d_local.sum((0, 1)), d_glob.sum(0), None, None, None, None
-
-
-def _spread(coef: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
-    """(B, n, N) per-expert factors -> (B, n, R), each repeated over its expert's rank columns."""
-    if len(set(ranks)) == 1:
-        return coef.repeat_interleave(ranks[0], dim=2)
-    return torch.repeat_interleave(coef, torch.tensor(ranks, device=coef.device), dim=2, output_size=sum(ranks))
-
-
-def _gather(t: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
-    """(B, n, R) -> (B, n, N): the sum over each expert's rank columns."""
-    if len(set(ranks)) == 1:
-        return t.unflatten(2, (len(ranks), ranks[0])).sum(3)
-    return torch.stack([part.sum(2) for part in t.split(list(ranks), dim=2)], dim=2)
 
 
 def _block_mask(ranks: list[int], device, dtype) -> torch.Tensor:

@@ -79,7 +79,7 @@ def experts_with_spectrum(root, spectrum: str, decay: float, seed: int = 0) -> l
                 qd, _ = torch.linalg.qr(torch.randn(d_in, 256, generator=gen))
                 up, down = qu * torch.arange(1, 257, dtype=torch.float32) ** -decay, qd.T.contiguous()
             delta_std = ((up @ down) * alpha / 256).std()
-            up = up * (0.1 * weight.float().std() / delta_std)
+            up = up * (0.1 * weight.float().std().item() / delta_std.item())
             kohya = next(k for k, v in SD15.name_map.items() if v == key)
             layers[kohya] = LoRAWeights(down, up.contiguous(), alpha, weight.ndim == 4)
         experts.append(ExpertFile(name, layers, sha256=f"bench-{spectrum}-{name}-{seed}"))
@@ -104,7 +104,7 @@ def sdxl_stack_mib(rule: RankRule, spectrum: str, decay: float) -> float:
         experts.append(ExpertFile(name, layers))
     gates = fake_gates([ExpertFile(e.name, {n: LoRAWeights(torch.zeros(1, w.down.shape[1]), torch.zeros(
         w.up.shape[0], 1), 1.0) for n, w in e.layers.items()}) for e in experts])
-    mole = build(experts, gates, SDXL, dtype=torch.float16)
+    mole = build(experts, gates, SDXL, dtype=torch.float16).to("meta")
     mole.freeze(torch.float16, "meta")
     return mole.nbytes()["frozen"] / 2**20
 

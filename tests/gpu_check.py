@@ -8,6 +8,8 @@ It prints, and fails (exit 1) on any check that does not hold:
 1. the op benchmark on the full-size SD1.5 UNet in fp16 and bf16 at 64x64 latent, batch 2: ours, ours with the
    gate trace, the authors' structure and two plain LoRAs (tests/bench_mole_op.py --device cuda);
 2. the memory table with real tensors on the GPU (tests/bench_memory.py --device cuda --no-rss);
+2b. MoLE at the rank its experts use: time, output error and stack memory per rank rule (tests/bench_rank.py
+   --device cuda --size 64);
 3. through ComfyUI's own memory management, with five Apply MoLE nodes on one set of files on the full-size
    SD1.5 UNet in fp16: the frozen stacks are in the compute dtype (fp16, not fp32), five nodes allocate at most
    1.1x what one does, the stacks are on the GPU while sampling, and after unload_all_models() no MoLE tensor is
@@ -98,6 +100,7 @@ def main() -> int:
         return 1
     run("bench_mole_op.py", "--device", "cuda", "--configs", "fp16:64,bf16:64", "--reps", "5", "--min-seconds", "5")
     run("bench_memory.py", "--device", "cuda", "--no-rss")
+    run("bench_rank.py", "--device", "cuda", "--size", "64", "--reps", "5")
     failures = memory_management()
     for failure in failures:
         print(f"FAILED: {failure}")

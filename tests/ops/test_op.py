@@ -187,9 +187,10 @@ def test_gradients_reach_gates_only_and_match_numerics(variant, conv, ranks):
 
 @pytest.mark.parametrize("ranks", [[4, 4], [3, 5, 2], [10, 12]])          # equal, unequal, dense
 @pytest.mark.parametrize("conv", [True, False])
-def test_stage3_node_equals_the_naive_reference_and_its_gradients(ranks, conv):
-    """Gates training on frozen experts runs as one autograd node (_GatesTrain): its output and the gradients of
-    the input and of every gate parameter equal autograd's through the naive reference (strengths not 1)."""
+def test_stage3_output_and_gradients_equal_the_naive_reference(ranks, conv):
+    """Gates training on frozen experts (the global gate folded through the cached stacks): the output and the
+    gradients of the input and of every gate parameter equal autograd's through the naive reference (strengths
+    not 1)."""
     layer = make_layer(6, 5, ranks, "official")
     set_training(layer, "gates")
     x, y = inputs(layer, conv, (2, 3), batch=2)

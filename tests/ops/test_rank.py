@@ -259,3 +259,12 @@ def test_five_loaders_with_one_setting_share_one_reduction_and_one_stack():
     other = mixture.shared([rank.reduce(e, RankRule.parse("64")) for e in experts], gates,
                            mixture.resolve_experts(experts, None)[0])
     assert other is not moles[0]
+
+
+def test_the_reported_error_is_the_error_measured_on_the_stored_tensors():
+    face, _ = two_experts(rank_nominal=16, true_rank=16)
+    for text in ("99% energy", "90% energy", "8"):
+        reduced = rank.reduce(face, RankRule.parse(text))
+        for name, w in face.layers.items():
+            measured = rank.relative_error(w, reduced.layers[name])
+            assert reduced.reduction.stats.errors[name] == pytest.approx(measured, abs=1e-5)
