@@ -24,8 +24,8 @@ def rank_input() -> io.Combo.Input:
     return io.Combo.Input("rank", options=list(rank_reduction.NODE_OPTIONS), default="full", optional=True,
                           tooltip="Reduce the experts to the rank they use, for speed and memory: 'full' keeps "
                           "them as trained; '99% energy' keeps in each layer the fewest singular values that hold "
-                          "99% of its delta's energy (usually far below the trained rank, with an error of at most "
-                          "10% and typically much less); a number keeps that rank in every layer. Done once per "
+                          "99% of its delta's energy (each layer's delta then differs by at most 10%, sqrt(1 - 0.99)); a "
+                          "number keeps that rank in every layer. Done once per "
                           "file and setting (an SVD of each layer); the gates stay valid. 'info' says the ranks "
                           "kept and the error of each expert.")
 
