@@ -62,6 +62,20 @@ pretrained once on plain scenes generate people?
 - Rule: adopted as the demo's starting point when stage 1 reaches all_found >= 0.9 on both seeds and a first
   `make demo` on a bare clone stays within 10 minutes; otherwise the demo keeps it only if it is still better
   than the random base on all_found, and the README says so.
+
+Protocol of the sampler settings (issue 26, fixed 2026-12-04 before any picture of it was made): stage 1 drew a
+person with a face and a hand in 0.75 / 0.88 of its samples at the shipped 20 DDIM steps and CFG 7.5, the misses
+mostly garbled figures; does another guidance scale or step count draw people more often, and can the demo sample
+with fewer steps (its generation table is 362 s of a 918 s run)?
+- Settings: DDIM with the ddim_uniform schedule, steps {10, 20} x CFG {3, 5, 7.5}, 64 px, empty negative prompt.
+- Measure: the judge's all_found on stage 1 of demo seeds 0 and 1, on validation prompts: 24 scene captions of the
+  stream "generation-validation:<seed>" with one noise seed each (90000 + 1000 seed + i; the demo's generation
+  table uses "generation:<seed>" and seeds below 20000), through `evaluate --world_judge` (the real server and the
+  shipped txt2img graph). Face and hand found and detail are reported with it.
+- Rule: the best setting has the highest all_found over the 48 pictures of both seeds; settings within 2/48 of it
+  count as tied, and among tied settings the fewest steps wins, then the CFG nearest 7.5. The demo's pictures
+  (generation table, gates while generating, its runs of the shipped workflows, the pack's recommended settings)
+  adopt the winner; the shipped workflows keep their settings for real SD1.5 files.
 """
 from __future__ import annotations
 
