@@ -214,6 +214,64 @@ def gates(args) -> int:
     return 0
 
 
+SAMPLER_SETTINGS = [(steps, cfg) for steps in (10, 20) for cfg in (3.0, 5.0, 7.5)]
+SAMPLER_PROMPTS = 24
+
+
+def sampler(args) -> int:
+    """The sampler-settings study: stage 1's validation pictures per setting, judged; the rule's pick."""
+    import contextlib
+    import io
+    import random
+
+    from comfyui_mole.trainer.benchmarks import evaluate
+    from comfyui_mole.trainer.demo import world as world_module
+
+    out = args.output_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _, stage1_file = demo_files(args)
+    rng = random.Random(f"generation-validation:{args.seed}")
+    captions = [world_module.scene(rng).caption for _ in range(SAMPLER_PROMPTS)]
+    prompts = out / "prompts.csv"
+    prompts.write_text("repeat,prompt_id,seed,prompt\n" + "".join(
+        f"0,{i},{90_000 + 1000 * args.seed + i},\"{c}\"\n" for i, c in enumerate(captions)))
+    models = out / "models.toml"
+    models.write_text(f'reference = "stage 1"\n\n[[model]]\nname = "stage 1"\n'
+                      f'checkpoint = {json.dumps(str(stage1_file))}\n')
+    results = {}
+    for steps, cfg in SAMPLER_SETTINGS:
+        folder = out / f"steps{steps}_cfg{cfg:g}"
+        if not (folder / "summary.json").exists():
+            ns = argparse.Namespace(prompts=prompts, models=models, output_dir=folder, limit=None, hps=None,
+                                    imagereward=None, clip=None, world_judge=evaluate.JUDGE_FILE, width=64,
+                                    height=64, steps=steps, cfg=cfg, sampler_name="ddim", scheduler="ddim_uniform",
+                                    negative="", device="cpu", heldout=None)
+            with contextlib.redirect_stdout(io.StringIO()):
+                if evaluate.run(ns) != 0:
+                    raise SystemExit(f"setting {steps} steps, CFG {cfg} failed; see {folder}")
+        summary = json.loads((folder / "summary.json").read_text())["models"]["stage 1"]
+        results[f"{steps},{cfg:g}"] = {c: summary[c]["mean"] for c in ("all_found", "face_found", "hand_found",
+                                                                       "face_detail", "hand_detail") if c in summary}
+    (out / "sampler.json").write_text(json.dumps(results, indent=1))
+    print("| steps | CFG | all found | face found | hand found | face detail | hand detail |\n"
+          "|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        steps, cfg = key.split(",")
+        print(f"| {steps} | {cfg} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in (
+            "all_found", "face_found", "hand_found", "face_detail", "hand_detail")) + " |")
+    return 0
+
+
+def sampler_pick(folders: list[Path]) -> str:
+    """The rule over the seeds' sampler.json files: the highest all_found over both seeds, ties within 2/48 broken by
+    fewer steps, then the CFG nearest 7.5."""
+    runs = [json.loads((f / "sampler.json").read_text()) for f in folders]
+    mean = {k: sum(r[k]["all_found"] for r in runs) / len(runs) for k in runs[0]}
+    best = max(mean.values())
+    tied = [k for k, v in mean.items() if v >= best - 2 / (SAMPLER_PROMPTS * len(runs)) - 1e-9]
+    return min(tied, key=lambda k: (int(k.split(",")[0]), abs(float(k.split(",")[1]) - 7.5)))
+
+
 def gate_measures(measured: dict) -> dict:
     local = measured["local"]
     bands = {band: row["identity (face - hand) in glyphs"] for band, row in local.items()}
@@ -229,7 +287,10 @@ def gate_measures(measured: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("stage1", stage1), ("experts", experts), ("gates", gates)):
+    pick = commands.add_parser("sampler-pick", help="the sampler study's rule over its seeds' output folders")
+    pick.add_argument("folders", type=Path, nargs="+")
+    pick.set_defaults(run=lambda a: print(sampler_pick(a.folders)) or 0)
+    for name, fn in (("stage1", stage1), ("experts", experts), ("gates", gates), ("sampler", sampler)):
         sub = commands.add_parser(name)
         sub.add_argument("--demo", type=Path, required=True, help="the demo folder (its world and stage 1)")
         sub.add_argument("--seed", type=int, required=True)

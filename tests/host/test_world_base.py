@@ -25,16 +25,17 @@ def test_shipped_base_is_small_fp16_and_of_this_world(comfy):
 
 
 def test_the_checkpoint_is_detected_as_sd15_and_draws_people(checkpoint):
-    """Eight samples at the demo's size and sampler settings (DDIM, CFG 7.5, 20 steps, empty negative prompt):
-    the judge finds a person with a face and a hand in most of them."""
+    """Eight samples at the demo's size and sampler settings (DDIM, its steps and CFG, empty negative prompt): the
+    judge finds a person with a face and a hand in most of them."""
+    from comfyui_mole.trainer.demo.pipeline import FULL
     from comfyui_mole.trainer.training import samples
     from comfyui_mole.trainer.training.model import Base
 
     base = Base(checkpoint)
     assert base.family == "SD1.5"
     prompts = [world.scene(random.Random(f"base-test:{i}")).caption for i in range(8)]
-    pictures = torch.cat([samples.generate(base, samples.SamplePrompt(p, width=64, height=64, seed=i, cfg=7.5,
-                                                                      steps=20), "ddim", "ddim_uniform")
+    pictures = torch.cat([samples.generate(base, samples.SamplePrompt(p, width=64, height=64, seed=i, cfg=FULL.cfg,
+                                                                      steps=FULL.sample_steps), "ddim", "ddim_uniform")
                           for i, p in enumerate(prompts)])
     verdicts = judge.load().judge(pictures.movedim(-1, 1))
     assert sum(v.scores()["all_found"] for v in verdicts) >= 6, [v.scores() for v in verdicts]

@@ -25,12 +25,12 @@ BATCH = 5
 DROPPED = ("PreviewAny", "MoLE_GateMaps", "MoLE_GateCurves")     # the views a person looks at; not measured here
 
 
-def graph(caption: str, seed: int, steps: int, batch: int, prefix: str) -> dict:
-    """The shipped txt2img API graph at 64 px with this caption, an empty negative prompt, a batch of `batch`
-    seeds from `seed`, and only the image and the trace saved (under `prefix`)."""
+def graph(caption: str, seed: int, steps: int, batch: int, prefix: str, cfg: float) -> dict:
+    """The shipped txt2img API graph at 64 px with this caption, an empty negative prompt, the guidance scale `cfg`,
+    a batch of `batch` seeds from `seed`, and only the image and the trace saved (under `prefix`)."""
     from ..harness.workflows import load_api
 
-    api = load_api("mole_sd15_txt2img", 64, 64, steps, prompt=caption, negative="")
+    api = load_api("mole_sd15_txt2img", 64, 64, steps, prompt=caption, negative="", cfg=cfg)
     dropped = {k for k, n in api.items() if n["class_type"] in DROPPED}
     dropped |= {k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"][0] in dropped}
     for key in dropped:
@@ -56,7 +56,8 @@ def generate(server, recipe, seed: int) -> list[dict]:
         for i in range(recipe.gate_captions):
             caption = world.SETS[kind](rng, 64).caption
             prefix = f"gates_{kind}_{i}"
-            outputs = server.run(graph(caption, seed * 1000 + i * BATCH, recipe.sample_steps, BATCH, prefix))
+            outputs = server.run(graph(caption, seed * 1000 + i * BATCH, recipe.sample_steps, BATCH, prefix,
+                                       recipe.cfg))
             images = [p for p in server.output_files(outputs) if p.name.startswith(prefix + "_0")]
             (trace,) = sorted(server.base_dir.joinpath("output").glob(f"{prefix}_trace_*.safetensors"))[-1:]
             runs.append({"kind": label, "caption": caption, "images": images, "trace": trace})

@@ -69,12 +69,12 @@ def _stack(parts: list[Image.Image], caption: str) -> Image.Image:
     return canvas
 
 
-def _outputs(server, name: str, steps: int) -> dict[str, Path]:
+def _outputs(server, name: str, steps: int, cfg: float) -> dict[str, Path]:
     """Run a shipped workflow at demo size; {Save Image title: the picture it wrote}. Nodes whose files are not
     there (the uncertainty workflow's fine-tune LoRAs) are left out of the graph."""
     from .pipeline import DEMO_TEXTS
 
-    api = load_api(name, 64, 64, steps, **DEMO_TEXTS)
+    api = load_api(name, 64, 64, steps, cfg=cfg, **DEMO_TEXTS)
     dropped = {k for k, v in api.items() if v["class_type"] == "LoraLoader"}
     while True:             # and everything downstream of them
         more = {k for k, v in api.items() if k not in dropped
@@ -88,10 +88,10 @@ def _outputs(server, name: str, steps: int) -> dict[str, Path]:
             for path in server.output_files({node: outputs[node]})}
 
 
-def thumbnails(server, steps: int) -> dict[str, Image.Image]:
-    txt2img = _outputs(server, "mole_sd15_txt2img", steps)
-    ablation = _outputs(server, "mole_sd15_ablation", steps)
-    uncertainty = _outputs(server, "mole_sd15_uncertainty", steps)
+def thumbnails(server, steps: int, cfg: float) -> dict[str, Image.Image]:
+    txt2img = _outputs(server, "mole_sd15_txt2img", steps, cfg)
+    ablation = _outputs(server, "mole_sd15_ablation", steps, cfg)
+    uncertainty = _outputs(server, "mole_sd15_uncertainty", steps, cfg)
     return {
         "mole_sd15_txt2img": (_stack([_open(txt2img["Save gate overlay"]), _open(txt2img["Save gate curves"])],
                                      "image, face and hand gates; global gates per step"), txt2img),
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     _, models = prepare(Path(args.output_dir).resolve(), FULL, args.seed)
     base = comfy_base(Path(args.output_dir).resolve(), models)
     with ComfyServer(base) as server, sync_playwright() as playwright:
-        made = thumbnails(server, FULL.sample_steps)
+        made = thumbnails(server, FULL.sample_steps, FULL.cfg)
         for name, (picture, _) in made.items():
             picture.save(WORKFLOWS[name].thumbnail, quality=90)
         txt2img = made["mole_sd15_txt2img"][1]
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
         context = browser.new_context(viewport={"width": 2600, "height": 1300})
         demo = resize_ui(json.loads(WORKFLOWS["mole_sd15_txt2img"].ui_path.read_text()), 64, 64, FULL.sample_steps,
-                         **DEMO_TEXTS)
+                         cfg=FULL.cfg, **DEMO_TEXTS)
         shot = IMAGES / "txt2img_graph.png"
         graph_screenshot(context, server, demo, shot, run=True)
         graph = _open(shot)

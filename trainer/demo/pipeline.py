@@ -47,7 +47,8 @@ class Recipe:
     expert_steps: int = 200
     gate_steps: int = 300
     rank: int = 16
-    sample_steps: int = 20
+    sample_steps: int = 10        # the demo's sampler: DDIM at these steps and this guidance scale (the sampler study
+    cfg: float = 3.0              # of scripts/demo_variants.py picked them on validation prompts)
     prompts: int = 12             # generation table: scene captions of a stream of their own ...
     repeats: int = 2              # ... each with this many seeds
     gate_captions: int = 4        # gates while generating: captions per kind of picture, 5 seeds each
@@ -265,7 +266,7 @@ def generation_evaluation(results: Path, models: dict[str, Path], recipe: Recipe
             prompts=write_prompts(folder / "prompts.csv", recipe, seed),
             models=write_models_toml(folder / "models.toml", models, seed), output_dir=folder, limit=None,
             hps=None, imagereward=None, clip=None, world_judge=evaluate.JUDGE_FILE, width=64, height=64,
-            steps=recipe.sample_steps, cfg=None, sampler_name=None, scheduler=None, negative="", device="cpu",
+            steps=recipe.sample_steps, cfg=recipe.cfg, sampler_name=None, scheduler=None, negative="", device="cpu",
             heldout=None)
         with contextlib.redirect_stdout(io.StringIO()):       # the tables go to the report instead
             if evaluate.run(args) != 0:
@@ -292,7 +293,7 @@ def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: P
     with ComfyServer(base) as server:
         for name, what in WORKFLOWS.items():
             t = time.monotonic()
-            outputs = server.run(load_api(name, 64, 64, recipe.sample_steps, **DEMO_TEXTS))
+            outputs = server.run(load_api(name, 64, 64, recipe.sample_steps, cfg=recipe.cfg, **DEMO_TEXTS))
             for path in server.output_files(outputs):
                 shutil.copy2(path, results / path.name)
                 written.append(results / path.name)
@@ -320,7 +321,8 @@ def share(out: Path, models: dict[str, Path], recipe: Recipe, images: list[Path]
     folder.mkdir(parents=True, exist_ok=True)
     card = folder / "card.toml"
     card.write_text(DEMO_CARD + f'\n[recommended]\nmode = "both"\nstrengths = {{ face = 1.0, hand = 1.0 }}\n'
-                    f'steps = {recipe.sample_steps}\ncfg = 7.5\nsampler = "ddim"\nscheduler = "ddim_uniform"\n')
+                    f'steps = {recipe.sample_steps}\ncfg = {recipe.cfg}\nsampler = "ddim"\n'
+                    'scheduler = "ddim_uniform"\n')
     preview = next((p for p in images if p.name.startswith("mole_sd15_0")), None)
     args = argparse.Namespace(experts=[f"face={models['face']}", f"hand={models['hand']}"], gates=models["gates"],
                               output=folder / "mole_sd15_demo.safetensors", card=card, preset=None, preview=preview,

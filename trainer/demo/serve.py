@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def demo_workflows(base: Path, steps: int) -> list[Path]:
+def demo_workflows(base: Path, steps: int, cfg: float) -> list[Path]:
     """Demo-sized copies of the shipped SD1.5 workflows in the base directory's saved workflows."""
     from .pipeline import DEMO_TEXTS
 
@@ -44,7 +44,7 @@ def demo_workflows(base: Path, steps: int) -> list[Path]:
     for name, workflow in WORKFLOWS.items():
         if "sd15" not in name:
             continue
-        ui = resize_ui(json.loads(workflow.ui_path.read_text()), DEMO_SIZE, DEMO_SIZE, steps, **DEMO_TEXTS)
+        ui = resize_ui(json.loads(workflow.ui_path.read_text()), DEMO_SIZE, DEMO_SIZE, steps, cfg=cfg, **DEMO_TEXTS)
         path = folder / f"{workflow.title.replace('MoLE SD1.5', 'MoLE demo')}.json"
         path.write_text(json.dumps(ui, indent=1))
         written.append(path)
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir).resolve()
     _, models = prepare(out, recipe, args.seed)
     base = comfy_base(out, models)
-    saved = demo_workflows(base, recipe.sample_steps)
+    saved = demo_workflows(base, recipe.sample_steps, recipe.cfg)
     server = ComfyServer(base, port=args.port)
     log.info("starting ComfyUI on the demo's files (log: %s)", server.log_path)
     stop = _Stop()

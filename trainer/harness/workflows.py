@@ -276,9 +276,9 @@ def _texts(prompt: str | None, negative: str | None) -> dict[str, str]:
 
 
 def load_api(name: str, width: int | None = None, height: int | None = None, steps: int | None = None,
-             prompt: str | None = None, negative: str | None = None) -> dict:
-    """A shipped workflow's API twin, optionally at another image size, step count, prompt and negative prompt
-    (same graph)."""
+             prompt: str | None = None, negative: str | None = None, cfg: float | None = None) -> dict:
+    """A shipped workflow's API twin, optionally at another image size, step count, prompt, negative prompt and
+    guidance scale (same graph)."""
     api = json.loads(api_path(name).read_text())
     texts = _texts(prompt, negative)
     for node in api.values():
@@ -286,22 +286,26 @@ def load_api(name: str, width: int | None = None, height: int | None = None, ste
             node["inputs"].update({k: v for k, v in (("width", width), ("height", height)) if v})
         if node["class_type"] == "KSampler" and steps:
             node["inputs"]["steps"] = steps
+        if node["class_type"] == "KSampler" and cfg is not None:
+            node["inputs"]["cfg"] = cfg
         if node["class_type"] == "CLIPTextEncode" and node["_meta"]["title"] in texts:
             node["inputs"]["text"] = texts[node["_meta"]["title"]]
     return api
 
 
 def resize_ui(workflow: dict, width: int, height: int, steps: int, prompt: str | None = None,
-              negative: str | None = None) -> dict:
-    """A copy of a UI workflow at another image size and step count (and prompt and negative prompt), its graph
-    unchanged (demo-sized variants)."""
+              negative: str | None = None, cfg: float | None = None) -> dict:
+    """A copy of a UI workflow at another image size and step count (and prompt, negative prompt and guidance
+    scale), its graph unchanged (demo-sized variants)."""
     workflow = copy.deepcopy(workflow)
     texts = _texts(prompt, negative)
     for node in workflow["nodes"]:
         if node["type"] == "EmptyLatentImage":
             node["widgets_values"][:2] = [width, height]
         if node["type"] == "KSampler":
-            node["widgets_values"][2] = steps   # seed, control after generate, steps, ...
+            node["widgets_values"][2] = steps   # seed, control after generate, steps, cfg, ...
+            if cfg is not None:
+                node["widgets_values"][3] = cfg
         if node["type"] == "CLIPTextEncode" and node.get("title") in texts:
             node["widgets_values"][0] = texts[node["title"]]
     return workflow
