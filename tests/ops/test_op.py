@@ -185,22 +185,25 @@ def test_gradients_reach_gates_only_and_match_numerics(variant, conv, ranks):
     assert all(p.grad is None for p in layer.experts.parameters())
 
 
+@pytest.mark.parametrize("strengths", [{"hand": 0.6}, {"face": 0.0}])     # strengths not 1; an idle expert
+@pytest.mark.parametrize("variant", ["official", "paper"])
 @pytest.mark.parametrize("ranks", [[4, 4], [3, 5, 2], [10, 12]])          # equal, unequal, dense
 @pytest.mark.parametrize("conv", [True, False])
-def test_stage3_output_and_gradients_equal_the_naive_reference(ranks, conv):
-    """Gates training on frozen experts (the global gate folded through the cached stacks): the output and the
-    gradients of the input and of every gate parameter equal autograd's through the naive reference (strengths
-    not 1)."""
-    layer = make_layer(6, 5, ranks, "official")
+def test_stage3_output_and_gradients_equal_the_naive_reference(ranks, conv, variant, strengths):
+    """Gates training on frozen experts (the global gate folded through the cached stacks), both variants, with
+    strengths not 1 or an idle expert left out of the matmuls: the output and the gradients of the input and of
+    every gate parameter equal autograd's through the naive reference."""
+    layer = make_layer(6, 5, ranks, variant)
     set_training(layer, "gates")
     x, y = inputs(layer, conv, (2, 3), batch=2)
-    settings = GateSettings("both", {"hand": 0.6})
+    settings = GateSettings("both", strengths)
     gates = [p for p in layer.parameters() if p.requires_grad]
     results = []
     for run in (lambda x: layer(x, y.clone(), settings), lambda x: naive(layer, x, y, settings)):
         xi = x.clone().requires_grad_(True)
         out = run(xi)
-        grads = torch.autograd.grad(out.square().sum(), [xi] + gates)
+        grads = torch.autograd.grad(out.square().sum(), [xi] + gates, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, [xi] + gates)]
         results.append((out.detach(), grads))
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
