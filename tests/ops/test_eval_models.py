@@ -143,3 +143,22 @@ def test_the_in_world_scorer_splits_a_pictures_error_by_region():
     row = region_losses(errors, Picture(Path("x.png"), "a face", {"face": face, "hand": hand}), ["face", "hand"])
     assert float(row["loss"]) == pytest.approx(4 / 64) and float(row["loss_face"]) == 1.0
     assert row["loss_hand"] == "" and float(row["loss_background"]) == 0.0
+
+
+def test_demo_sized_graphs_take_the_demo_samplers_steps_and_guidance_scale():
+    """The demo samples at its recipe's steps and CFG (the sampler study's pick) in the API graph and in the UI
+    workflow alike; the shipped files keep their own settings for real SD1.5 files."""
+    import json
+
+    from comfyui_mole.trainer.demo.pipeline import FULL
+    from comfyui_mole.trainer.harness.workflows import WORKFLOWS, resize_ui
+
+    shipped = next(n for n in load_api("mole_sd15_txt2img").values() if n["class_type"] == "KSampler")["inputs"]
+    api = load_api("mole_sd15_txt2img", 64, 64, FULL.sample_steps, cfg=FULL.cfg)
+    sampler = next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]
+    assert (sampler["steps"], sampler["cfg"]) == (FULL.sample_steps, FULL.cfg) == (10, 3.0)
+    assert (shipped["steps"], shipped["cfg"]) == (50, 7.5)
+    ui = resize_ui(json.loads(WORKFLOWS["mole_sd15_txt2img"].ui_path.read_text()), 64, 64, FULL.sample_steps,
+                   cfg=FULL.cfg)
+    widgets = next(n for n in ui["nodes"] if n["type"] == "KSampler")["widgets_values"]
+    assert widgets[2:6] == [10, 3.0, "ddim", "ddim_uniform"]

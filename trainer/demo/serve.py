@@ -5,8 +5,8 @@
 Builds the demo's files first where they are missing (the world, the world base, stage 1, the face and hand
 experts and the gates: about 8 minutes on 2 cores the first time, seconds after that), lays out a ComfyUI base
 directory on them (the files under the names the shipped workflows expect), puts demo-sized copies of the shipped
-SD1.5 workflows into its saved workflows (the Workflows sidebar: 64 px, 20 steps, seconds on a CPU; the templates
-stay at 512 px / 50 steps for real SD1.5 files), starts ComfyUI on a loopback port and prints its address.
+SD1.5 workflows into its saved workflows (the Workflows sidebar: 64 px, 10 steps at CFG 3, seconds on a CPU; the
+templates stay at 512 px / 50 steps for real SD1.5 files), starts ComfyUI on a loopback port and prints its address.
 Ctrl-C stops it.
 """
 from __future__ import annotations
