@@ -152,3 +152,42 @@ def test_a_margin_within_noise_is_said_so_and_old_results_have_no_interval(tmp_p
     del result["per_picture"]
     assert expert_effect.verdicts(result)["face"]["margin_ci95"] is None
     assert "margin +0.10000 (" in expert_effect.verdict_lines(result)[0]
+
+
+def _planted_result(hand_on_face: list[list[float]]) -> dict:
+    """Two experts on four pictures (regions face, hand, background; 2 cells each, base error 1 per cell): the face
+    expert lowers face cells to 0.2 and leaves the rest; the hand expert lowers hand cells to 0.2 and sets face cells'
+    summed error per picture from `hand_on_face`."""
+    regions = ["face", "hand", "background"]
+    base = [[2.0, 2.0, 2.0]] * 4
+    face = [[0.4, 2.0, 2.0]] * 4
+    hand = [[f, 0.4, 2.0] for (f,) in hand_on_face]
+
+    def mean(sums):
+        totals = np.asarray(sums).sum(axis=0) / 8 - 1.0
+        return dict(zip(regions, totals.tolist()))
+    delta = {"face": {"1": mean(face), "mean": mean(face)}, "hand": {"1": mean(hand), "mean": mean(hand)}}
+    return {"regions": regions, "delta": delta,
+            "per_picture": {"counts": [[2, 2, 2]] * 4, "sums": {"base": {"1": base}, "face": {"1": face},
+                                                                "hand": {"1": hand}}}}
+
+
+def test_the_cross_effect_says_whether_a_gate_has_a_reason_to_close_an_expert():
+    """An expert that hurts the other part gives a gate a reason to close it there; one that helps both does not
+    (and its share of its own help is reported); one within the noise is said to be."""
+    hurts = expert_effect.cross_effects(_planted_result([[3.0], [3.2], [2.8], [3.0]]))
+    assert hurts["hand"]["parts"]["face"]["effect"] == "hurts" and hurts["hand"]["reason_to_close"]
+    assert hurts["hand"]["parts"]["face"]["ci95"][0] > 0 and hurts["hand"]["parts"]["face"]["share"] < 0
+    assert hurts["face"]["parts"]["hand"]["effect"] == "none" and not hurts["face"]["reason_to_close"]
+    helps = _planted_result([[1.2], [1.0], [1.4], [1.2]])
+    c = expert_effect.cross_effects(helps)["hand"]
+    assert c["parts"]["face"]["effect"] == "helps" and not c["reason_to_close"]
+    assert abs(c["parts"]["face"]["share"] - 0.5) < 1e-9          # face cells 1 -> 0.6, hand cells 1 -> 0.2
+    lines = expert_effect.cross_effect_lines(helps)
+    assert any(line.startswith("- hand expert on face: -0.40000 [") and "50% of its change on hand" in line
+               and "nothing pushes a gate to close it there" in line for line in lines), lines
+    noisy = expert_effect.cross_effects(_planted_result([[1.0], [3.0], [1.0], [3.0]]))["hand"]["parts"]["face"]
+    assert noisy["effect"] == "none" and noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    del helps["per_picture"]
+    assert expert_effect.cross_effects(helps)["hand"]["parts"]["face"] == {
+        "delta": -0.4, "ci95": None, "share": 0.5, "effect": "helps"}

@@ -223,6 +223,10 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
                   "only learn to open on faces where the face expert helps faces more than hands, and the reverse "
                   "(SPEC.md section 7); `python -m trainer expert-effect` measures the same on real data.", "",
                   *expert_effect.table(effect), "", *expert_effect.verdict_lines(effect), "",
+                  "The cross-effect: what each expert does to the other part's cells (mean over timesteps, 95% "
+                  "bootstrap interval over pictures). Content-aware gates need the wrong expert to hurt, or at least "
+                  "not help, a part; where it helps both, opening both is nearly as good.", "",
+                  *expert_effect.cross_effect_lines(effect), "",
                   "![expert effect per region](expert_effect.png)"]
     first = next(iter(evaluation["models"].values()))["loss"]
     lines += ["", "## Held-out denoising loss per region: the paper's Tables 2-3 in this world", "",

@@ -12,8 +12,10 @@ half of it is covered) and over the background (cells no region touches). Negati
 there. An expert named like a region passes when it lowers the error on its own region more than on every other
 region (its own delta is the smallest), per timestep and on the mean over timesteps; its margin (the smallest other
 region's delta minus its own) comes with a 95% bootstrap interval over pictures, so a pass or a fail within the
-noise of the pictures is said to be one. Writes expert_effect.json,
-expert_effect.md (the table and verdicts) and expert_effect.png (a bar plot).
+noise of the pictures is said to be one. Content-aware gates also need the cross-effect: what each expert does to
+the other parts' cells, with its interval; where it helps them too, nothing pushes a gate to close it there (opening
+both experts is nearly as good), and only where it hurts does a gate have a reason to close it. Writes
+expert_effect.json, expert_effect.md (the table, verdicts and cross-effects) and expert_effect.png (a bar plot).
 """
 from __future__ import annotations
 
@@ -132,14 +134,12 @@ def measure(base, experts: list, pictures: list[Picture], timesteps=TIMESTEPS, s
                             "sums": {who: {str(t): v for t, v in by_t.items()} for who, by_t in picture_sums.items()}}}
 
 
-def margin_interval(result: dict, expert: str, own: str, resamples: int = 2000, seed: int = 0) -> list[float] | None:
-    """95% bootstrap interval over pictures of an expert's margin on the mean over timesteps (the smallest other
-    region's delta minus its own region's; positive = it helps its own region most). None for a result without
-    per-picture sums (written before they were kept)."""
+def _bootstrap_deltas(result: dict, expert: str, resamples: int = 2000, seed: int = 0) -> np.ndarray | None:
+    """(resamples, regions): the expert's delta per region on the mean over timesteps, for pictures drawn with
+    replacement; None for a result without per-picture sums (written before they were kept)."""
     per = result.get("per_picture")
     if not per or not per["counts"]:
         return None
-    names = result["regions"]
     counts = np.asarray(per["counts"], dtype=np.float64)                     # (pictures, regions)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(counts), size=(resamples, len(counts)))
@@ -147,15 +147,70 @@ def margin_interval(result: dict, expert: str, own: str, resamples: int = 2000, 
     with np.errstate(invalid="ignore", divide="ignore"):
         deltas = [np.asarray(per["sums"][expert][t])[idx].sum(axis=1) / n -
                   np.asarray(per["sums"]["base"][t])[idx].sum(axis=1) / n for t in per["sums"]["base"]]
-        delta = np.nanmean(np.stack(deltas), axis=0) if len(deltas) > 1 else deltas[0]
-    o = names.index(own)
+        return np.nanmean(np.stack(deltas), axis=0) if len(deltas) > 1 else deltas[0]
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def margin_interval(result: dict, expert: str, own: str, resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval over pictures of an expert's margin on the mean over timesteps (the smallest other
+    region's delta minus its own region's; positive = it helps its own region most). None for a result without
+    per-picture sums (written before they were kept)."""
+    delta = _bootstrap_deltas(result, expert, resamples, seed)
+    if delta is None:
+        return None
+    o = result["regions"].index(own)
     others = np.delete(delta, o, axis=1) - delta[:, [o]]
     with np.errstate(invalid="ignore"):
         margins = np.nanmin(np.where(np.isnan(others), np.inf, others), axis=1)
-    margins = margins[np.isfinite(margins)]
-    if not len(margins):
-        return None
-    return [float(np.percentile(margins, 2.5)), float(np.percentile(margins, 97.5))]
+    return _interval(margins)
+
+
+def cross_effects(result: dict, resamples: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """What each expert named like a region does to the other parts' cells (named regions, not the background),
+    on the mean over timesteps: {expert: {"own": region, "parts": {region: {"delta", "ci95", "share", "effect"}},
+    "reason_to_close": bool}}. share: the other part's change over the own part's (0.5 = it helps the other part half
+    as much as its own); effect: "hurts" (interval above 0), "helps" (below 0) or "none" (spans 0; no interval:
+    judged on the delta alone). A gate has a reason to close an expert on a part only where the expert hurts it;
+    reason_to_close: it hurts every other part."""
+    out = {}
+    regions = [r for r in result["regions"] if r != BACKGROUND]
+    for expert, by_t in result["delta"].items():
+        if expert not in regions:
+            continue
+        mean, boot = by_t["mean"], _bootstrap_deltas(result, expert, resamples, seed)
+        parts = {}
+        for r in regions:
+            if r == expert or np.isnan(mean[r]):
+                continue
+            ci = None if boot is None else _interval(boot[:, result["regions"].index(r)])
+            low, high = ci if ci else (mean[r], mean[r])
+            parts[r] = {"delta": float(mean[r]), "ci95": ci,
+                        "share": float(mean[r] / mean[expert]) if mean[expert] < 0 else None,
+                        "effect": "hurts" if low > 0 else "helps" if high < 0 else "none"}
+        out[expert] = {"own": expert, "parts": parts,
+                       "reason_to_close": bool(parts) and all(v["effect"] == "hurts" for v in parts.values())}
+    return out
+
+
+def cross_effect_lines(result: dict) -> list[str]:
+    """One line per expert and other part: what the expert does there and whether a gate has a reason to close it."""
+    lines = []
+    for expert, c in cross_effects(result).items():
+        for part, v in c["parts"].items():
+            ci = f" [{v['ci95'][0]:+.5f}, {v['ci95'][1]:+.5f}]" if v["ci95"] else ""
+            share = f", {v['share']:.0%} of its change on {expert}" if v["share"] is not None else ""
+            why = {"hurts": "a gate has a reason to close it there",
+                   "helps": "nothing pushes a gate to close it there (opening it helps too)",
+                   "none": "within the noise: a gate gains nothing by opening or closing it there"}[v["effect"]]
+            what = f"no clear effect on {part}" if v["effect"] == "none" else f"it {v['effect']} {part}"
+            lines.append(f"- {expert} expert on {part}: {v['delta']:+.5f}{ci}{share}: {what}; {why}")
+    return lines
 
 
 def verdicts(result: dict) -> dict[str, dict]:
@@ -214,13 +269,15 @@ def write(result: dict, folder: Path) -> Path:
     from ...mole_ops.plots import grouped_bars, save_png
 
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / "expert_effect.json", json.dumps({**result, "verdicts": verdicts(result)}, indent=1))
+    write_text(folder / "expert_effect.json", json.dumps({**result, "verdicts": verdicts(result),
+                                                          "cross_effects": cross_effects(result)}, indent=1))
     md = folder / "expert_effect.md"
     write_text(md, "\n".join([
         "# Does each expert help its own part more than the others?", "",
         f"Change in eps-prediction error per latent cell made by each expert alone (strength {result['strength']:g})"
         f" against the base, on {result['pictures']} held-out pictures, fixed noise; negative = lower error.", "",
-        *table(result), "", *verdict_lines(result)]) + "\n")
+        *table(result), "", *verdict_lines(result), "", "## Cross-effect: what each expert does to the other parts",
+        "", *cross_effect_lines(result)]) + "\n")
     groups = {e: d["mean"] for e, d in result["delta"].items()}
     save_png(grouped_bars(groups, title="change in denoising error per region (mean over timesteps)",
                           ylabel="expert - base (lower is better)"), str(folder / "expert_effect.png"))
@@ -265,5 +322,6 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         raise MoLEError(f"expert-effect: {e}") from e
     path = write(result, args.output_dir)
-    print("\n".join(table(result) + [""] + verdict_lines(result) + ["", f"written: {path}"]))
+    print("\n".join(table(result) + [""] + verdict_lines(result) + [""] + cross_effect_lines(result)
+                    + ["", f"written: {path}"]))
     return 0
