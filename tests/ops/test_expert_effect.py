@@ -191,3 +191,24 @@ def test_the_cross_effect_says_whether_a_gate_has_a_reason_to_close_an_expert():
     del helps["per_picture"]
     assert expert_effect.cross_effects(helps)["hand"]["parts"]["face"] == {
         "delta": -0.4, "ci95": None, "share": 0.5, "effect": "helps"}
+
+
+def test_close_ups_as_whole_pictures(tmp_path):
+    """Each expert's change on each kind of close-up as one whole-picture region: the planted face expert helps the
+    pictures that hold its marker; an expert that hurts the other kind gives a global gate a reason to close it."""
+    base = StandInBase({})
+    pics = expert_effect.whole_pictures(pictures(tmp_path))
+    assert all(list(p.masks) == [expert_effect.WHOLE] and p.masks[expert_effect.WHOLE].all() for p in pics)
+    measured = expert_effect.measure(base, [planted("face")], pics, timesteps=(5, 1), seed=0, batch=3)
+    assert measured["regions"] == [expert_effect.WHOLE, "background"] and measured["cells"]["background"] == 0
+    hurting = {"regions": [expert_effect.WHOLE, "background"],
+               "delta": {"face": {"1": {expert_effect.WHOLE: 0.5}, "mean": {expert_effect.WHOLE: 0.5,
+                                                                         "background": float("nan")}}},
+               "per_picture": {"counts": [[4, 0]] * 3, "sums": {"base": {"1": [[4.0, 0.0]] * 3},
+                                                               "face": {"1": [[5.8, 0.0], [6.0, 0.0], [6.2, 0.0]]}}}}
+    effects = expert_effect.closeup_effects({"face": measured, "hand": hurting})
+    assert effects["face"]["face"]["effect"] == "helps" and effects["face"]["face"]["delta"] < -0.2
+    assert effects["face"]["hand"]["effect"] == "hurts" and effects["face"]["hand"]["ci95"][0] > 0
+    lines = expert_effect.closeup_lines({"face": measured, "hand": hurting})
+    assert lines[0].startswith("- face expert on face close-ups (whole pictures): -") and "its own kind" in lines[0]
+    assert "a global gate has a reason to close it on them" in lines[1]

@@ -147,26 +147,38 @@ def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str,
 
 def precondition(results: Path, stage1: Path, experts: dict[str, Path], world: dict, seed: int) -> Path:
     """Before the gates train: does each expert help its own part more than the others (expert-effect on the
-    held-out scenes and their masks)? Measured once, kept in results/expert_effect.* (delete them to measure
+    held-out scenes and their masks), and what does each do to each kind of held-out close-up as a whole picture?
+    Measured once, kept in results/expert_effect.* and expert_effect_closeups.json (delete them to measure
     again)."""
     import comfy.model_management
 
     from ...mole_ops import expert_file
+    from ...mole_ops.atomic import write_text
     from ..training import expert_effect
     from ..training.model import Base
     from .world import load_masks
 
-    if (results / "expert_effect.json").exists():
-        return results / "expert_effect.md"
+    path, closeups = results / "expert_effect.md", results / "expert_effect_closeups.json"
+    if (results / "expert_effect.json").exists() and closeups.exists():
+        return path
     base = Base(stage1)
-    pictures = [expert_effect.Picture(i, c, m) for i, c, m in load_masks(world["heldout_scenes"])]
-    loaded = [expert_file.load(path, role) for role, path in experts.items()]
+    loaded = [expert_file.load(p, role) for role, p in experts.items()]
     with torch.random.fork_rng():          # the experts' fresh (unused) gates draw from torch's generator
-        result = expert_effect.measure(base, loaded, pictures, seed=seed)
+        if not (results / "expert_effect.json").exists():
+            pictures = [expert_effect.Picture(i, c, m) for i, c, m in load_masks(world["heldout_scenes"])]
+            result = expert_effect.measure(base, loaded, pictures, seed=seed)
+            path = expert_effect.write(result, results)
+            log.info("expert-effect before the gates:\n%s", "\n".join(expert_effect.verdict_lines(result)))
+        if not closeups.exists():         # the other kind of close-up, as whole pictures (what a global gate sees)
+            by_kind = {}
+            for kind, folder in (("face", world["heldout_faces"]), ("hand", world["heldout_hands"])):
+                pictures = expert_effect.whole_pictures(
+                    [expert_effect.Picture(i, c, m) for i, c, m in load_masks(folder)])
+                by_kind[kind] = expert_effect.measure(base, loaded, pictures, seed=seed)
+            write_text(closeups, json.dumps(by_kind))
+            log.info("expert-effect on close-ups:\n%s", "\n".join(expert_effect.closeup_lines(by_kind)))
     del base
     comfy.model_management.unload_all_models()
-    path = expert_effect.write(result, results)
-    log.info("expert-effect before the gates:\n%s", "\n".join(expert_effect.verdict_lines(result)))
     return path
 
 

@@ -226,8 +226,12 @@ def write(results: Path, models: dict[str, Path], world: dict, images: list[Path
                   "The cross-effect: what each expert does to the other part's cells (mean over timesteps, 95% "
                   "bootstrap interval over pictures). Content-aware gates need the wrong expert to hurt, or at least "
                   "not help, a part; where it helps both, opening both is nearly as good.", "",
-                  *expert_effect.cross_effect_lines(effect), "",
-                  "![expert effect per region](expert_effect.png)"]
+                  *expert_effect.cross_effect_lines(effect), ""]
+        closeups = results / "expert_effect_closeups.json"
+        if closeups.exists():
+            lines += ["On the held-out close-ups as whole pictures (what a global gate, one value per picture, "
+                      "sees):", "", *expert_effect.closeup_lines(json.loads(closeups.read_text())), ""]
+        lines += ["![expert effect per region](expert_effect.png)"]
     first = next(iter(evaluation["models"].values()))["loss"]
     lines += ["", "## Held-out denoising loss per region: the paper's Tables 2-3 in this world", "",
               f"eps-MSE on the {first['images'] // max(first['repeats'], 1)} held-out scenes at fixed noise and "

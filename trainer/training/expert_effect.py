@@ -125,7 +125,7 @@ def measure(base, experts: list, pictures: list[Picture], timesteps=TIMESTEPS, s
                   for t in timesteps} for who in sums}
     delta = {e: {t: {r: mean[e][t][r] - mean["base"][t][r] for r in names} for t in timesteps} for e in moles}
     for e in moles:
-        delta[e]["mean"] = {r: float(np.nanmean([delta[e][t][r] for t in timesteps])) for r in names}
+        delta[e]["mean"] = {r: float(_nanmean(np.asarray([delta[e][t][r] for t in timesteps]))) for r in names}
     return {"regions": names, "timesteps": list(timesteps), "pictures": len(pictures), "strength": strength,
             "cells": {r: counts[timesteps[0]][r] for r in names},
             "base": {str(t): mean["base"][t] for t in timesteps},
@@ -147,7 +147,17 @@ def _bootstrap_deltas(result: dict, expert: str, resamples: int = 2000, seed: in
     with np.errstate(invalid="ignore", divide="ignore"):
         deltas = [np.asarray(per["sums"][expert][t])[idx].sum(axis=1) / n -
                   np.asarray(per["sums"]["base"][t])[idx].sum(axis=1) / n for t in per["sums"]["base"]]
-        return np.nanmean(np.stack(deltas), axis=0) if len(deltas) > 1 else deltas[0]
+        return _nanmean(np.stack(deltas), axis=0) if len(deltas) > 1 else deltas[0]
+
+
+def _nanmean(values: np.ndarray, axis: int | None = None):
+    """np.nanmean without its warning where every value is NaN (a region without cells, e.g. the background of a
+    whole-picture close-up): NaN there."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
 
 
 def _interval(values: np.ndarray) -> list[float] | None:
@@ -261,6 +271,51 @@ def verdict_lines(result: dict) -> list[str]:
                      f"{'lowers' if v['passes'] else 'does not lower'} the error on {v['own']} more than on every "
                      f"other region, on the mean over timesteps (per timestep: {at}); {margin} (the smallest other "
                      f"region's change minus its own, 95% bootstrap interval over pictures){noise}")
+    return lines
+
+
+WHOLE = "picture"      # the one region of a close-up measured as a whole picture
+
+
+def whole_pictures(pictures: list[Picture]) -> list[Picture]:
+    """The pictures with one region, WHOLE, covering every pixel (close-ups: a sample-level, global gate sees the
+    whole picture)."""
+    return [Picture(p.image, p.caption, {WHOLE: np.ones(next(iter(p.masks.values())).shape, bool)
+                                         if p.masks else np.ones((1, 1), bool)}) for p in pictures]
+
+
+def closeup_effects(results: dict[str, dict], resamples: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """{expert: {kind: {"delta", "ci95", "effect"}}} from measure() results on close-ups of each kind (a part name)
+    taken as whole pictures (whole_pictures): each expert's change on each kind of close-up, mean over timesteps,
+    with its 95% bootstrap interval over pictures; effect as in cross_effects."""
+    out: dict[str, dict] = {}
+    for kind, result in results.items():
+        for expert, by_t in result["delta"].items():
+            boot = _bootstrap_deltas(result, expert, resamples, seed)
+            delta = by_t["mean"][WHOLE]
+            ci = None if boot is None else _interval(boot[:, result["regions"].index(WHOLE)])
+            low, high = ci if ci else (delta, delta)
+            out.setdefault(expert, {})[kind] = {"delta": float(delta), "ci95": ci,
+                                                "effect": "hurts" if low > 0 else "helps" if high < 0 else "none"}
+    return out
+
+
+def closeup_lines(results: dict[str, dict]) -> list[str]:
+    """One line per expert and kind of close-up; on the other part's close-ups, whether a global gate (one value
+    per picture) has a reason to close the expert there."""
+    lines = []
+    for expert, by_kind in closeup_effects(results).items():
+        for kind, v in by_kind.items():
+            ci = f" [{v['ci95'][0]:+.5f}, {v['ci95'][1]:+.5f}]" if v["ci95"] else ""
+            what = "no clear effect on them" if v["effect"] == "none" else f"it {v['effect']} them"
+            if kind == expert:
+                why = "its own kind"
+            else:
+                why = {"hurts": "a global gate has a reason to close it on them",
+                       "helps": "nothing pushes a global gate to close it on them",
+                       "none": "a global gate gains nothing by opening or closing it on them"}[v["effect"]]
+            lines.append(f"- {expert} expert on {kind} close-ups (whole pictures): {v['delta']:+.5f}{ci}: {what}; "
+                         f"{why}")
     return lines
 
 
