@@ -367,7 +367,8 @@ def test_text_encoder_outputs_cached_per_caption_and_on_disk(detectable, train_i
 
 def test_expert_effect_command_on_real_files(detectable, train_images, mole_files, tmp_path):
     """`python -m trainer expert-effect` on the detectable checkpoint with generated experts and region masks:
-    a table per region, verdicts, JSON and a plot; a bad expert argument is one clear line."""
+    a table per region, verdicts, the cross-effect (on the other part's cells, and on close-ups as whole pictures),
+    JSON and a plot; a bad expert or close-up argument is one clear line."""
     from PIL import Image
 
     masks = tmp_path / "masks"
@@ -380,9 +381,15 @@ def test_expert_effect_command_on_real_files(detectable, train_images, mole_file
     args = ["expert-effect", "--pretrained_model_name_or_path", str(detectable), "--images", str(train_images),
             "--masks", str(masks), "--timesteps", "500", "200", "--output_dir", str(tmp_path / "out")]
     done = subprocess.run([sys.executable, "-m", "trainer", *args, "--experts", f"face={mole_files['face']}",
-                           f"hand={mole_files['hand']}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           f"hand={mole_files['hand']}", "--closeups", f"face={train_images}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "face (128 cells)" in done.stdout and "- face: " in done.stdout and "- hand: " in done.stdout
+    assert "- hand expert on face: " in done.stdout and "- face expert on hand: " in done.stdout
+    assert "- hand expert on face close-ups (whole pictures): " in done.stdout
+    closeups = json.loads((tmp_path / "out" / "expert_effect_closeups.json").read_text())
+    assert closeups["face"]["cells"]["picture"] == 8 * 64 and "On close-ups as whole pictures" in (
+        tmp_path / "out" / "expert_effect.md").read_text()
     result = json.loads((tmp_path / "out" / "expert_effect.json").read_text())
     assert result["cells"] == {"face": 8 * 16, "hand": 8 * 16, "background": 8 * 32}
     assert set(result["delta"]["face"]) == {"500", "200", "mean"} and (tmp_path / "out" / "expert_effect.png").exists()
@@ -390,3 +397,8 @@ def test_expert_effect_command_on_real_files(detectable, train_images, mole_file
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --experts 'face': give role=path to an existing file"]
+    bad = subprocess.run([sys.executable, "-m", "trainer", *args, "--experts", f"face={mole_files['face']}",
+                          "--closeups", "faces"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --closeups 'faces': give kind=folder, e.g. face=closeups/faces (an existing folder of images with "
+        "caption files)"]

@@ -175,7 +175,7 @@ def precondition(results: Path, stage1: Path, experts: dict[str, Path], world: d
                 pictures = expert_effect.whole_pictures(
                     [expert_effect.Picture(i, c, m) for i, c, m in load_masks(folder)])
                 by_kind[kind] = expert_effect.measure(base, loaded, pictures, seed=seed)
-            write_text(closeups, json.dumps(by_kind))
+            write_text(closeups, json.dumps(by_kind))     # (the report reads it; expert_effect.md stays the scenes')
             log.info("expert-effect on close-ups:\n%s", "\n".join(expert_effect.closeup_lines(by_kind)))
     del base
     comfy.model_management.unload_all_models()

@@ -280,8 +280,28 @@ WHOLE = "picture"      # the one region of a close-up measured as a whole pictur
 def whole_pictures(pictures: list[Picture]) -> list[Picture]:
     """The pictures with one region, WHOLE, covering every pixel (close-ups: a sample-level, global gate sees the
     whole picture)."""
-    return [Picture(p.image, p.caption, {WHOLE: np.ones(next(iter(p.masks.values())).shape, bool)
-                                         if p.masks else np.ones((1, 1), bool)}) for p in pictures]
+    from PIL import Image
+
+    def shape(p: Picture) -> tuple[int, int]:
+        if p.masks:
+            return next(iter(p.masks.values())).shape
+        with Image.open(p.image) as im:
+            return im.height, im.width
+    return [Picture(p.image, p.caption, {WHOLE: np.ones(shape(p), bool)}) for p in pictures]
+
+
+def read_closeups(item: str, caption_extension: str = ".caption") -> tuple[str, list[Picture]]:
+    """--closeups KIND=FOLDER: (kind, the folder's images with caption files as whole pictures)."""
+    kind, sep, folder = item.partition("=")
+    if not sep or not kind or not Path(folder).is_dir():
+        raise ConfigError(f"--closeups {item!r}: give kind=folder, e.g. face=closeups/faces (an existing folder of "
+                          "images with caption files)")
+    pictures = [Picture(p, p.with_suffix(caption_extension).read_text().strip(), {})
+                for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS
+                and p.with_suffix(caption_extension).exists()]
+    if not pictures:
+        raise ConfigError(f"--closeups {item!r}: no image with a caption file ({caption_extension}) in {folder}")
+    return kind, whole_pictures(pictures)
 
 
 def closeup_effects(results: dict[str, dict], resamples: int = 2000, seed: int = 0) -> dict[str, dict]:
@@ -319,8 +339,10 @@ def closeup_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write(result: dict, folder: Path) -> Path:
-    """expert_effect.json, .md and .png in `folder`; returns the markdown file."""
+def write(result: dict, folder: Path, closeups: dict[str, dict] | None = None) -> Path:
+    """expert_effect.json, .md and .png in `folder` (with `closeups`, measure() results per kind of close-up as
+    whole pictures, also expert_effect_closeups.json and their lines in the markdown); returns the markdown
+    file."""
     from ...mole_ops.plots import grouped_bars, save_png
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -332,7 +354,11 @@ def write(result: dict, folder: Path) -> Path:
         f"Change in eps-prediction error per latent cell made by each expert alone (strength {result['strength']:g})"
         f" against the base, on {result['pictures']} held-out pictures, fixed noise; negative = lower error.", "",
         *table(result), "", *verdict_lines(result), "", "## Cross-effect: what each expert does to the other parts",
-        "", *cross_effect_lines(result)]) + "\n")
+        "", *cross_effect_lines(result),
+        *(["", "On close-ups as whole pictures (what a global gate sees):", "", *closeup_lines(closeups)]
+          if closeups else [])]) + "\n")
+    if closeups:
+        write_text(folder / "expert_effect_closeups.json", json.dumps(closeups))
     groups = {e: d["mean"] for e, d in result["delta"].items()}
     save_png(grouped_bars(groups, title="change in denoising error per region (mean over timesteps)",
                           ylabel="expert - base (lower is better)"), str(folder / "expert_effect.png"))
@@ -350,6 +376,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, default=1.0, help="multiplier of each expert's own scale")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed noise")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--closeups", nargs="+", default=[], metavar="KIND=FOLDER",
+                        help="close-ups of each part (images with caption files, no masks), measured as whole "
+                             "pictures: what a global gate sees, e.g. face=closeups/faces hand=closeups/hands")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.set_defaults(run=run)
 
@@ -369,14 +398,17 @@ def run(args: argparse.Namespace) -> int:
     if any(not 0 <= t < 1000 for t in args.timesteps):
         raise ConfigError("--timesteps must lie in 0..999")
     pictures = read_pictures(args.images, args.masks or args.images / "masks", args.caption_extension)
+    kinds = dict(read_closeups(item, args.caption_extension) for item in args.closeups)
     use_comfy()
     base = Base(args.pretrained_model_name_or_path)
     size = (args.resolution, args.resolution) if args.resolution else None
     try:
         result = measure(base, experts, pictures, tuple(args.timesteps), args.seed, args.batch, size, args.strength)
+        closeups = {kind: measure(base, experts, pics, tuple(args.timesteps), args.seed, args.batch, size,
+                                  args.strength) for kind, pics in kinds.items()}
     except RuntimeError as e:
         raise MoLEError(f"expert-effect: {e}") from e
-    path = write(result, args.output_dir)
+    path = write(result, args.output_dir, closeups)
     print("\n".join(table(result) + [""] + verdict_lines(result) + [""] + cross_effect_lines(result)
-                    + ["", f"written: {path}"]))
+                    + ([""] + closeup_lines(closeups) if closeups else []) + ["", f"written: {path}"]))
     return 0
