@@ -76,6 +76,18 @@ with fewer steps (its generation table is 362 s of a 918 s run)?
   count as tied, and among tied settings the fewest steps wins, then the CFG nearest 7.5. The demo's pictures
   (generation table, gates while generating, its runs of the shipped workflows, the pack's recommended settings)
   adopt the winner; the shipped workflows keep their settings for real SD1.5 files.
+Protocol of the cross-effect study (issue 27, fixed 2026-12-04 before its first number, with the world base): can
+an expert be trained so that it does not help the other part, which content-aware gates need?
+- Variants: A, C and D of `experts` above (the demo's; own part detailed in scenes with the loss masked to it; the
+  same scenes with the loss on the whole picture, so the expert learns to leave the other part as stage 1 draws
+  it), everything else as the demo.
+- Measure: `experts --variants A C D` on the validation scenes (precondition and the cross-effect on the other
+  part's cells) and on the validation face and hand close-ups as whole pictures (each expert on the other kind),
+  mean over t = 800, 500, 200, 95% bootstrap intervals over pictures; demo seeds 0 and 1.
+- Rule: a variant qualifies when, on both seeds, both experts pass the precondition and neither helps the other
+  part's cells nor the other kind of close-up (no interval wholly below 0). If none qualifies, the demo keeps A
+  and docs/evidence.md reports every variant's cross-effect. Adopting a qualifying variant in the demo (its runs
+  on seeds 0 and 1) is a step of its own.
 """
 from __future__ import annotations
 
@@ -146,6 +158,9 @@ def experts(args) -> int:
                                    64)
     validation = validation_set(out, "scenes", args.seed)
     pictures = [expert_effect.Picture(i, c, m) for i, c, m in world_module.load_masks(validation)]
+    closeups = {part: expert_effect.whole_pictures([expert_effect.Picture(i, c, m) for i, c, m in
+                                                    world_module.load_masks(validation_set(out, kind, args.seed))])
+                for part, kind in CLOSEUPS.items()}
     results = {}
     for name in args.variants:
         trained = {}
@@ -161,24 +176,49 @@ def experts(args) -> int:
                                    expert_name=part, masked_loss=True, network_dim=FULL.rank,
                                    network_alpha=float(FULL.rank), max_train_steps=FULL.expert_steps,
                                    learning_rate=1e-3, seed=args.seed + 1, optimizer_args=["weight_decay=0.01"])
-        if not (out / name / "expert_effect.json").exists():
+        closeups_file = out / name / "expert_effect_closeups.json"
+        if not (out / name / "expert_effect.json").exists() or not closeups_file.exists():
             base = Base(stage1_file)
             loaded = [expert_file.load(path, role) for role, path in trained.items()]
             with torch.random.fork_rng():
-                expert_effect.write(expert_effect.measure(base, loaded, pictures, seed=args.seed), out / name)
+                if not (out / name / "expert_effect.json").exists():
+                    expert_effect.write(expert_effect.measure(base, loaded, pictures, seed=args.seed), out / name)
+                by_kind = {part: expert_effect.measure(base, loaded, closeups[part], seed=args.seed)
+                           for part in world_module.PARTS}
+            closeups_file.write_text(json.dumps(by_kind))
         result = json.loads((out / name / "expert_effect.json").read_text())
+        cross = expert_effect.cross_effects(result)
+        on_closeups = expert_effect.closeup_effects(json.loads(closeups_file.read_text()))
         results[name] = {}
         for expert, by_t in result["delta"].items():
             mean = by_t["mean"]
             margin = min(v - mean[expert] for r, v in mean.items() if r != expert)
-            results[name][expert] = {"passes": result["verdicts"][expert]["passes"], "margin": margin, **mean}
+            (other, cell), = cross[expert]["parts"].items()
+            shot = on_closeups[expert][other]
+            results[name][expert] = {"passes": result["verdicts"][expert]["passes"], "margin": margin, **mean,
+                                     "other_cells": cell, "other_closeups": shot}
     (out / "variants.json").write_text(json.dumps(results, indent=1))
-    print("| variant | expert | face | hand | background | passes | margin |\n|---|---|---|---|---|---|---|")
+    print("| variant | expert | face | hand | background | passes | margin | on the other part's cells | "
+          "on the other close-ups |\n|---|---|---|---|---|---|---|---|---|")
     for name, by_expert in results.items():
         for expert, r in by_expert.items():
+            cells, shots = r["other_cells"], r["other_closeups"]
             print(f"| {name} | {expert} | {r['face']:+.5f} | {r['hand']:+.5f} | {r['background']:+.5f} | "
-                  f"{'yes' if r['passes'] else 'no'} | {r['margin']:+.5f} |")
+                  f"{'yes' if r['passes'] else 'no'} | {r['margin']:+.5f} | {_effect(cells)} | {_effect(shots)} |")
     return 0
+
+
+def _effect(v: dict) -> str:
+    ci = f" [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" if v["ci95"] else ""
+    return f"{v['delta']:+.4f}{ci} {v['effect']}"
+
+
+def cross_effect_pick(folders: list[Path]) -> list[str]:
+    """The cross-effect study's rule over the seeds' `experts` output folders: the variants that qualify."""
+    runs = [json.loads((f / "variants.json").read_text()) for f in folders]
+    return [name for name in runs[0] if all(
+        r[name][e]["passes"] and r[name][e]["other_cells"]["effect"] != "helps"
+        and r[name][e]["other_closeups"]["effect"] != "helps" for r in runs for e in r[name])]
 
 
 def gates(args) -> int:
@@ -290,6 +330,10 @@ def main() -> int:
     pick = commands.add_parser("sampler-pick", help="the sampler study's rule over its seeds' output folders")
     pick.add_argument("folders", type=Path, nargs="+")
     pick.set_defaults(run=lambda a: print(sampler_pick(a.folders)) or 0)
+    cross = commands.add_parser("cross-effect-pick", help="the cross-effect study's rule over its seeds' `experts` "
+                                                          "output folders")
+    cross.add_argument("folders", type=Path, nargs="+")
+    cross.set_defaults(run=lambda a: print(cross_effect_pick(a.folders) or "none qualifies") or 0)
     for name, fn in (("stage1", stage1), ("experts", experts), ("gates", gates), ("sampler", sampler)):
         sub = commands.add_parser(name)
         sub.add_argument("--demo", type=Path, required=True, help="the demo folder (its world and stage 1)")
