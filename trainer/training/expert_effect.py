@@ -160,6 +160,12 @@ def _nanmean(values: np.ndarray, axis: int | None = None):
         return np.nanmean(values, axis=axis)
 
 
+def _effect(delta: float, ci: list[float] | None) -> str:
+    """"hurts" (interval above 0), "helps" (below 0) or "none" (spans 0); without an interval, by the delta."""
+    low, high = ci if ci else (delta, delta)
+    return "hurts" if low > 0 else "helps" if high < 0 else "none"
+
+
 def _interval(values: np.ndarray) -> list[float] | None:
     values = values[np.isfinite(values)]
     if not len(values):
@@ -199,10 +205,9 @@ def cross_effects(result: dict, resamples: int = 2000, seed: int = 0) -> dict[st
             if r == expert or np.isnan(mean[r]):
                 continue
             ci = None if boot is None else _interval(boot[:, result["regions"].index(r)])
-            low, high = ci if ci else (mean[r], mean[r])
             parts[r] = {"delta": float(mean[r]), "ci95": ci,
                         "share": float(mean[r] / mean[expert]) if mean[expert] < 0 else None,
-                        "effect": "hurts" if low > 0 else "helps" if high < 0 else "none"}
+                        "effect": _effect(mean[r], ci)}
         out[expert] = {"own": expert, "parts": parts,
                        "reason_to_close": bool(parts) and all(v["effect"] == "hurts" for v in parts.values())}
     return out
@@ -314,9 +319,7 @@ def closeup_effects(results: dict[str, dict], resamples: int = 2000, seed: int =
             boot = _bootstrap_deltas(result, expert, resamples, seed)
             delta = by_t["mean"][WHOLE]
             ci = None if boot is None else _interval(boot[:, result["regions"].index(WHOLE)])
-            low, high = ci if ci else (delta, delta)
-            out.setdefault(expert, {})[kind] = {"delta": float(delta), "ci95": ci,
-                                                "effect": "hurts" if low > 0 else "helps" if high < 0 else "none"}
+            out.setdefault(expert, {})[kind] = {"delta": float(delta), "ci95": ci, "effect": _effect(delta, ci)}
     return out
 
 
