@@ -18,6 +18,7 @@ definition changed since its images were made is refused rather than mixed.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import io
 import json
@@ -36,6 +37,7 @@ log = logging.getLogger("mole.evaluate")
 SCORERS = ("hps", "imagereward", "clip")
 COLUMNS = ("model", "repeat", "prompt_id", "seed", "prompt", "image")
 JUDGE_FILE = Path(__file__).resolve().parents[1] / "demo" / "world_judge.safetensors"
+QUEUED_AHEAD = 2      # graphs queued in the server beyond the one awaited (generate)
 CHUNK = 8            # images per scoring batch; batches sit at fixed positions so a resumed run scores alike
 
 
@@ -108,8 +110,16 @@ def claim_folders(out: Path, models: list, settings: dict) -> None:
 
 
 def generate(out: Path, specs: model_list.ModelList, rows: list[dict], settings: dict, device: str) -> dict:
-    """Make every missing image; returns {model name: error} for models that failed (the others go on)."""
-    todo = [(m, r) for m in specs.models for r in rows if not (out / "images" / m.slug / image_name(r)).exists()]
+    """Make every missing image; returns {model name: error} for models that failed (the others go on).
+
+    Model by model, and a model's images of one prompt one after the other, so that the server's cache encodes each
+    prompt once per model; QUEUED_AHEAD graphs wait in the server's queue while one is awaited, so that the sampler
+    never idles between images (each image depends on its graph alone: the order changes no picture)."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["prompt"], len(first))
+    todo = [(m, r) for m in specs.models for r in sorted(rows, key=lambda r: first[r["prompt"]])
+            if not (out / "images" / m.slug / image_name(r)).exists()]
     failed: dict[str, str] = {}
     if not todo:
         return failed
@@ -125,6 +135,25 @@ def generate(out: Path, specs: model_list.ModelList, rows: list[dict], settings:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(path, dest)
     prepare_base_dir(base)
+
+    def fail(m, e: ServerError) -> None:
+        if server.proc is None or server.proc.poll() is not None:
+            raise e                                         # the server itself died: nothing more can be made
+        if m.name not in failed:
+            failed[m.name] = f"model {m.name!r} ({', '.join(str(p) for p in m.files)}): {e.summary()}"
+            log.error("%s; its other images are skipped", failed[m.name])
+
+    def collect(m, r, prompt_id: str) -> None:
+        try:
+            made = server.output_files(server.wait(prompt_id, timeout=3600)["outputs"])
+        except ServerError as e:
+            fail(m, e)
+        else:
+            if m.name not in failed:
+                os.replace(made[0], out / "images" / m.slug / image_name(r))
+        progress.update(1)
+
+    pending: collections.deque = collections.deque()
     with ComfyServer(base, cpu=device == "cpu") as server, \
             bar(total=len(todo), desc="images", unit="img") as progress:
         for m, r in todo:
@@ -134,17 +163,14 @@ def generate(out: Path, specs: model_list.ModelList, rows: list[dict], settings:
             api = model_list.graph(m, names, r["prompt"], settings["negative"], r["seed"], settings["width"],
                                    settings["height"], settings["sampler"], prefix=f"eval_{m.slug}")
             try:
-                made = server.output_files(server.run(api, timeout=3600))
-            except ServerError as e:
-                if server.proc is None or server.proc.poll() is not None:
-                    raise                                   # the server itself died: nothing more can be made
-                failed[m.name] = (f"model {m.name!r} ({', '.join(str(p) for p in m.files)}): "
-                                  f"{e.summary()}")
-                log.error("%s; its other images are skipped", failed[m.name])
+                pending.append((m, r, server.queue(api)))
+            except ServerError as e:                       # refused when queued (the graph does not validate)
+                fail(m, e)
                 progress.update(1)
-                continue
-            os.replace(made[0], out / "images" / m.slug / image_name(r))
-            progress.update(1)
+            while len(pending) > QUEUED_AHEAD:
+                collect(*pending.popleft())
+        while pending:
+            collect(*pending.popleft())
     return failed
 
 
