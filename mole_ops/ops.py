@@ -21,9 +21,8 @@ s_i L_i G_i and one matmul with U = [c_0 up_0, ..., c_{N-1} up_{N-1}] is accumul
 
 Frozen experts on a layer narrower than their summed ranks (SD1.5's 320-wide layers, two rank-256 experts) run dense
 instead: W1 holds c_i up_i down_i (d_out x d_in) per expert, and the gated sum of the N output blocks is the
-delta, no second matmul (dense_pays decides). While gates train on frozen experts (stage 3), the layer is one autograd
-node with its backward written out (_GatesTrain): no weight gradient for the experts' rows, the official global gate
-read from the hidden units (u_i = w_i @ c_i up_i, no fold through down), and about a third of autograd's operations.
+delta, no second matmul (dense_pays decides). While gates train on frozen experts, the gate rows are a matmul of
+their own, so backward computes no weight gradient for the experts' rows.
 
 The frozen stack (FusedWeights) does not depend on the settings: every expert and both gates' rows are in it,
 and mode and strengths act on the small per-token factors. So one stack serves every Apply MoLE on the same files;
@@ -220,8 +219,8 @@ class MoLELayer(nn.Module):
                                            global_b.to(device=device, dtype=dtype), ranks, len(self.order))
         return self.frozen
 
-    def fused(self, settings: GateSettings, device, dtype, span: tuple[int, int] | None = None,
-              lean: bool = False) -> "FusedWeights | _Fused":
+    def fused(self, settings: GateSettings, device, dtype, span: tuple[int, int] | None = None) \
+            -> "FusedWeights | _Fused":
         """The stacked weights for a call in (device, dtype).
 
         Nothing trains: the frozen stack (freeze), built on first use; if it sits on another device or in another
@@ -254,12 +253,8 @@ class MoLELayer(nn.Module):
                 first, up, mask = first.narrow(0, a, b - a), None if up is None else up.narrow(1, a, b - a), \
                     mask[lo:hi, a:b]
                 ranks, ranks_t = ranks[lo:hi], ranks_t[lo:hi]
-            glob_u = None
-            if lean and self.variant == "official":      # (for _GatesTrain: the global gate from the hidden units)
-                gate_w, glob_u, global_b = self._training_gate_vectors(first, up, mask, lo, hi)
-            else:
-                gate_w, global_b = self._training_gate_rows(first, up, mask, lo, hi)
-            return _Fused(w1=first, up=up, ranks=ranks, rank_total=sum(ranks), n=hi - lo, gate_w=gate_w, glob_u=glob_u,
+            gate_w, global_b = self._training_gate_rows(first, up, mask, lo, hi)
+            return _Fused(w1=first, up=up, ranks=ranks, rank_total=sum(ranks), n=hi - lo, gate_w=gate_w,
                           local_b=(self.local_gate.bias if hi - lo == len(self.order) else
                                    self.local_gate.bias[lo:hi]).to(device=device, dtype=dtype),
                           global_b=global_b.to(device=device, dtype=dtype), ranks_t=ranks_t)
@@ -296,18 +291,6 @@ class MoLELayer(nn.Module):
         else:
             v = (first.T @ ((w @ up) * mask).T).T
         return torch.cat([local, v]), torch.cat([self.global_gate[n].bias for n in names])
-
-    def _training_gate_vectors(self, first: torch.Tensor, up: torch.Tensor | None, mask: torch.Tensor, lo: int,
-                               hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The official gates of experts lo..hi-1 for _GatesTrain: (local rows (k, d_in), u (R,), global biases)
-        with u the official global weight moved onto each expert's hidden units, u_i = w_i @ (c_i up_i) (on a dense
-        stack's blocks, w_i itself): the global logit is then mean_n(hidden_i) . u_i, no d_in-wide fold."""
-        every = hi - lo == len(self.order)
-        local = (self.local_gate.weight if every else self.local_gate.weight[lo:hi]).to(first.dtype)
-        names = self.order[lo:hi]
-        w = torch.cat([self.global_gate[n].weight for n in names]).to(first.dtype)              # (k, d_out)
-        u = w.reshape(-1) if up is None else ((w @ up) * mask).sum(0)
-        return local, u, torch.cat([self.global_gate[n].bias for n in names])
 
     def _expert_stacks(self, device, dtype, frozen: bool):
         """(first, up, widths): low rank [down_0; down_1; ...] (R, d_in), [c_0 up_0, ...] (d_out, R) and the
@@ -347,9 +330,7 @@ class MoLELayer(nn.Module):
         # experts at strength 0 on either side of the active ones are not computed: their rows of the one stack are
         # left out of the matmuls (views, no copy), so an ablation's face-only node costs one expert
         narrow = rows is None and hi - lo < len(strengths) and all(strengths[lo:hi])
-        lean = rows is None and record is None and settings.mode != "none" and not settings.dropout \
-            and torch.is_grad_enabled()
-        f = self.fused(settings, x.device, dtype, (lo, hi) if narrow else None, lean)
+        f = self.fused(settings, x.device, dtype, (lo, hi) if narrow else None)
         if narrow and f.n != hi - lo:
             if _can_narrow(f):
                 f = _narrowed(f, lo, hi)
@@ -365,18 +346,6 @@ class MoLELayer(nn.Module):
             x = x.to(dtype, memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, -1, self.d_in)
         else:
             x = x.to(dtype)
-        if lean and f.gate_w is not None:
-            # gates train on frozen experts (stage 3): the same math with a hand-written backward (_GatesTrain)
-            direct = not conv and dtype == y.dtype
-            s = None if all(v == 1.0 for v in strengths) else tuple(strengths)
-            out = _GatesTrain.apply(y.reshape(-1, self.d_out) if direct else None, x, f.gate_w, f.glob_u,
-                                    f.local_b, f.global_b, f.w1, f.up,
-                                    _Plan(tuple(f.ranks), settings.local, settings.glob, s))
-            if direct:
-                return out.view(y.shape)
-            if conv:
-                return y + out.view(b, y.shape[2], y.shape[3], self.d_out).permute(0, 3, 1, 2).to(y.dtype)
-            return y + out.view(y.shape).to(y.dtype)
         h = torch.matmul(x, f.w1.T)                                     # (B, n, K)
         hidden = h if h.shape[2] == f.rank_total else h.narrow(2, 0, f.rank_total)   # (a slice costs a copy in backward)
         if settings.dropout and f.up is not None and torch.is_grad_enabled():
@@ -438,138 +407,6 @@ class MoLELayer(nn.Module):
             return blocks.mul_(c).flatten(2) if inplace else (blocks * c).flatten(2)
         c = torch.repeat_interleave(coef, f.ranks_t, dim=2, output_size=f.rank_total)
         return hidden.mul_(c) if inplace else hidden * c
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What _GatesTrain computes: the experts' block widths (ranks, or d_out each for dense stacks), which gates
-    the mode uses, the strengths (None: all 1)."""
-
-    widths: tuple[int, ...]
-    local: bool
-    glob: bool
-    strengths: tuple[float, ...] | None
-
-
-class _GatesTrain(torch.autograd.Function):
-    """MoLELayer.forward's math while gates train on frozen experts, as one autograd node with its backward
-    written out: the gradients of the input, the gate weights and the gate biases (the experts are frozen; y = F(X)
-    passes its gradient through). Autograd through forward's ops computes the same in about three times the
-    operations, and on CPU at the demo's sizes the operations cost more than their arithmetic (issue 28: the
-    stage-3 step). Its input gradient is a tensor of its own, not a view, so that autograd adds F's input gradient
-    into it in place instead of into a new buffer.
-
-    y2: F(X) as (B n, d_out) to add to (out of place: F's output is a view, and autograd's rebase of an in-place
-    change of a view copies more than it saves; adding in place to the view's base measured no faster), or None
-    (then the delta alone is returned); x (B, n, d_in);
-    gate_w: the local rows (N, d_in), then for the paper variant its global rows (N, d_in); glob_u: the official
-    global weights on the hidden units (R,) (_training_gate_vectors), or None (paper); w1: the experts' frozen
-    stack (R, d_in), up (d_out, R), or dense blocks (N d_out, d_in) with up None."""
-
-    @staticmethod
-    def forward(ctx, y2, x, gate_w, glob_u, local_b, global_b, w1, up, plan: _Plan):
-        b, n, d_in = x.shape
-        k, r = len(plan.widths), w1.shape[0]
-        x2 = x.reshape(-1, d_in)
-        w = torch.cat([w1, gate_w])
-        h = torch.mm(x2, w.T)                                                       # (M, R + N or 2N)
-        hidden = h.narrow(1, 0, r)
-        local = torch.sigmoid(h.narrow(1, r, k) + local_b) if plan.local else None  # (M, N)
-        mean = glob = None
-        if plan.glob:
-            if glob_u is None:                                                      # paper: mean_n(X) @ Wg.T
-                logits = h.narrow(1, r + k, k).view(b, n, k).mean(1)
-            else:                                                                   # official: mean_n(hidden) . u
-                mean = hidden.view(b, n, r).mean(1)                                 # (B, R)
-                logits = _block_sums(mean * glob_u, plan.widths)
-            glob = torch.sigmoid(logits + global_b)                                 # (B, N)
-        if local is None:
-            coef = glob.repeat_interleave(n, dim=0)
-        else:
-            coef = local if glob is None else (local.view(b, n, k) * glob[:, None]).view(-1, k)
-        if plan.strengths is not None:
-            coef = coef * torch.tensor(plan.strengths, dtype=coef.dtype, device=coef.device)
-        coef = torch.where(coef.abs() < TINY, 0.0, coef)
-        if up is None:                                      # dense blocks: the gated sum of the output blocks
-            delta = _gated_sum(hidden.view(hidden.shape[0], k, -1), coef)
-            out = delta if y2 is None else y2 + delta
-        else:
-            scaled = _times_blocks(hidden, coef, plan.widths)
-            out = torch.mm(scaled, up.T) if y2 is None else torch.addmm(y2, scaled, up.T)
-        ctx.save_for_backward(x2, w, h, local, glob, coef, up, glob_u, mean)
-        ctx.plan, ctx.shape, ctx.has_y = plan, (b, n, d_in), y2 is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x2, w, h, local, glob, coef, up, glob_u, mean = ctx.saved_tensors
-        plan, (b, n, d_in) = ctx.plan, ctx.shape
-        k, m = len(plan.widths), x2.shape[0]
-        r = w.shape[0] - k * (1 if glob_u is not None else 2)
-        hidden = h.narrow(1, 0, r)
-        if up is None:                                      # dense: every block's gradient is dout
-            blocks = hidden.view(m, k, -1)
-            dcoef = torch.bmm(blocks, dout.unsqueeze(2)).squeeze(2)                   # (M, N)
-            dhidden = (dout.unsqueeze(1) * coef.unsqueeze(2)).view(m, -1)
-        else:
-            g = torch.mm(dout, up)                                                    # (M, R)
-            dcoef = _block_sums(g * hidden, plan.widths)
-            dhidden = _times_blocks(g, coef, plan.widths)
-        if plan.strengths is not None:
-            dcoef = dcoef * torch.tensor(plan.strengths, dtype=dcoef.dtype, device=dcoef.device)
-        columns = [dhidden]                                # gradients of h's columns: hidden, local, paper global
-        dlocal = dlocal_b = dglobal_b = du = None
-        if local is not None:
-            dl = dcoef if glob is None else (dcoef.view(b, n, k) * glob[:, None]).view(-1, k)
-            dlocal = dl * local * (1 - local)                                         # (M, N)
-            dlocal_b = dlocal.sum(0)
-            columns.append(dlocal)
-        elif w.shape[0] > r:
-            columns.append(dcoef.new_zeros(m, k))
-        if glob is not None:
-            dg = (dcoef if local is None else dcoef * local).view(b, n, k).sum(1)
-            dlogits = dg * glob * (1 - glob)                                          # (B, N)
-            dglobal_b = dlogits.sum(0)
-            if glob_u is None:
-                columns.append((dlogits / n).repeat_interleave(n, dim=0))             # (M, N)
-            else:
-                du = _times_blocks(mean, dlogits, plan.widths).sum(0)                 # (R,)
-                dmean = _times_blocks(glob_u.expand(b, r), dlogits, plan.widths) / n  # (B, R)
-                columns[0] = (dhidden.view(b, n, r) + dmean[:, None]).view(m, r)
-        elif glob_u is None:
-            columns.append(dcoef.new_zeros(m, k))
-        dh = torch.cat(columns, 1)                                                    # (M, R + N or 2N)
-        dx = dgate_w = None
-        if ctx.needs_input_grad[1]:
-            dx = x2.new_empty(b, n, d_in)
-            torch.mm(dh, w, out=dx.view(-1, d_in))
-        if ctx.needs_input_grad[2]:
-            dgate_w = torch.mm(dh[:, r:].T, x2)
-        return (dout if ctx.has_y else None, dx, dgate_w, du, dlocal_b if ctx.needs_input_grad[4] else None,
-                dglobal_b if ctx.needs_input_grad[5] else None, None, None, None)
-
-
-def _times_blocks(t: torch.Tensor, coef: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
-    """t (M, R) with block i's widths[i] columns times coef[:, i] (M, N)."""
-    if len(set(widths)) == 1:
-        return (t.view(t.shape[0], len(widths), widths[0]) * coef.unsqueeze(2)).view(t.shape)
-    return t * torch.repeat_interleave(coef, torch.tensor(widths, device=coef.device), dim=1,
-                                       output_size=sum(widths))
-
-
-def _block_sums(t: torch.Tensor, widths: tuple[int, ...]) -> torch.Tensor:
-    """(M, N): the sum of each block's columns of t (M, R)."""
-    if len(set(widths)) == 1:
-        return t.view(t.shape[0], len(widths), widths[0]).sum(2)
-    return torch.stack([c.sum(1) for c in t.split(list(widths), dim=1)], 1)
-
-
-def _gated_sum(blocks: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """sum_i coef[:, i] * blocks[:, i] of blocks (M, N, d_out): the dense experts' gated output (M, d_out)."""
-    delta = blocks[:, 0] * coef[:, 0:1]
-    for i in range(1, blocks.shape[1]):
-        delta = delta.addcmul_(blocks[:, i], coef[:, i:i + 1])
-    return delta
 
 
 def _block_mask(ranks: list[int], device, dtype) -> torch.Tensor:
@@ -641,4 +478,3 @@ class _Fused:
     global_b: torch.Tensor | None
     ranks_t: torch.Tensor
     gate_w: torch.Tensor | None = None          # gate rows of their own matmul (gates training), else folded in w1
-    glob_u: torch.Tensor | None = None          # official global weights on the hidden units (_GatesTrain)

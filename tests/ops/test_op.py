@@ -185,25 +185,15 @@ def test_gradients_reach_gates_only_and_match_numerics(variant, conv, ranks):
     assert all(p.grad is None for p in layer.experts.parameters())
 
 
-def autograd_nodes(t: torch.Tensor, depth: int) -> str:
-    """The names of t's autograd nodes up to `depth` steps back, joined."""
-    names, level = [], [t.grad_fn]
-    for _ in range(depth):
-        names += [type(f).__name__ for f in level]
-        level = [g for f in level for g, _ in f.next_functions if g is not None]
-    return " ".join(names)
-
-
 @pytest.mark.parametrize("mode", ["both", "local", "global"])
 @pytest.mark.parametrize("strengths", [{}, {"hand": 0.6}, {"face": 0.0}])     # strengths 1 / not 1; an idle expert
 @pytest.mark.parametrize("variant", ["official", "paper"])
 @pytest.mark.parametrize("ranks", [[4, 4], [3, 5, 2], [10, 12]])          # equal, unequal, dense
 @pytest.mark.parametrize("conv", [True, False])
 def test_stage3_output_and_gradients_equal_the_naive_reference(ranks, conv, variant, strengths, mode):
-    """Gates training on frozen experts (the global gate folded through the cached stacks; the layer's own
-    backward, _GatesTrain), both variants, every gated mode, with strengths not 1 or an idle expert left out of the
-    matmuls: the output and the gradients of the input and of every gate parameter equal autograd's through the
-    naive reference."""
+    """Gates training on frozen experts (the global gate folded through the cached stacks), both variants, every
+    gated mode, with strengths not 1 or an idle expert left out of the matmuls: the output and the gradients of the
+    input and of every gate parameter equal autograd's through the naive reference."""
     layer = make_layer(6, 5, ranks, variant)
     set_training(layer, "gates")
     x, y = inputs(layer, conv, (2, 3), batch=2)
@@ -213,8 +203,6 @@ def test_stage3_output_and_gradients_equal_the_naive_reference(ranks, conv, vari
     for run in (lambda x: layer(x, y.clone(), settings), lambda x: naive(layer, x, y, settings)):
         xi = x.clone().requires_grad_(True)
         out = run(xi)
-        if not results:       # the hand-written backward is the one under test (directly, or under the conv's add)
-            assert "_GatesTrain" in autograd_nodes(out, depth=5), out.grad_fn
         grads = torch.autograd.grad(out.square().sum(), [xi] + gates, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, [xi] + gates)]
         results.append((out.detach(), grads))
@@ -240,8 +228,6 @@ def test_stage3_on_a_real_layers_output_chains_gradients_like_the_reference(rank
         xi = x.clone().requires_grad_(True)
         hidden = torch.tanh(xi)                 # X itself comes out of an earlier op, as in the UNet
         out = run(hidden)
-        if not results:
-            assert "_GatesTrain" in autograd_nodes(out, depth=5), out.grad_fn
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
                                     .sum(), [xi] + params)
         results.append((out.detach(), grads))
