@@ -118,8 +118,8 @@ def generate(out: Path, specs: model_list.ModelList, rows: list[dict], settings:
     first = {}
     for r in rows:
         first.setdefault(r["prompt"], len(first))
-    todo = [(m, r) for m in specs.models for r in sorted(rows, key=lambda r: first[r["prompt"]])
-            if not (out / "images" / m.slug / image_name(r)).exists()]
+    ordered = sorted(rows, key=lambda r: first[r["prompt"]])
+    todo = [(m, r) for m in specs.models for r in ordered if not (out / "images" / m.slug / image_name(r)).exists()]
     failed: dict[str, str] = {}
     if not todo:
         return failed
