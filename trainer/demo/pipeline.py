@@ -43,9 +43,9 @@ class Recipe:
     scenes: int = 256
     closeups: int = 128
     heldout: int = 48
-    stage1_steps: int = 40        # the time study of scripts/demo_variants.py set these three (a first run within
-    expert_steps: int = 100       # 10 minutes); the stages before it were 150, 200 and 300 steps
-    gate_steps: int = 200
+    stage1_steps: int = 150
+    expert_steps: int = 200
+    gate_steps: int = 300
     rank: int = 16
     sample_steps: int = 10        # the demo's sampler: DDIM at these steps and this guidance scale (the sampler study
     cfg: float = 3.0              # of scripts/demo_variants.py picked them on validation prompts)
@@ -208,17 +208,13 @@ def untrained_gates(path: Path, models: dict[str, Path], seed: int) -> Path:
     return path
 
 
-def write_models_toml(path: Path, models: dict[str, Path], seed: int, reduced: bool = False,
-                      base: bool = True) -> Path:
+def write_models_toml(path: Path, models: dict[str, Path], seed: int, reduced: bool = False) -> Path:
     """The models.toml of `evaluate` for every model of EVALUATED against stage 1 (the untrained-gates control is
-    written next to it); with `reduced`, MoLE with its experts reduced (REDUCED) too; without `base`, the world
-    base's row is left out."""
+    written next to it); with `reduced`, MoLE with its experts reduced (REDUCED) too."""
     untrained = untrained_gates(path.parent / "untrained_gates.safetensors", models, seed)
     experts = json.dumps([str(models["face"]), str(models["hand"])])
     lines = [f"reference = {json.dumps(REFERENCE)}"]
     for label, checkpoint, mode, strength in EVALUATED:
-        if checkpoint == "base" and not base:
-            continue
         lines += ["", "[[model]]", f"name = {json.dumps(label)}", f"checkpoint = {json.dumps(str(models[checkpoint]))}"]
         if mode is not None:
             gates = untrained if mode == "untrained" else models["gates"]
@@ -266,11 +262,9 @@ def write_prompts(path: Path, recipe: Recipe, seed: int) -> Path:
 
 
 def generation_evaluation(results: Path, models: dict[str, Path], recipe: Recipe, seed: int) -> dict:
-    """`python -m trainer evaluate --world_judge`: every model of EVALUATED but the world base (stage 1 draws
-    as it does: 0.917 of pictures with a person, a face and a hand each on seed 0, when both were in the table)
-    generates the same prompts and seeds through the real ComfyUI sampler (the shipped txt2img graph at 64 px, the
-    demo's step count, an empty negative prompt as in training's caption dropout), and the world's judge scores
-    each picture. Files in
+    """`python -m trainer evaluate --world_judge`: every model of EVALUATED generates the same prompts and seeds
+    through the real ComfyUI sampler (the shipped txt2img graph at 64 px, the demo's step count, an empty negative
+    prompt as in training's caption dropout), and the world's judge scores each picture. Files in
     results/generation (summary.md, scores.csv, contact_sheet.png, images/); a second run reuses them."""
     import contextlib
     import io
@@ -282,8 +276,7 @@ def generation_evaluation(results: Path, models: dict[str, Path], recipe: Recipe
     if not (folder / "summary.json").exists():
         args = argparse.Namespace(
             prompts=write_prompts(folder / "prompts.csv", recipe, seed),
-            models=write_models_toml(folder / "models.toml", models, seed, base=False), output_dir=folder,
-            limit=None,
+            models=write_models_toml(folder / "models.toml", models, seed), output_dir=folder, limit=None,
             hps=None, imagereward=None, clip=None, world_judge=evaluate.JUDGE_FILE, width=64, height=64,
             steps=recipe.sample_steps, cfg=recipe.cfg, sampler_name=None, scheduler=None, negative="", device="cpu",
             heldout=None)
