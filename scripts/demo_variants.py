@@ -103,6 +103,9 @@ number changes). The rest cannot be had without changing the evidence, so one le
   with a face and a hand in >= 0.9 of its samples, MoLE's face and hand detail over stage 1 stay above 0 (95%
   interval), and every other goal that holds today on that seed still holds. Otherwise the demo keeps its recipe
   and docs/evidence.md reports L's numbers.
+- Outcome (2026-12-05): the first run took 9 min 25 s, but stage 1 drew whole people in 0.83 / 0.75 of its
+  samples and the identity AUC while generating fell to 0.74 / 0.57 (seeds 0 / 1): L is not adopted
+  (docs/evidence.md, "The time study").
 """
 from __future__ import annotations
 
