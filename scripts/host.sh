@@ -27,6 +27,7 @@ UV="$HOST_DIR/uv/bin/uv"
 uv_args=()
 get_uv() {
   [ "${HOST_INSTALLER:-uv}" = uv ] || return 1
+  [ ${#uv_args[@]} -eq 0 ] || return 0     # found and configured by an earlier install
   if [ ! -x "$UV" ]; then
     "$PY" -m pip install -q --disable-pip-version-check --target "$HOST_DIR/uv" uv >/dev/null 2>&1 || return 1
   fi
