@@ -1,7 +1,7 @@
 """The demo's variant studies (issue 17): recipes tried on a validation split, never on the demo's held-out sets.
 
     .venv/bin/python scripts/demo_variants.py stage1  --demo D --seed S
-    .venv/bin/python scripts/demo_variants.py experts --demo D --seed S --output_dir X [--variants A B C D]
+    .venv/bin/python scripts/demo_variants.py experts --demo D --seed S --output_dir X [--variants A B C D P W]
     .venv/bin/python scripts/demo_variants.py gates   --demo D --seed S --experts X/A --output_dir G
 
 `stage1` builds the world, the base and stage 1 of a demo folder and stops there (nothing held-out is
@@ -106,6 +106,19 @@ number changes). The rest cannot be had without changing the evidence, so one le
 - Outcome (2026-12-05): the first run took 9 min 25 s, but stage 1 drew whole people in 0.83 / 0.75 of its
   samples and the identity AUC while generating fell to 0.74 / 0.57 (seeds 0 / 1): L is not adopted
   (docs/evidence.md, "The time study").
+
+Protocol of the contrary-detail world (issue 27, fixed 2026-12-05 before any model of it was trained): in world 3
+every expert of the cross-effect study helped the other part, because a face's detail and a hand's are both dark
+marks on skin, so either expert's marks lower the error on the other part too. Is an expert's effect specific in a
+world where one part's detail drawn on the other is wrong?
+- Variant W: the world's pictures with the hand's lines (between the fingers, over the knuckles) drawn light
+  (world.LIGHT_LINES) instead of dark; everything else is the same picture from the same stream (the face, the
+  silhouettes, the cuff, the plain scenes: the world base and stage 1 stay valid). The detail contrast of the hand
+  (world.detail_contrast) becomes 0.059 against the face's 0.058 (dark lines: 0.041).
+- Experts: recipe A (the demo's) on W's detailed scenes and close-ups, on stage 1 of demo seeds 0 and 1.
+- Measure and rule: those of the cross-effect study above, on the validation scenes and close-ups drawn in W.
+- If W qualifies, adopting it (a world version with light hand lines, a judge trained on it, the gates of `gates`,
+  the demo on seeds 0 and 1) is a step of its own; if not, docs/evidence.md reports W's cross-effect with the rest.
 """
 from __future__ import annotations
 
@@ -124,19 +137,35 @@ spec.loader.exec_module(package)
 
 EXPERT_VARIANTS = {"A": {"scenes": True, "closeups": True}, "B": {"closeups": True},
                    "C": {"own_scenes": True, "closeups": True}, "D": {"own_scenes": False, "closeups": True},
-                   "P": {"plain": True}}
+                   "P": {"plain": True}, "W": {"scenes": True, "closeups": True}}
+# the hand's detail lines a variant's pictures (training and validation) are drawn with (world.HAND_LINES)
+HAND_LINES = {"W": "light"}
 # gate variants: (training sets, steps); the demo trained its gates for 300 steps until the gate-steps study
 GATE_VARIANTS = {"G1": (("scenes",), 300), "G2": (("scenes", "faces", "hands"), 300), "G1x2": (("scenes",), 600)}
 CLOSEUPS = {"face": "faces", "hand": "hands"}
 VALIDATION = 20_000
 
 
-def validation_set(out: Path, kind: str, seed: int) -> Path:
+def validation_set(out: Path, kind: str, seed: int, hand_lines: str = "dark") -> Path:
     from comfyui_mole.trainer.demo import world as world_module
 
-    folder = out / "validation" / kind
+    folder = out / "validation" / kind if hand_lines == "dark" else out / "validation" / hand_lines / kind
     if not (folder / "masks").is_dir():
-        world_module.write_set(folder, kind, 48, VALIDATION + seed, 64)
+        world_module.write_set(folder, kind, 48, VALIDATION + seed, 64, hand_lines=hand_lines)
+    return folder
+
+
+def training_set(world: Path, out: Path, kind: str, seed: int, hand_lines: str) -> Path:
+    """The demo world's training set `kind`, or the same pictures (its stream) drawn with other hand lines."""
+    from comfyui_mole.trainer.demo import world as world_module
+    from comfyui_mole.trainer.demo.pipeline import FULL
+
+    if hand_lines == "dark":
+        return world / kind
+    folder = out / "data" / hand_lines / kind
+    if not (folder / "masks").is_dir():
+        world_module.write_set(folder, kind, FULL.scenes if kind == "scenes" else FULL.closeups, seed, 64,
+                               hand_lines=hand_lines)
     return folder
 
 
@@ -174,19 +203,26 @@ def experts(args) -> int:
         if not (out / "data" / f"{part}_scenes").is_dir():
             world_module.write_set(out / "data" / f"{part}_scenes", f"{part}_scenes", FULL.scenes, args.seed,
                                    64)
-    validation = validation_set(out, "scenes", args.seed)
-    pictures = [expert_effect.Picture(i, c, m) for i, c, m in world_module.load_masks(validation)]
-    closeups = {part: expert_effect.whole_pictures([expert_effect.Picture(i, c, m) for i, c, m in
-                                                    world_module.load_masks(validation_set(out, kind, args.seed))])
-                for part, kind in CLOSEUPS.items()}
+
+    def validation(lines: str):
+        pictures = [expert_effect.Picture(i, c, m)
+                    for i, c, m in world_module.load_masks(validation_set(out, "scenes", args.seed, lines))]
+        closeups = {part: expert_effect.whole_pictures([expert_effect.Picture(i, c, m) for i, c, m in
+                                                        world_module.load_masks(validation_set(out, kind, args.seed,
+                                                                                               lines))])
+                    for part, kind in CLOSEUPS.items()}
+        return pictures, closeups
+
     results = {}
     for name in args.variants:
         trained = {}
         (out / name).mkdir(parents=True, exist_ok=True)
+        lines = HAND_LINES.get(name, "dark")
+        pictures, closeups = validation(lines)
         for part in world_module.PARTS:
-            folders = {"scenes": world / "scenes", "plain": world / "plain",
+            folders = {"scenes": training_set(world, out, "scenes", args.seed, lines), "plain": world / "plain",
                        "own_scenes": out / "data" / f"{part}_scenes",
-                       "closeups": world / CLOSEUPS[part]}
+                       "closeups": training_set(world, out, CLOSEUPS[part], args.seed, lines)}
             subsets = {str(folders[kind]): str(folders[kind] / f"{part}_masks") if masked else None
                        for kind, masked in EXPERT_VARIANTS[name].items()}
             toml = world_module.write_dataset_toml(out / name / f"{part}.toml", subsets, 64, 8)

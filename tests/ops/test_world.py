@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from comfyui_mole.trainer.demo.evidence import auc, cell_labels
-from comfyui_mole.trainer.demo.world import BACKGROUNDS, closeup, detail_contrast, load_masks, scene, write_world
+from comfyui_mole.trainer.demo.world import (BACKGROUNDS, LIGHT_LINES, closeup, detail_contrast, load_masks, scene,
+                                             write_world)
 
 
 def nearest(colour, table):
@@ -68,6 +69,28 @@ def test_both_parts_carry_comparable_detail():
     for seed in (0, 1):
         contrast = detail_contrast(seed, count=24)
         assert min(contrast.values()) >= 0.5 * max(contrast.values()) and min(contrast.values()) > 0.02, contrast
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_light_hand_lines_change_only_the_lines(seed):
+    """The contrary-detail study's pictures: the same picture from the same stream, the hand's lines light instead
+    of dark, as strong a detail as the face's; the face and the plain scenes untouched; an unknown tone refused."""
+    dark, light = scene(random.Random(seed), 64), scene(random.Random(seed), 64, hand_lines="light")
+    a, b = np.asarray(dark.image).astype(int), np.asarray(light.image).astype(int)
+    changed = np.abs(a - b).sum(-1) > 0
+    assert dark.caption == light.caption and changed.any()
+    ys, xs = np.nonzero(dark.masks["hand"])
+    box = np.zeros_like(changed)
+    box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True                # (the lines fill the gaps between
+    assert not (changed & ~box).any()                                        # the fingers, outside the mask)
+    lines = b[changed]
+    assert (np.abs(lines - LIGHT_LINES).sum(-1) <= 2).mean() > 0.9 and (a[changed].sum(-1) < lines.sum(-1)).all()
+    assert np.array_equal(np.asarray(scene(random.Random(seed), 64, detailed=False).image),
+                          np.asarray(scene(random.Random(seed), 64, detailed=False, hand_lines="light").image))
+    contrast = detail_contrast(seed, count=24, hand_lines="light")
+    assert min(contrast.values()) >= 0.7 * max(contrast.values()), contrast
+    with pytest.raises(ValueError, match="hand lines"):
+        scene(random.Random(seed), 64, hand_lines="pink")
 
 
 @pytest.mark.parametrize("part", ["face", "hand"])

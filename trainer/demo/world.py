@@ -36,6 +36,8 @@ SHIRTS = {"red": (200, 40, 44), "yellow": (228, 200, 48), "white": (236, 236, 23
 SKINS = {"light": (240, 200, 170), "tan": (208, 160, 112), "brown": (150, 100, 64), "dark": (96, 62, 40)}
 HAIRS = {"black": (24, 20, 20), "brown": (92, 56, 30), "blonde": (226, 196, 110), "red": (170, 60, 30)}
 PARTS = ("face", "hand")
+HAND_LINES = ("dark", "light")      # the hand's detail lines: the world's dark ones, or light (a study, issue 27)
+LIGHT_LINES = (250, 248, 240)
 
 
 @dataclass
@@ -76,9 +78,10 @@ def draw_face(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, skin, hair
 
 
 def draw_hand(d: ImageDraw.ImageDraw, cx: float, cy: float, s: float, skin, fill=None, mirror=False,
-              detailed: bool = True, cuff=None) -> None:
+              detailed: bool = True, cuff=None, lines: str = "dark") -> None:
     """A hand of size s: a palm, four fingers up and a thumb to one side; when detailed, knuckle lines and a cuff
-    at the wrist, else a mitten (the same silhouette in one piece, no fingers)."""
+    at the wrist, else a mitten (the same silhouette in one piece, no fingers). `lines` (HAND_LINES): the lines'
+    tone, dark (the world's) or light (the contrary-detail study: a face's dark marks are wrong on such a hand)."""
     colour = fill or skin
     sign = -1 if mirror else 1
     x0, x1 = cx + sign * s * 0.28, cx + sign * s * 0.55
@@ -98,7 +101,10 @@ def draw_hand(d: ImageDraw.ImageDraw, cx: float, cy: float, s: float, skin, fill
                             fill=colour)
     d.rounded_rectangle((min(x0, x1), cy + s * 0.05, max(x0, x1), cy + s * 0.22), radius=fw * 0.4, fill=colour)
     if fill is None:
-        dark, line = tuple(int(c * 0.5) for c in skin), max(1, round(s * 0.06))
+        if lines not in HAND_LINES:
+            raise ValueError(f"hand lines {lines!r} are not one of {', '.join(HAND_LINES)}")
+        dark = tuple(int(c * 0.5) for c in skin) if lines == "dark" else LIGHT_LINES
+        line = max(1, round(s * 0.06))
         for i in range(3):
             gap = cx - s * 0.3 + i * s * 0.2 + s * 0.1
             d.line((gap, cy - s * 0.42, gap, cy - s * 0.05), fill=dark, width=line)      # between the fingers
@@ -108,9 +114,11 @@ def draw_hand(d: ImageDraw.ImageDraw, cx: float, cy: float, s: float, skin, fill
             d.rectangle((cx - s * 0.35, cy + s * 0.3, cx + s * 0.35, cy + s * 0.5), fill=cuff)
 
 
-def scene(rng: random.Random, size: int = 64, detailed: bool | tuple[str, ...] = True) -> Picture:
+def scene(rng: random.Random, size: int = 64, detailed: bool | tuple[str, ...] = True,
+          hand_lines: str = "dark") -> Picture:
     """A person with a face and one raised hand at head height, clearly apart. `detailed=False`: the plain
-    scenes of stage 1 (bare face, mitten); a tuple of parts: only those detailed (the others plain)."""
+    scenes of stage 1 (bare face, mitten); a tuple of parts: only those detailed (the others plain). `hand_lines`:
+    see draw_hand (the same picture otherwise, from the same generator state)."""
     detail = {part: (part in detailed) if isinstance(detailed, tuple) else bool(detailed) for part in PARTS}
     bg_name, bg = _colour(rng, BACKGROUNDS)
     shirt_name, shirt = _colour(rng, SHIRTS)
@@ -131,7 +139,7 @@ def scene(rng: random.Random, size: int = 64, detailed: bool | tuple[str, ...] =
     d.rounded_rectangle((cx - 12 * k, top, cx + 12 * k, size + 4), radius=4 * k, fill=shirt)          # torso
     d.line((cx + side * 9 * k, top + 5 * k, hx, hy + s * 0.5), fill=shirt, width=max(2, round(5 * k)))  # arm
     draw_face(d, cx, cy, r, skin, hair, detailed=detail["face"])
-    draw_hand(d, hx, hy, s, skin, mirror=side < 0, detailed=detail["hand"], cuff=shirt)
+    draw_hand(d, hx, hy, s, skin, mirror=side < 0, detailed=detail["hand"], cuff=shirt, lines=hand_lines)
     masks = {"face": _mask(size, lambda m, v: draw_face(m, cx, cy, r, skin, fill=v)),
              "hand": _mask(size, lambda m, v: draw_hand(m, hx, hy, s, skin, fill=v, mirror=side < 0,
                                                         detailed=detail["hand"]))}
@@ -150,8 +158,8 @@ def scene(rng: random.Random, size: int = 64, detailed: bool | tuple[str, ...] =
     return Picture(image, caption, masks, person)
 
 
-def closeup(rng: random.Random, part: str, size: int = 64) -> Picture:
-    """A detailed close-up of one face or one hand (expert data of that part)."""
+def closeup(rng: random.Random, part: str, size: int = 64, hand_lines: str = "dark") -> Picture:
+    """A detailed close-up of one face or one hand (expert data of that part); `hand_lines`: see draw_hand."""
     bg_name, bg = _colour(rng, BACKGROUNDS)
     skin_name, skin = _colour(rng, SKINS)
     _, hair = _colour(rng, HAIRS)
@@ -167,7 +175,7 @@ def closeup(rng: random.Random, part: str, size: int = 64) -> Picture:
     else:
         s = rng.uniform(34, 42) * size / 64
         mirror = rng.random() < 0.5
-        draw_hand(d, cx, cy + s * 0.1, s, skin, mirror=mirror, cuff=cuff)
+        draw_hand(d, cx, cy + s * 0.1, s, skin, mirror=mirror, cuff=cuff, lines=hand_lines)
         mask = _mask(size, lambda m, v: draw_hand(m, cx, cy + s * 0.1, s, skin, fill=v, mirror=mirror))
         caption = f"a close-up of an open hand, {skin_name} skin, {bg_name} background"
     empty = np.zeros_like(mask)
@@ -175,13 +183,15 @@ def closeup(rng: random.Random, part: str, size: int = 64) -> Picture:
                    mask)
 
 
-SETS = {"scenes": lambda rng, size: scene(rng, size), "plain": lambda rng, size: scene(rng, size, detailed=False),
-        "faces": lambda rng, size: closeup(rng, "face", size), "hands": lambda rng, size: closeup(rng, "hand", size),
-        "face_scenes": lambda rng, size: scene(rng, size, detailed=("face",)),
-        "hand_scenes": lambda rng, size: scene(rng, size, detailed=("hand",))}
+SETS = {"scenes": lambda rng, size, **k: scene(rng, size, **k),
+        "plain": lambda rng, size, **k: scene(rng, size, detailed=False, **k),
+        "faces": lambda rng, size, **k: closeup(rng, "face", size, **k),
+        "hands": lambda rng, size, **k: closeup(rng, "hand", size, **k),
+        "face_scenes": lambda rng, size, **k: scene(rng, size, detailed=("face",), **k),
+        "hand_scenes": lambda rng, size, **k: scene(rng, size, detailed=("hand",), **k)}
 
 
-def detail_contrast(seed: int = 0, count: int = 48, size: int = 64) -> dict[str, float]:
+def detail_contrast(seed: int = 0, count: int = 48, size: int = 64, hand_lines: str = "dark") -> dict[str, float]:
     """Per part, the mean squared pixel difference (pixels in [0, 1]) inside the part between detailed scenes and
     the same scenes drawn plain: how much an expert of that part has to learn beyond stage 1. A part whose detail
     is much fainter than the other's (world version 2's hands: a third of the face's in pixels, a sixth at latent
@@ -190,7 +200,7 @@ def detail_contrast(seed: int = 0, count: int = 48, size: int = 64) -> dict[str,
     sums = {part: 0.0 for part in PARTS}
     for _ in range(count):
         state = rng.getstate()
-        detailed = scene(rng, size)
+        detailed = scene(rng, size, hand_lines=hand_lines)
         again = random.Random()
         again.setstate(state)
         plain = scene(again, size, detailed=False)
@@ -200,15 +210,15 @@ def detail_contrast(seed: int = 0, count: int = 48, size: int = 64) -> dict[str,
     return {part: v / count for part, v in sums.items()}
 
 
-def write_set(folder: Path, kind: str, count: int, seed: int, size: int) -> Path:
+def write_set(folder: Path, kind: str, count: int, seed: int, size: int, hand_lines: str = "dark") -> Path:
     """`count` pictures of `kind` as a kohya image folder (PNG + .caption), with masks in folder/masks/
     (<stem>_<part>.png, for the evidence) and folder/<part>_masks/ (<stem>.png: kohya's conditioning_data_dir for
-    a loss masked to that part)."""
+    a loss masked to that part); `hand_lines`: see draw_hand."""
     rng = random.Random(f"{kind}:{seed}")
     for sub in ("masks", *(f"{part}_masks" for part in PARTS)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        p = SETS[kind](rng, size)
+        p = SETS[kind](rng, size, hand_lines=hand_lines)
         stem = f"{kind}_{i:04d}"
         p.image.save(folder / f"{stem}.png")
         (folder / f"{stem}.caption").write_text(p.caption)
