@@ -119,6 +119,14 @@ world where one part's detail drawn on the other is wrong?
 - Measure and rule: those of the cross-effect study above, on the validation scenes and close-ups drawn in W.
 - If W qualifies, adopting it (a world version with light hand lines, a judge trained on it, the gates of `gates`,
   the demo on seeds 0 and 1) is a step of its own; if not, docs/evidence.md reports W's cross-effect with the rest.
+- Outcome (2026-12-05): W does not qualify: the hand expert's margin doubles (+0.081 / +0.080, A: +0.038 /
+  +0.034), but each expert still helps the other part's cells (3 of 4 intervals below 0) and the other kind of
+  close-up (all 4).
+- Follow-up (fixed after W's outcome, before the control's numbers): is the help on the other part the expert's
+  detail at all? The control P of `experts` (stage 1's own plain scenes, the loss masked to the part: nothing new
+  to learn) is measured with the same validation and measures (world 3, dark lines), seeds 0 and 1. If P's experts
+  help the other part's cells and close-ups about as much as A's, the cross-effect is more training of skin-coloured
+  parts, not the detail, and no drawing of the detail alone removes it.
 """
 from __future__ import annotations
 
