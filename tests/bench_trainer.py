@@ -4,6 +4,9 @@ Modes, each in its own process (so peak RSS is its own), same batches:
   base     a plain forward + backward of the base UNet (gradient to the input; nothing trains)
   expert   one stage-2 step: a rank-R LoRA on all target layers, AdamW
   gates    one stage-3 step: two frozen rank-R experts, gates train, AdamW
+  gates+compile  the same with --torch_compile (inductor): its base step runs through the same compiled UNet (with
+           MoLE's hooks off), so the ratio compares compiled with compiled; the compile itself (its first steps) is
+           printed apart and left out of the step times
 Prints samples/s, seconds per step, peak RSS, RSS growth while stepping, and the ratio of a stage-3 (and stage-2) step
 to a base step timed next to it in the same process (interleaved).
 
@@ -29,6 +32,9 @@ sys.modules["comfyui_mole"] = pkg = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pkg)
 
 
+MODES = ("base", "expert", "gates", "gates+compile")
+
+
 def make_inputs(folder: Path, size: int, n: int = 16) -> Path:
     from PIL import Image, ImageDraw
 
@@ -52,9 +58,10 @@ def one_mode(args) -> dict:
     common = dict(pretrained_model_name_or_path=str(work / "base.safetensors"), train_data_dir=str(work / "images"),
                   resolution=str(args.size), output_dir=str(work / args.mode), train_batch_size=args.batch,
                   cache_latents=True, max_train_steps=10**6, learning_rate=1e-4)
-    if args.mode == "gates":
+    if args.mode.startswith("gates"):
         c = TrainConfig(stage="gates", output_name="g", experts=[f"face={work / 'face.safetensors'}",
-                                                                 f"hand={work / 'hand.safetensors'}"], **common)
+                                                                 f"hand={work / 'hand.safetensors'}"],
+                        torch_compile=args.mode == "gates+compile", **common)
     else:
         c = TrainConfig(stage="expert", output_name="e", network_dim=args.rank, network_alpha=args.rank, **common)
     validate(c)
@@ -77,6 +84,7 @@ def one_mode(args) -> dict:
             run.stage.state.active = True
 
     steps = {"base": base_step} if args.mode == "base" else {"base": base_step, args.mode: run.step}
+    warm = time.perf_counter()
     import psutil
 
     process = psutil.Process()
@@ -86,6 +94,7 @@ def one_mode(args) -> dict:
         for step in steps.values():
             for _ in range(3):
                 step()
+        warm = time.perf_counter() - warm
         for i in range(args.steps):
             for name in (list(steps) if i % 2 == 0 else list(steps)[::-1]):     # interleaved, alternating order
                 t0 = time.perf_counter()
@@ -96,7 +105,7 @@ def one_mode(args) -> dict:
     ratio = statistics.median(a / b for a, b in zip(times[args.mode], times["base"]))
     return {"mode": args.mode, "seconds": median, "samples_per_s": args.batch / median, "x_base": ratio,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "step_rss_mib": (in_steps - before) / 2**20}
+            "step_rss_mib": (in_steps - before) / 2**20, "warm_up_s": warm}
 
 
 def prepare(work: Path, args) -> None:
@@ -117,7 +126,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--mode", choices=("base", "expert", "gates"))
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="the modes to measure")
     parser.add_argument("--work")
     args = parser.parse_args()
     if args.mode:
@@ -126,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepare(Path(tmp), args)
         results = {}
-        for mode in ("base", "expert", "gates"):
+        for mode in args.modes:
             cmd = [sys.executable, __file__, "--mode", mode, "--work", tmp, "--size", str(args.size), "--batch",
                    str(args.batch), "--rank", str(args.rank), "--steps", str(args.steps)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -137,10 +147,13 @@ def main() -> None:
           "grew while training, over its size after loading and caching")
     print("x base step: the median over steps of a step's time over the base step's next to it, in the same process "
           "(interleaved, alternating order: this machine's speed drifts too much between processes)")
-    print(f"{'mode':8} {'s/step':>8} {'samples/s':>10} {'peak RSS MiB':>13} {'+RSS in steps':>14} {'x base step':>12}")
+    print("gates+compile: --torch_compile; its base step runs through the same compiled UNet; warm-up: the first 3 "
+          "steps of each kind (the compile)")
+    print(f"{'mode':14} {'s/step':>8} {'samples/s':>10} {'peak RSS MiB':>13} {'+RSS in steps':>14} {'x base step':>12} "
+          f"{'warm-up s':>10}")
     for mode, r in results.items():
-        print(f"{mode:8} {r['seconds']:8.3f} {r['samples_per_s']:10.2f} {r['peak_rss_mib']:13.0f} "
-              f"{r['step_rss_mib']:14.0f} {r['x_base']:12.2f}")
+        print(f"{mode:14} {r['seconds']:8.3f} {r['samples_per_s']:10.2f} {r['peak_rss_mib']:13.0f} "
+              f"{r['step_rss_mib']:14.0f} {r['x_base']:12.2f} {r['warm_up_s']:10.1f}")
 
 
 if __name__ == "__main__":

@@ -256,7 +256,26 @@ def test_every_option_reaches_the_resolved_configuration(paths, name):
     (["--network_dropout", "1"], r"--network_dropout must be in \[0, 1\)"),
     (["--scale_weight_norms", "0"], "--scale_weight_norms must be > 0"),
     (["--max_data_loader_n_workers", "-1"], "--max_data_loader_n_workers must be >= 0"),
+    (["--torch_compile", "--dynamo_backend", "tensort"], "--dynamo_backend tensort: not a torch.compile backend of "
+                                                         "this PyTorch"),
 ])
 def test_the_new_kohya_options_are_checked(paths, extra, message):
     with pytest.raises(ConfigError, match=message):
         parse("expert", base_args(paths) + extra)
+
+
+def test_torch_compile_is_kohyas_flag_and_its_failures_name_it(paths):
+    """--torch_compile and --dynamo_backend as kohya spells them (inductor by default); a backend given without
+    --torch_compile changes nothing (as in kohya); torch.compile's own failure reads as a ConfigError naming both."""
+    import torch._dynamo.exc
+
+    from comfyui_mole.trainer.training.loop import compile_errors
+
+    c = parse("gates", base_args(paths) + ["--experts", f"face={paths['expert']}", "--torch_compile"])
+    assert c.torch_compile and c.dynamo_backend == "inductor"
+    assert not parse("expert", base_args(paths) + ["--dynamo_backend", "tensort"]).torch_compile
+    with pytest.raises(ConfigError, match=r"--torch_compile \(--dynamo_backend inductor\) failed: no C\+\+ compiler"):
+        with compile_errors(c):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler\nthe rest")
+    with pytest.raises(ValueError, match="other"), compile_errors(c):
+        raise ValueError("other")

@@ -55,6 +55,23 @@ class Objective(torch.nn.Module):
             return self.predict(x_t, t, cond)
 
 
+@contextlib.contextmanager
+def compile_errors(config: TrainConfig):
+    """With --torch_compile, a failure of torch.compile itself (no C++ compiler for inductor on a CPU, an operation
+    the backend cannot compile) as a ConfigError that names the flags; other errors pass unchanged."""
+    if not config.torch_compile:
+        yield
+        return
+    import torch._dynamo.exc
+
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--torch_compile (--dynamo_backend {config.dynamo_backend}) failed: {first[:400]}; train "
+                          "without --torch_compile, or with another --dynamo_backend") from e
+
+
 class Run:
     """One training run: the base, the stage, the data, the optimizer, and where it is."""
 
@@ -92,6 +109,10 @@ class Run:
         if config.gradient_checkpointing:
             n = self.base.checkpoint_activations(text_encoder=bool(config.train_text_encoder))
             log.info("gradient checkpointing: %d layers", n)
+        if config.torch_compile:
+            self.base.compile_unet(config.dynamo_backend)
+            log.info("--torch_compile: the UNet runs through torch.compile (backend %s); the first steps compile it",
+                     config.dynamo_backend)
         objective = Objective(self.stage.modules(), self.text, self.base.predict, config.mixed_precision,
                               bool(config.train_text_encoder))
         self.model = self.world.wrap(objective, unused_parameters=bool(config.train_text_encoder))
@@ -250,7 +271,7 @@ class Run:
             last = micro == c.gradient_accumulation_steps - 1
             sync = self.model.no_sync() if self.world.distributed and not last else contextlib.nullcontext()
             batch = self.next_batch()
-            with sync:
+            with sync, compile_errors(c):
                 loss = self.loss(batch, self.gen) / c.gradient_accumulation_steps
                 loss.backward()
             total += float(loss.detach())

@@ -167,6 +167,7 @@ class Base:
         self.text_folder: Path | None = None       # where TEXT_CACHE also keeps this base's encodings on disk
         self._text_encoder_id: str | None = None
         self._text_encoder_trains = False      # set for good by make_text_encoder_trainable
+        self._compiled = None                  # the UNet through torch.compile (compile_unet), used by predict
 
     def _vae_id(self) -> str:
         digest = hashlib.sha256()
@@ -306,9 +307,17 @@ class Base:
             p.requires_grad_(not (name.endswith("logit_scale") or name in UNUSED_TEXT_TENSORS))
         return self.text_encoder
 
+    def compile_unet(self, backend: str = "inductor") -> None:
+        """kohya's --torch_compile: `predict` calls the UNet through torch.compile with this dynamo backend; the
+        module, its weights and its keys stay as they are (what is saved, and ComfyUI's sampler for the samples
+        while training, use it uncompiled). Forward hooks (the stage's MoLE) are traced into the compiled graph, so
+        a MoLE layer's many small operations run as a few fused kernels."""
+        self._compiled = torch.compile(self.unet, backend=backend)
+
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's epsilon prediction (ComfyUI's UNetModel.forward, with any attached hooks)."""
-        return self.unet(x_t, timesteps=t.float(), context=cond.context, y=cond.y, transformer_options={})
+        unet = self.unet if self._compiled is None else self._compiled
+        return unet(x_t, timesteps=t.float(), context=cond.context, y=cond.y, transformer_options={})
 
 
 def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
