@@ -4,9 +4,9 @@ Modes, each in its own process (so peak RSS is its own), same batches:
   base     a plain forward + backward of the base UNet (gradient to the input; nothing trains)
   expert   one stage-2 step: a rank-R LoRA on all target layers, AdamW
   gates    one stage-3 step: two frozen rank-R experts, gates train, AdamW
-  gates+compile  the same with --torch_compile (inductor): its base step runs through the same compiled UNet (with
-           MoLE's hooks off), so the ratio compares compiled with compiled; the compile itself (its first steps) is
-           printed apart and left out of the step times
+  gates+compile  the same with --torch_compile (inductor), timed against two base steps in the same process: through
+           the same compiled UNet (MoLE's hooks off) and plain; the compile itself (its first steps) is printed apart
+           and left out of the step times
 Prints samples/s, seconds per step, peak RSS, RSS growth while stepping, and the ratio of a stage-3 (and stage-2) step
 to a base step timed next to it in the same process (interleaved).
 
@@ -84,6 +84,18 @@ def one_mode(args) -> dict:
             run.stage.state.active = True
 
     steps = {"base": base_step} if args.mode == "base" else {"base": base_step, args.mode: run.step}
+    if args.mode == "gates+compile":       # the eager base step too, in the same process: the fair comparison
+        compiled = run.base._compiled
+
+        def eager(step):
+            def call():
+                run.base._compiled = None
+                try:
+                    step()
+                finally:
+                    run.base._compiled = compiled
+            return call
+        steps["eager base"], steps["eager gates"] = eager(base_step), eager(run.step)
     warm = time.perf_counter()
     import psutil
 
@@ -103,7 +115,12 @@ def one_mode(args) -> dict:
                 in_steps = max(in_steps, process.memory_info().rss)
     median = statistics.median(times[args.mode])
     ratio = statistics.median(a / b for a, b in zip(times[args.mode], times["base"]))
+    eager = statistics.median(a / b for a, b in zip(times[args.mode], times.get("eager base", times["base"])))
+    if "eager gates" in times:
+        print(json.dumps({"eager gates x eager base": statistics.median(
+            a / b for a, b in zip(times["eager gates"], times["eager base"]))}), file=sys.stderr)
     return {"mode": args.mode, "seconds": median, "samples_per_s": args.batch / median, "x_base": ratio,
+            "x_eager_base": eager,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "step_rss_mib": (in_steps - before) / 2**20, "warm_up_s": warm}
 
@@ -147,13 +164,14 @@ def main() -> None:
           "grew while training, over its size after loading and caching")
     print("x base step: the median over steps of a step's time over the base step's next to it, in the same process "
           "(interleaved, alternating order: this machine's speed drifts too much between processes)")
-    print("gates+compile: --torch_compile; its base step runs through the same compiled UNet; warm-up: the first 3 "
-          "steps of each kind (the compile)")
+    print("gates+compile: --torch_compile; x base step: against the base step through the same compiled UNet; x "
+          "eager base: against the plain base step, timed in the same process too; warm-up: the first 3 steps of "
+          "each kind (the compile)")
     print(f"{'mode':14} {'s/step':>8} {'samples/s':>10} {'peak RSS MiB':>13} {'+RSS in steps':>14} {'x base step':>12} "
-          f"{'warm-up s':>10}")
+          f"{'x eager base':>13} {'warm-up s':>10}")
     for mode, r in results.items():
         print(f"{mode:14} {r['seconds']:8.3f} {r['samples_per_s']:10.2f} {r['peak_rss_mib']:13.0f} "
-              f"{r['step_rss_mib']:14.0f} {r['x_base']:12.2f} {r['warm_up_s']:10.1f}")
+              f"{r['step_rss_mib']:14.0f} {r['x_base']:12.2f} {r['x_eager_base']:13.2f} {r['warm_up_s']:10.1f}")
 
 
 if __name__ == "__main__":
