@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/demo_variants.py stage1  --demo D --seed S
     .venv/bin/python scripts/demo_variants.py experts --demo D --seed S --output_dir X [--variants A B C D P W]
-    .venv/bin/python scripts/demo_variants.py gates   --demo D --seed S --experts X/A --output_dir G
+    .venv/bin/python scripts/demo_variants.py gates   --demo D --seed S --experts X/A --output_dir G [--variants G1 GP]
 
 `stage1` builds the world, the base and stage 1 of a demo folder and stops there (nothing held-out is
 measured). `experts` and `gates` train variants on that stage 1 and print a markdown table of their measures.
@@ -49,6 +49,11 @@ Protocol of `gates` (fixed before any gate variant was measured, 2026-11-30): on
   experts, under the same rule against G1. The demo adopts it only if it qualifies and its first run, host build
   included, stays within 10 minutes (600 steps add about 85 s to about 520 s); otherwise the README reports it as
   the lever it is, with its cost.
+- The paper's global gate (fixed 2026-12-05 before its first number, with the world base and the experts of
+  `experts --variants A`): GP is G1 with `--gate_variant paper` (SPEC.md section 3: the global gate reads the layer's
+  input tokens, Linear(d_in, N), instead of each expert's output), everything else the same, measured on the same
+  validation sets against G1 (re-measured with the world base), under the same rule. If it qualifies, adopting it
+  in the demo (its runs on seeds 0 and 1) is a step of its own; either way docs/evidence.md reports both.
 
 Protocol of the world base (issue 26, fixed 2026-12-04 before any sample of it was looked at): does a base
 pretrained once on plain scenes generate people?
@@ -150,8 +155,10 @@ EXPERT_VARIANTS = {"A": {"scenes": True, "closeups": True}, "B": {"closeups": Tr
                    "P": {"plain": True}, "W": {"scenes": True, "closeups": True}}
 # the hand's detail lines a variant's pictures (training and validation) are drawn with (world.HAND_LINES)
 HAND_LINES = {"W": "light"}
-# gate variants: (training sets, steps); the demo trained its gates for 300 steps until the gate-steps study
-GATE_VARIANTS = {"G1": (("scenes",), 300), "G2": (("scenes", "faces", "hands"), 300), "G1x2": (("scenes",), 600)}
+# gate variants: (training sets, steps, global-gate variant); the demo trained its gates for 300 steps until the
+# gate-steps study
+GATE_VARIANTS = {"G1": (("scenes",), 300, "official"), "G2": (("scenes", "faces", "hands"), 300, "official"),
+                 "G1x2": (("scenes",), 600, "official"), "GP": (("scenes",), 300, "paper")}
 CLOSEUPS = {"face": "faces", "hand": "hands"}
 VALIDATION = 20_000
 
@@ -296,12 +303,13 @@ def gates(args) -> int:
     validation = {f"heldout_{kind}": validation_set(out, kind, args.seed) for kind in ("scenes", "faces", "hands")}
     files = {part: args.experts.resolve() / f"{part}.safetensors" for part in world_module.PARTS}
     results = {}
-    for name, (sets, steps) in GATE_VARIANTS.items():
+    for name in args.variants:
+        sets, steps, variant = GATE_VARIANTS[name]
         (out / name).mkdir(parents=True, exist_ok=True)
         toml = world_module.write_dataset_toml(out / name / "gates.toml", {str(world / s): None for s in sets}, 64, 8)
         trained = _train("gates", out / name, "gates", stage1_file, dataset_config=str(toml),
                          experts=[f"{r}={p}" for r, p in files.items()], max_train_steps=steps,
-                         learning_rate=1e-3, seed=args.seed + 2)
+                         learning_rate=1e-3, seed=args.seed + 2, gate_variant=variant)
         path = out / name / "evidence.json"
         if not path.exists():
             loaded = [expert_file.load(p, r) for r, p in files.items()]
@@ -409,6 +417,7 @@ def main() -> int:
         if name == "gates":
             sub.add_argument("--experts", type=Path, required=True, help="a folder with face.safetensors and "
                                                                          "hand.safetensors")
+            sub.add_argument("--variants", nargs="+", default=["G1", "G2", "G1x2"], choices=list(GATE_VARIANTS))
         sub.set_defaults(run=fn)
     args = parser.parse_args()
     from comfyui_mole.trainer.harness.host import use_comfy
