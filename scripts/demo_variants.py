@@ -54,6 +54,10 @@ Protocol of `gates` (fixed before any gate variant was measured, 2026-11-30): on
   input tokens, Linear(d_in, N), instead of each expert's output), everything else the same, measured on the same
   validation sets against G1 (re-measured with the world base), under the same rule. If it qualifies, adopting it
   in the demo (its runs on seeds 0 and 1) is a step of its own; either way docs/evidence.md reports both.
+  Outcome (2026-12-05): averaged over seeds 0 and 1, GP is higher on identity (0.849 against 0.845), the face map
+  (+0.090 against +0.080) and the hand map (+0.102 against +0.101), and lower on the smaller global difference
+  (-0.102 against -0.009: its face gate is above its hand gate on both kinds of close-up): it qualifies by the
+  rule, by small margins, and the demo adopts it (Recipe.gate_variant).
 
 Protocol of the world base (issue 26, fixed 2026-12-04 before any sample of it was looked at): does a base
 pretrained once on plain scenes generate people?

@@ -46,6 +46,8 @@ class Recipe:
     stage1_steps: int = 150
     expert_steps: int = 200
     gate_steps: int = 300
+    gate_variant: str = "paper"   # the global gate reads the layer's input tokens (SPEC.md section 3; the gate study of
+                                  # scripts/demo_variants.py picked it over the official one on validation scenes)
     rank: int = 16
     sample_steps: int = 10        # the demo's sampler: DDIM at these steps and this guidance scale (the sampler study
     cfg: float = 3.0              # of scripts/demo_variants.py picked them on validation prompts)
@@ -141,7 +143,8 @@ def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str,
     precondition(out / "results", stage1, experts, world, seed)
     gates = _train("gates", mole, SD15["gates"].removesuffix(".safetensors"), stage1,
                    dataset_config=str(world["scenes_toml"]), experts=[f"{r}={p}" for r, p in experts.items()],
-                   max_train_steps=recipe.gate_steps, learning_rate=1e-3, seed=seed + 2)
+                   max_train_steps=recipe.gate_steps, learning_rate=1e-3, seed=seed + 2,
+                   gate_variant=recipe.gate_variant)
     return {"base": base, "stage1": stage1, **experts, "gates": gates}
 
 
