@@ -309,7 +309,7 @@ def run_workflows(out: Path, models: dict[str, Path], recipe: Recipe, results: P
         for name, what in WORKFLOWS.items():
             t = time.monotonic()
             outputs = server.run(load_api(name, 64, 64, recipe.sample_steps, cfg=recipe.cfg, **DEMO_TEXTS))
-            for path in server.output_files(outputs):
+            for path in sorted(server.output_files(outputs), key=lambda p: p.name):   # (the server's order varies)
                 shutil.copy2(path, results / path.name)
                 written.append(results / path.name)
             log.info("%s (%s): %.1f s", name, what, time.monotonic() - t)
