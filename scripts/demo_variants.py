@@ -315,7 +315,8 @@ def experts(args) -> int:
             shot = on_closeups[expert][other]
             results[name][expert] = {"passes": result["verdicts"][expert]["passes"], "margin": margin, **mean,
                                      "other_cells": cell, "other_closeups": shot}
-    (out / "variants.json").write_text(json.dumps(results, indent=1))
+    earlier = json.loads((out / "variants.json").read_text()) if (out / "variants.json").exists() else {}
+    (out / "variants.json").write_text(json.dumps({**earlier, **results}, indent=1))
     print("| variant | expert | face | hand | background | passes | margin | on the other part's cells | "
           "other part / own | on the other close-ups |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, by_expert in results.items():
@@ -366,7 +367,8 @@ def gates(args) -> int:
             measured.pop("example")
             path.write_text(json.dumps(measured, indent=1))
         results[name] = gate_measures(json.loads(path.read_text()))
-    (out / "variants.json").write_text(json.dumps(results, indent=1))
+    earlier = json.loads((out / "variants.json").read_text()) if (out / "variants.json").exists() else {}
+    (out / "variants.json").write_text(json.dumps({**earlier, **results}, indent=1))
     print("| variant | identity (best band) | face own-other | hand own-other | global: face on faces - hand | "
           "global: hand on hands - face |\n|---|---|---|---|---|---|")
     for name, r in results.items():
