@@ -158,6 +158,14 @@ steps, a smaller rank or a smaller scale could leave the other part alone.
   against GP on A's experts with the gates' measures and rule (below). A pair that wins is adopted only if a first
   `make demo` with it still stays within 10 minutes on the host that measures it (800 steps add about 3 minutes
   here); docs/evidence.md reports every pair either way.
+- Outcome (2026-12-05): A800's experts no longer help the other part's cells on seed 0 (none, both experts) but
+  still do on seed 1 (0.18 of their own help), and every expert of every variant helps the other kind of close-up:
+  none qualifies. Gates on them: GP on A800's experts is higher than GP on A's on identity, the face map and the
+  smaller global difference (3 of 4; A400's also 3 of 4, by less), so the pair qualifies.
+- Which to adopt (fixed after both studies' outcomes, before its last number): the close-ups study's rule picked
+  GPlr3 (on A's experts) and this one A800 with GP; their combination was not measured. GPlr3 on A800's experts is
+  measured on seeds 0 and 1; then A+GPlr3, A800+GP and A800+GPlr3 are each compared with A+GP by the gates' rule,
+  and the one higher on the most measures wins, ties broken by the larger smaller global difference.
 
 Protocol of gates on close-ups with the paper's global gate (issue 27, fixed 2026-12-05 before any of its gates was
 trained): the demo's gates (GP) learn from scenes alone, each of which holds a face and a hand, so a sample-level
