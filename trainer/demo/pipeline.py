@@ -44,8 +44,9 @@ class Recipe:
     closeups: int = 128
     heldout: int = 48
     stage1_steps: int = 150
-    expert_steps: int = 200
+    expert_steps: int = 800       # 200 until the experts' steps study of scripts/demo_variants.py (issue 27)
     gate_steps: int = 300
+    gate_learning_rate: float = 3e-3   # 1e-3 until the gates' close-ups study (issue 27)
     gate_variant: str = "paper"   # the global gate reads the layer's input tokens (SPEC.md section 3; the gate study of
                                   # scripts/demo_variants.py picked it over the official one on validation scenes)
     rank: int = 16
@@ -143,7 +144,7 @@ def build_models(out: Path, recipe: Recipe, seed: int, world: dict) -> dict[str,
     precondition(out / "results", stage1, experts, world, seed)
     gates = _train("gates", mole, SD15["gates"].removesuffix(".safetensors"), stage1,
                    dataset_config=str(world["scenes_toml"]), experts=[f"{r}={p}" for r, p in experts.items()],
-                   max_train_steps=recipe.gate_steps, learning_rate=1e-3, seed=seed + 2,
+                   max_train_steps=recipe.gate_steps, learning_rate=recipe.gate_learning_rate, seed=seed + 2,
                    gate_variant=recipe.gate_variant)
     return {"base": base, "stage1": stage1, **experts, "gates": gates}
 
