@@ -166,6 +166,9 @@ steps, a smaller rank or a smaller scale could leave the other part alone.
   GPlr3 (on A's experts) and this one A800 with GP; their combination was not measured. GPlr3 on A800's experts is
   measured on seeds 0 and 1; then A+GPlr3, A800+GP and A800+GPlr3 are each compared with A+GP by the gates' rule,
   and the one higher on the most measures wins, ties broken by the larger smaller global difference.
+- Outcome (2026-12-05): A800+GPlr3 is higher than A+GP on all four (identity 0.891 against 0.849, face map +0.176
+  against +0.091, hand map +0.119 against +0.103, smaller global difference -0.081 against -0.103; A+GPlr3 and
+  A800+GP 3 of 4 each): the demo adopts it (Recipe.expert_steps 800, Recipe.gate_learning_rate 3e-3).
 
 Protocol of gates on close-ups with the paper's global gate (issue 27, fixed 2026-12-05 before any of its gates was
 trained): the demo's gates (GP) learn from scenes alone, each of which holds a face and a hand, so a sample-level
@@ -180,6 +183,9 @@ face close-up from a hand close-up at once.
   on at least 3 of the 4; among qualifying variants, the one higher on the most measures wins, ties broken by the
   larger smaller global difference. Adopting the winner in the demo (its runs on seeds 0 and 1, within the demo's
   10 minutes on the host that measures it) is a step of its own; docs/evidence.md reports every variant either way.
+- Outcome (2026-12-05): GPlr3 wins (higher on identity and both maps; GPx2 too, with a lower smaller global
+  difference; G2P higher on the global difference alone); see the experts' steps follow-up above for what the
+  demo adopts.
 """
 from __future__ import annotations
 
