@@ -169,6 +169,11 @@ steps, a smaller rank or a smaller scale could leave the other part alone.
 - Outcome (2026-12-05): A800+GPlr3 is higher than A+GP on all four (identity 0.891 against 0.849, face map +0.176
   against +0.091, hand map +0.119 against +0.103, smaller global difference -0.081 against -0.103; A+GPlr3 and
   A800+GP 3 of 4 each): the demo adopts it (Recipe.expert_steps 800, Recipe.gate_learning_rate 3e-3).
+- Full-frame close-ups (fixed 2026-12-05 after the demo adopted A800+GPlr3, before F's first number): the issue's
+  last named lever, close-ups with the loss on the whole frame as in the paper (so that an expert learns "this
+  picture is a hand"), with the scenes still masked to the part. F is A800 with its close-ups unmasked. Measure and
+  rule: those of the cross-effect study, against A800, seeds 0 and 1. If F qualifies, adopting it (and gates on
+  it) is a step of its own.
 
 Protocol of gates on close-ups with the paper's global gate (issue 27, fixed 2026-12-05 before any of its gates was
 trained): the demo's gates (GP) learn from scenes alone, each of which holds a face and a hand, so a sample-level
@@ -205,10 +210,11 @@ spec.loader.exec_module(package)
 EXPERT_VARIANTS = {"A": {"scenes": True, "closeups": True}, "B": {"closeups": True},
                    "C": {"own_scenes": True, "closeups": True}, "D": {"own_scenes": False, "closeups": True},
                    "P": {"plain": True}, "W": {"scenes": True, "closeups": True},
-                   **{name: {"scenes": True, "closeups": True} for name in ("A100", "A400", "A800", "Ar4", "Aa4")}}
+                   **{name: {"scenes": True, "closeups": True} for name in ("A100", "A400", "A800", "Ar4", "Aa4")},
+                   "F": {"scenes": True, "closeups": False}}
 # what a variant changes in recipe A's training (the scale and steps study)
 EXPERT_TRAINING = {"A100": {"max_train_steps": 100}, "A400": {"max_train_steps": 400},
-                   "A800": {"max_train_steps": 800},
+                   "A800": {"max_train_steps": 800}, "F": {"max_train_steps": 800},
                    "Ar4": {"network_dim": 4, "network_alpha": 4.0}, "Aa4": {"network_alpha": 4.0}}
 # the hand's detail lines a variant's pictures (training and validation) are drawn with (world.HAND_LINES)
 HAND_LINES = {"W": "light"}
