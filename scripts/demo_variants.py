@@ -174,6 +174,10 @@ steps, a smaller rank or a smaller scale could leave the other part alone.
   picture is a hand"), with the scenes still masked to the part. F is A800 with its close-ups unmasked. Measure and
   rule: those of the cross-effect study, against A800, seeds 0 and 1. If F qualifies, adopting it (and gates on
   it) is a step of its own.
+- Outcome (2026-12-05): F does not qualify. On the other part's cells it is as A800 (none on seed 0; 0.20 and 0.27
+  of the own help on seed 1), and on the other kind of close-up it helps twice as much (-0.059 / -0.064 and -0.055 /
+  -0.055 against A800's -0.029 / -0.033 and -0.038 / -0.036): the loss on the whole frame teaches what the
+  close-ups' frames share.
 
 Protocol of gates on close-ups with the paper's global gate (issue 27, fixed 2026-12-05 before any of its gates was
 trained): the demo's gates (GP) learn from scenes alone, each of which holds a face and a hand, so a sample-level
