@@ -40,8 +40,9 @@ fuzz: host
 # Speed of the gated-expert op on the full-size SD1.5 UNet (prints a table; about 30 minutes on 2 cores), the same at
 # the ranks the rank setting keeps (time, output error, stack memory per rule; about 10 minutes), MoLE's
 # memory per Apply MoLE node and of a five-node ablation (about 2 minutes), then trainer throughput and peak memory
-# on the detectable checkpoint (about 3 minutes: stage 3 with --torch_compile compiles first), stage 1 in 1 and 2 processes (about 1 minute), then the cost of an
-# EMoE score next to a 20-step generation (about 2 minutes). On a GPU machine: tests/gpu_check.py.
+# on the detectable checkpoint (about 3 minutes: stage 3 with --torch_compile compiles first), stage 1 in 1 and 2
+# processes (about 1 minute), then the cost of an EMoE score next to a 20-step generation (about 2 minutes). On a
+# GPU machine: tests/gpu_check.py.
 bench: host
 	$(PY) tests/bench_mole_op.py
 	$(PY) tests/bench_rank.py

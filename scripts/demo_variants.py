@@ -233,6 +233,13 @@ CLOSEUPS = {"face": "faces", "hand": "hands"}
 VALIDATION = 20_000
 
 
+def save_variants(out: Path, results: dict) -> None:
+    """Add a run's variants to the folder's variants.json (a later run of other variants keeps the earlier ones)."""
+    path = out / "variants.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**earlier, **results}, indent=1))
+
+
 def validation_set(out: Path, kind: str, seed: int, hand_lines: str = "dark") -> Path:
     from comfyui_mole.trainer.demo import world as world_module
 
@@ -339,8 +346,7 @@ def experts(args) -> int:
             shot = on_closeups[expert][other]
             results[name][expert] = {"passes": result["verdicts"][expert]["passes"], "margin": margin, **mean,
                                      "other_cells": cell, "other_closeups": shot}
-    earlier = json.loads((out / "variants.json").read_text()) if (out / "variants.json").exists() else {}
-    (out / "variants.json").write_text(json.dumps({**earlier, **results}, indent=1))
+    save_variants(out, results)
     print("| variant | expert | face | hand | background | passes | margin | on the other part's cells | "
           "other part / own | on the other close-ups |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, by_expert in results.items():
@@ -391,8 +397,7 @@ def gates(args) -> int:
             measured.pop("example")
             path.write_text(json.dumps(measured, indent=1))
         results[name] = gate_measures(json.loads(path.read_text()))
-    earlier = json.loads((out / "variants.json").read_text()) if (out / "variants.json").exists() else {}
-    (out / "variants.json").write_text(json.dumps({**earlier, **results}, indent=1))
+    save_variants(out, results)
     print("| variant | identity (best band) | face own-other | hand own-other | global: face on faces - hand | "
           "global: hand on hands - face |\n|---|---|---|---|---|---|")
     for name, r in results.items():
